@@ -1,0 +1,393 @@
+"""
+Every emotion architecture of the reports, by name, in plain PyTorch.
+
+    model = build_model("monterrey_baseline", in_channels=1, num_classes=7, image_size=48)
+    logits = model(images)  # images [B, in_channels, image_size, image_size] float -> logits [B, num_classes]
+
+Models return raw logits. The Keras reports end their models with a softmax; here it lives in the loss
+(nn.CrossEntropyLoss applies log-softmax itself, more stably), so call logits.softmax(-1) for probabilities.
+Where a report was built in Keras (Monterrey, Trabajo final RNA) its defaults are kept, since they change shapes
+and results: Conv2D padding "valid" unless the report says "same", MaxPool2D(2) flooring odd sizes (PyTorch's
+does too), BatchNormalization eps 1e-3 and momentum 0.99, glorot-uniform weights. Flattened sizes are computed
+at construction, so parameter counts are known before training. Each constructor's docstring names its report
+and section and says what was reconstructed or assumed, since the reports' figures are partly lost.
+"""
+
+import inspect
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torchvision
+
+# Keras BatchNormalization defaults; PyTorch's momentum weighs the new batch, Keras' the running average
+KERAS_BN = dict(eps=1e-3, momentum=0.01)
+
+
+def keras_init_(module: nn.Module) -> nn.Module:
+    """Keras' default initialization (glorot-uniform weights, zero biases), for the networks built in Keras."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+@torch.no_grad()
+def flat_size(features: nn.Module, in_channels: int, image_size: int) -> int:
+    """Number of features features(x).flatten(1) has per image, by a forward pass on zeros."""
+    was_training = features.training
+    features.eval()  # BatchNorm in training mode refuses a batch of one 1x1 map
+    try:
+        out = features(torch.zeros(1, in_channels, image_size, image_size))
+    except RuntimeError as e:  # a conv or pool met a map smaller than its window
+        raise ValueError(f"image_size {image_size} is too small for this network ({e})") from e
+    features.train(was_training)
+    return out[0].numel()
+
+
+def sequential(**parts: nn.Module) -> nn.Sequential:
+    """nn.Sequential with named parts, so model.features and model.classifier can be inspected alone."""
+    return nn.Sequential(OrderedDict(parts))
+
+
+def mlp(in_features: int, hidden, num_classes: int) -> nn.Sequential:
+    """Flatten, then Linear + ReLU for each hidden width, then a Linear without activation (the logits)."""
+    layers, width = [nn.Flatten()], in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+# Tec de Monterrey report (002), sections 5-8, Tables 3-6. Keras, 48x48x1, no padding given: "valid".
+
+
+def monterrey(in_channels, num_classes, image_size, channels, hidden=(), batchnorm=False, dropout_after=()):
+    """Conv3x3 'valid' (ReLU) [-> BatchNorm] -> MaxPool2 [-> Dropout 0.25] per entry of channels, then an MLP.
+
+    Keras order Conv2D(activation='relu') -> BatchNormalization -> MaxPool2D is kept: BN after the ReLU.
+    """
+    layers, c_in = [], in_channels
+    for i, c_out in enumerate(channels):
+        layers += [nn.Conv2d(c_in, c_out, 3), nn.ReLU()]
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(c_out, **KERAS_BN))
+        layers.append(nn.MaxPool2d(2))
+        if i in dropout_after:
+            layers.append(nn.Dropout(0.25))
+        c_in = c_out
+    features = nn.Sequential(*layers)
+    classifier = mlp(flat_size(features, in_channels, image_size), hidden, num_classes)
+    return keras_init_(sequential(features=features, classifier=classifier))
+
+
+def monterrey_baseline(in_channels=1, num_classes=7, image_size=48):
+    """Report 002 §5, Table 3 (55.0%): conv 32/64/128/256 k3 + MaxPool2 each, flatten (256x1x1 at 48x48), dense."""
+    return monterrey(in_channels, num_classes, image_size, (32, 64, 128, 256))
+
+
+def monterrey_dense(in_channels=1, num_classes=7, image_size=48):
+    """Report 002 §6, Table 4 (51.4%): the baseline with dense 64 and 32 (ReLU) before the output."""
+    return monterrey(in_channels, num_classes, image_size, (32, 64, 128, 256), hidden=(64, 32))
+
+
+def monterrey_batchnorm(in_channels=1, num_classes=7, image_size=48):
+    """Report 002 §7, Table 5 (47.4%): conv 256/128/64/32, each Conv(ReLU) -> BN -> MaxPool2, dense."""
+    return monterrey(in_channels, num_classes, image_size, (256, 128, 64, 32), batchnorm=True)
+
+
+def monterrey_batchnorm_dropout(in_channels=1, num_classes=7, image_size=48):
+    """Report 002 §8, Table 6 (43.0%): monterrey_batchnorm with Dropout 0.25 after the 1st and 3rd MaxPool."""
+    return monterrey(in_channels, num_classes, image_size, (256, 128, 64, 32), batchnorm=True, dropout_after=(0, 2))
+
+
+# Trabajo final RNA report (001), section 4 (table of experiments) and section 5. Keras.
+
+
+def rna_cifar(in_channels=1, num_classes=7, image_size=48, downsample="maxpool"):
+    """Report 001 §5, "Figura 1" (67.79%; downsample="stride": 67.8%, 68.5% with mixup).
+
+    Figure 1 is lost; the text says it is the network "built for CIFAR", adapted. We reconstruct the classic
+    Keras CIFAR-10 example (keras/examples/cifar10_cnn.py), the best-known CIFAR network in Keras:
+    conv32 'same', conv32, MaxPool2, Dropout 0.25; conv64 'same', conv64, MaxPool2, Dropout 0.25;
+    flatten (64x10x10 at 48x48), dense 512 ReLU, Dropout 0.5, dense.
+    downsample="stride" replaces each MaxPool by a learned 3x3 stride-2 conv with the same channels, 'same'
+    padding and ReLU (the All-Convolutional-Net recipe; the report gives only "stride=2").
+    """
+    if downsample not in ("maxpool", "stride"):
+        raise ValueError(f"downsample must be 'maxpool' or 'stride', got {downsample!r}")
+
+    def down(channels):
+        if downsample == "maxpool":
+            return nn.MaxPool2d(2)
+        return nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU())
+
+    features = nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3), nn.ReLU(),
+        down(32), nn.Dropout(0.25),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3), nn.ReLU(),
+        down(64), nn.Dropout(0.25),
+    )
+    classifier = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(flat_size(features, in_channels, image_size), 512), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(512, num_classes),
+    )
+    return keras_init_(sequential(features=features, classifier=classifier))
+
+
+class ToRGB(nn.Module):
+    """Repeat one gray channel three times, what Keras' generator does when told to load images in 'rgb'."""
+
+    def forward(self, x):
+        return x.expand(-1, 3, -1, -1)
+
+
+def dense_bn(in_features, out_features):
+    """Keras Dense(activation='relu') followed by BatchNormalization."""
+    return [nn.Linear(in_features, out_features), nn.ReLU(), nn.BatchNorm1d(out_features, **KERAS_BN)]
+
+
+def rna_resnet(name, in_channels, stem, pretrained, head):
+    """A torchvision ResNet between an input stem that makes 3 channels and the report's dense head.
+
+    stem="rgb": the gray image replicated to 3 channels ("cargadas directamente en rgb");
+    stem="conv": a learned 3x3 'same' conv to 3 channels ("convolución inicial para conseguir 3 dimensiones";
+    its kernel is not given). torchvision's global average pooling is kept and its ImageNet classifier dropped.
+    """
+    if stem == "rgb":
+        if in_channels not in (1, 3):
+            raise ValueError(f"stem='rgb' needs 1 or 3 input channels, got {in_channels}; use stem='conv'")
+        first = ToRGB() if in_channels == 1 else nn.Identity()
+    elif stem == "conv":
+        first = keras_init_(nn.Conv2d(in_channels, 3, 3, padding=1))
+    else:
+        raise ValueError(f"stem must be 'rgb' or 'conv', got {stem!r}")
+    backbone = getattr(torchvision.models, name)(weights=None)
+    if pretrained:
+        # IMAGENET1K_V1: trained with the original recipe, like Keras' weights (V2 uses a modern one)
+        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False)
+        except OSError as e:  # URLError and socket errors are OSErrors
+            raise RuntimeError(
+                f"ImageNet weights for {name} could not be downloaded ({e}); run with network access once "
+                "so torchvision caches them, or drop --pretrained"
+            ) from e
+        backbone.load_state_dict(state)
+    backbone.fc = nn.Identity()
+    return sequential(stem=first, backbone=backbone, head=keras_init_(head))
+
+
+def rna_resnet50(in_channels=1, num_classes=7, image_size=48, stem="rgb", pretrained=False):
+    """Report 001 §4, row "ResNet50 + GlAvgPool + Drop(0.3) + Dense(512) + BN + Drop(0.2) + Dense(7)" (25%, SGD).
+
+    torchvision's resnet50 is v1.5 (stride on the 3x3 conv), Keras' ResNet50 is v1. Hidden dense layers are
+    taken as ReLU: the table omits all activations (its Dense(7) must have had a softmax). image_size is
+    not needed: global average pooling takes any size.
+    """
+    head = nn.Sequential(nn.Dropout(0.3), *dense_bn(2048, 512), nn.Dropout(0.2), nn.Linear(512, num_classes))
+    return rna_resnet("resnet50", in_channels, stem, pretrained, head)
+
+
+def rna_resnet152(in_channels=1, num_classes=7, image_size=48, stem="rgb", pretrained=False):
+    """Report 001 §4, rows "Resnet152v2 + GlAvgPool + Drop(0.3) + Dense(512) + BN + Drop(0.2) + Dense(256) + BN
+    + Drop(0.3) + Dense(7)": 38.5% with stem="rgb", 33.4% with stem="conv".
+
+    torchvision has no ResNet152V2 (pre-activation); its resnet152 (v1.5) stands in. Hidden dense layers are
+    taken as ReLU, as in rna_resnet50; image_size is not needed.
+    """
+    head = nn.Sequential(
+        nn.Dropout(0.3), *dense_bn(2048, 512), nn.Dropout(0.2), *dense_bn(512, 256), nn.Dropout(0.3),
+        nn.Linear(256, num_classes),
+    )
+    return rna_resnet("resnet152", in_channels, stem, pretrained, head)
+
+
+# Udine report (003), chapter 2 (Fig. 2.1-2.5) and chapter 3. PyTorch; 3 input channels there:
+# gray + sobel + contrast. Defaults are our reading of "fat" nets: few layers (3-8), wide channels
+# (e.g. 50, 100, 250, 500), repeats decreasing with depth (the conclusion), 4-5 linear layers halving.
+
+
+def udine_features(in_channels, channels, repeats, block_dropout):
+    """Fig. 2.3: per stage, repeats[i] blocks of Conv3x3 'same' [-> Dropout2d] -> ReLU, then MaxPool2."""
+    if len(channels) != len(repeats):
+        raise ValueError(f"channels {channels} and repeats {repeats} must have the same length")
+    layers, c_in = [], in_channels
+    for c_out, n in zip(channels, repeats):
+        for _ in range(n):
+            layers.append(nn.Conv2d(c_in, c_out, 3, padding=1))  # 'same': only the MaxPool halves the size
+            if block_dropout:
+                layers.append(nn.Dropout2d(block_dropout))
+            layers.append(nn.ReLU())
+            c_in = c_out
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def halving_widths(hidden, head_layers):
+    """§2.1.2, Fig. 2.5: head_layers Linear layers, the hidden ones hidden, hidden/2, hidden/4, ..."""
+    return [hidden // 2**i for i in range(head_layers - 1)]
+
+
+def udine_r1(in_channels=1, num_classes=7, image_size=48, channels=(50, 100, 250, 500), repeats=(2, 2, 1, 1),
+             dropout=0.35, hidden=1000, head_layers=5):
+    """Report 003 §2 network 1 and §3.1, "R1" (60.9%, mean per-class 57.9%).
+
+    ConvDrop blocks (Conv, Dropout2d 0.35, ReLU, Fig. 2.1) and MaxPools, a Dropout, then the halving linear
+    head. The report gives Dropout2d 0.35 only; the Dropout after the conv part reuses it (assumed), and the
+    head's activations are taken as ReLU. Defaults: 6 conv layers, 1000-500-250-125 hidden (our reading).
+    """
+    features = nn.Sequential(udine_features(in_channels, channels, repeats, dropout), nn.Dropout(dropout))
+    widths = halving_widths(hidden, head_layers)
+    classifier = mlp(flat_size(features, in_channels, image_size), widths, num_classes)
+    return sequential(features=features, classifier=classifier)
+
+
+class Inception(nn.Module):
+    """GoogLeNet inception module ("inception (3a)", Szegedy et al. 2015) with every width times multiplier.
+
+    Four branches concatenated on channels, all keeping the spatial size: 1x1 64; 1x1 96 -> 3x3 128;
+    1x1 16 -> 5x5 32; 3x3 max-pool -> 1x1 32. So 256 * multiplier channels out (report 003 §2.1.1).
+    """
+
+    def __init__(self, in_channels, multiplier=1):
+        super().__init__()
+        m = multiplier
+
+        def conv(c_in, c_out, kernel):
+            return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), nn.ReLU())
+
+        self.branch1 = conv(in_channels, 64 * m, 1)
+        self.branch3 = nn.Sequential(conv(in_channels, 96 * m, 1), conv(96 * m, 128 * m, 3))
+        self.branch5 = nn.Sequential(conv(in_channels, 16 * m, 1), conv(16 * m, 32 * m, 5))
+        self.branch_pool = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), conv(in_channels, 32 * m, 1))
+
+    def forward(self, x):
+        return torch.cat([self.branch1(x), self.branch3(x), self.branch5(x), self.branch_pool(x)], dim=1)
+
+
+def udine_r2(in_channels=1, num_classes=7, image_size=48, channels=(50, 100, 250, 500), repeats=(2, 2, 1, 1),
+             inceptions=15, multiplier=3, dropout=0.62, hidden=1000, head_layers=5):
+    """Report 003 §2 network 2 and §3.2, "R2" (56.7%): Conv blocks (Conv, ReLU, Fig. 2.2) and MaxPools,
+    Dropout, `inceptions` inception modules of 256*multiplier channels, Dropout, then the halving linear head
+    on the flattened map (the report lists no pooling before the Linear layers). The report uses 15-30
+    modules and its best R2 used 30: pass inceptions=30 for it. Both Dropouts use the report's 0.62;
+    conv part and head defaults as in udine_r1 (assumed).
+    """
+    features = nn.Sequential(udine_features(in_channels, channels, repeats, 0.0), nn.Dropout(dropout))
+    blocks = [Inception(channels[-1] if i == 0 else 256 * multiplier, multiplier) for i in range(inceptions)]
+    inception_part = nn.Sequential(*blocks, nn.Dropout(dropout))
+    n = flat_size(nn.Sequential(features, inception_part), in_channels, image_size)
+    classifier = mlp(n, halving_widths(hidden, head_layers), num_classes)
+    return sequential(features=features, inceptions=inception_part, classifier=classifier)
+
+
+# UTEC report (000), section II.A. PyTorch. Both networks: "convolución, activación y maxpooling" per layer.
+
+
+def utec_features(in_channels, image_size, layers, dropout=0.0, dropout_at=()):
+    """Conv [-> Dropout] -> ReLU -> MaxPool2 per layer; layers are (out_channels, kernel, stride, padding).
+
+    The pool is skipped once the map is 1x1: five pools assume the report's large MTCNN crops
+    (facenet-pytorch crops 160x160 by default); at 48x48 the fifth would leave 0x0.
+    """
+    modules, c_in, size = [], in_channels, image_size
+    for i, (c_out, kernel, stride, padding) in enumerate(layers):
+        modules.append(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding))
+        size = (size + 2 * padding - kernel) // stride + 1
+        if i in dropout_at:
+            modules.append(nn.Dropout(dropout))
+        modules.append(nn.ReLU())
+        if size >= 2:
+            modules.append(nn.MaxPool2d(2))
+            size //= 2
+        c_in = c_out
+    return nn.Sequential(*modules)
+
+
+def utec_arch1(in_channels=1, num_classes=7, image_size=48, dropout=0.5, hidden=(256, 128)):
+    """Report 000 §II.A.1, "Arquitectura 1", emotion (77-81%).
+
+    Five convs of 32 channels, kernels 11/7/5/5/3, paddings 5/3/2/2/1, stride 2 on the first; dropout just
+    before the activation in convs 3 and 4; an MLP of two hidden layers + a linear output without activation.
+    Assumed: p=0.5 (PyTorch's default; the report gives none) and hidden widths 256, 128.
+    """
+    layers = [(32, 11, 2, 5), (32, 7, 1, 3), (32, 5, 1, 2), (32, 5, 1, 2), (32, 3, 1, 1)]
+    features = utec_features(in_channels, image_size, layers, dropout, dropout_at=(2, 3))
+    classifier = mlp(flat_size(features, in_channels, image_size), hidden, num_classes)
+    return sequential(features=features, classifier=classifier)
+
+
+def utec_arch2(in_channels=1, num_classes=7, image_size=48, channels=(32, 64, 128, 128, 256), hidden=256):
+    """Report 000 §II.A.2, "Arquitectura 2", gender and age group together (81-95%), meant for 64 or 128 pixels.
+
+    Five convs k3 padding 1, an MLP of one hidden layer + a linear output. Assumed: channels
+    32/64/128/128/256 and 256 hidden (the report gives neither); num_classes is the joint label count.
+    """
+    layers = [(c, 3, 1, 1) for c in channels]
+    features = utec_features(in_channels, image_size, layers)
+    classifier = mlp(flat_size(features, in_channels, image_size), (hidden,), num_classes)
+    return sequential(features=features, classifier=classifier)
+
+
+# Not from a report: the strong default.
+
+
+def vgg(in_channels=1, num_classes=7, image_size=48, width=64, dropout=0.2):
+    """VGG-style network, our strong default for FER2013 (VGG variants are reported at ~73% there).
+
+    4 stages of 2x (Conv3x3 -> BN -> ReLU), widths width, 2*width, 4*width, 8*width, MaxPool2 after each,
+    then global average pooling, so any image_size >= 16 works (e.g. 40x40 crops for ten-crop testing),
+    Dropout and Linear. Convs have no bias since the BatchNorm right after has its own shift.
+    """
+    layers, c_in = [], in_channels
+    for stage in range(4):
+        c_out = width * 2**stage
+        for _ in range(2):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        layers.append(nn.MaxPool2d(2))
+    classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+    return sequential(features=nn.Sequential(*layers), classifier=classifier)
+
+
+MODELS = {
+    "monterrey_baseline": monterrey_baseline,
+    "monterrey_dense": monterrey_dense,
+    "monterrey_batchnorm": monterrey_batchnorm,
+    "monterrey_batchnorm_dropout": monterrey_batchnorm_dropout,
+    "rna_cifar": rna_cifar,
+    "rna_resnet50": rna_resnet50,
+    "rna_resnet152": rna_resnet152,
+    "udine_r1": udine_r1,
+    "udine_r2": udine_r2,
+    "utec_arch1": utec_arch1,
+    "utec_arch2": utec_arch2,
+    "vgg": vgg,
+}
+
+# every constructor takes these; anything else it takes is one of its options
+COMMON_ARGUMENTS = ("in_channels", "num_classes", "image_size")
+
+
+def build_model(name: str, in_channels: int = 1, num_classes: int = 7, image_size: int = 48, **options) -> nn.Module:
+    """The model registered as name, for images [B, in_channels, image_size, image_size], giving logits."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
+    constructor = MODELS[name]
+    allowed = [p for p in inspect.signature(constructor).parameters if p not in COMMON_ARGUMENTS]
+    for option in options:
+        if option not in allowed:
+            raise ValueError(f"model {name!r} has no option {option!r}; its options: {', '.join(allowed) or 'none'}")
+    return constructor(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (Keras' "Trainable params": BatchNorm running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,111 @@
+import urllib.error
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from facenets.models import MODELS, build_model, count_parameters
+
+RESNETS = ["rna_resnet50", "rna_resnet152"]
+SMALL = [name for name in MODELS if name not in RESNETS]
+# (name, image_size, num_classes): every small model at 48, plus the sizes vgg and utec_arch2 are meant for
+CASES = [(name, 48, 7) for name in SMALL] + [("vgg", 40, 7), ("utec_arch2", 64, 2)]
+
+
+def in_channels_for(name):
+    return 3 if name.startswith("udine") else 1  # Udine feeds gray + sobel + contrast
+
+
+@pytest.mark.parametrize("name, image_size, num_classes", CASES)
+def test_small_models_give_logits_and_gradients(name, image_size, num_classes):
+    c = in_channels_for(name)
+    model = build_model(name, in_channels=c, num_classes=num_classes, image_size=image_size)
+    logits = model(torch.randn(2, c, image_size, image_size))
+    assert logits.shape == (2, num_classes)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_resnets_forward_with_both_stems():
+    torch.manual_seed(0)
+    for name, stem in [("rna_resnet50", "conv"), ("rna_resnet152", "rgb")]:
+        model = build_model(name, stem=stem).eval()
+        with torch.no_grad():
+            assert model(torch.randn(2, 1, 48, 48)).shape == (2, 7)
+
+
+def test_count_parameters_by_hand():
+    # conv k3: 3*3*in*out weights + out biases; 48 -> 46 -> 23 -> 21 -> 10 -> 8 -> 4 -> 2 -> 1, so flatten is 256
+    convs = (9 * 1 * 32 + 32) + (9 * 32 * 64 + 64) + (9 * 64 * 128 + 128) + (9 * 128 * 256 + 256)
+    dense = 256 * 7 + 7
+    model = build_model("monterrey_baseline")
+    assert count_parameters(model) == convs + dense == 389_639
+    model.features[0].requires_grad_(False)  # frozen parameters are not trainable ones
+    assert count_parameters(model) == 389_639 - 320
+
+
+def test_count_parameters_excludes_batchnorm_statistics():
+    # monterrey_batchnorm: BN has gamma and beta trainable, running mean and variance not (as in Keras)
+    convs = (9 * 1 * 256 + 256) + (9 * 256 * 128 + 128) + (9 * 128 * 64 + 64) + (9 * 64 * 32 + 32)
+    batchnorm = 2 * (256 + 128 + 64 + 32)
+    assert count_parameters(build_model("monterrey_batchnorm")) == convs + batchnorm + (32 * 7 + 7)
+
+
+@pytest.mark.parametrize("name, options, shape", [
+    ("monterrey_baseline", {}, (256, 1, 1)),
+    ("monterrey_batchnorm_dropout", {}, (32, 1, 1)),
+    ("rna_cifar", {}, (64, 10, 10)),  # 48 'same' 48, 'valid' 46, pool 23, 'same' 23, 'valid' 21, pool 10
+    ("rna_cifar", {"downsample": "stride"}, (64, 11, 11)),  # 3x3 stride-2 'same' rounds up: 46 -> 23, 21 -> 11
+    ("utec_arch1", {}, (32, 1, 1)),  # 48 -> 24 (stride 2) -> 12 -> 6 -> 3 -> 1, fifth pool skipped
+    ("udine_r1", {}, (500, 3, 3)),
+])
+def test_keras_feature_map_sizes_at_48(name, options, shape):
+    model = build_model(name, image_size=48, **options)
+    with torch.no_grad():
+        assert model.features(torch.zeros(1, 1, 48, 48)).shape[1:] == shape
+
+
+def test_utec_arch1_pools_five_times_on_large_crops():
+    model = build_model("utec_arch1", image_size=160)  # facenet-pytorch's MTCNN crop size
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5
+    assert sum(isinstance(m, nn.MaxPool2d) for m in build_model("utec_arch1").modules()) == 4
+
+
+def test_models_end_in_a_linear_layer_not_softmax():
+    for name in SMALL:
+        last = list(build_model(name, in_channels=in_channels_for(name)).modules())[-1]
+        assert isinstance(last, nn.Linear), name
+
+
+def test_unknown_name_lists_the_choices():
+    with pytest.raises(ValueError, match="unknown model 'lenet'; choose from: monterrey_baseline, .*vgg"):
+        build_model("lenet")
+
+
+def test_unknown_option_and_bad_values_are_clear():
+    with pytest.raises(ValueError, match="no option 'depth'; its options: width, dropout"):
+        build_model("vgg", depth=19)
+    with pytest.raises(ValueError, match="downsample"):
+        build_model("rna_cifar", downsample="avgpool")
+    with pytest.raises(ValueError, match="image_size 16 is too small"):
+        build_model("monterrey_baseline", image_size=16)
+
+
+def test_pretrained_offline_raises_a_clear_error(monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match="ImageNet weights for resnet50 could not be downloaded .*drop --pretrained"):
+        build_model("rna_resnet50", pretrained=True)
+
+
+def test_vgg_accepts_channels_last():
+    model = build_model("vgg", image_size=40).eval()
+    x = torch.randn(2, 1, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.to(memory_format=torch.channels_last))
+    assert torch.allclose(out, expected, atol=1e-5)
