@@ -1,0 +1,265 @@
+"""Scores of a classifier and the two pictures every report shows, drawn with Pillow alone.
+
+    confusion_matrix          counts, rows = true class, columns = predicted class
+    accuracy, per_class_accuracy, mean_per_class_accuracy, precision_recall_f1
+    per_class_table, format_table   the Udine report's per-class table, for the console
+    summarize                 everything above as a JSON-ready dict
+    plot_curves               loss and accuracy per epoch, train and validation
+    plot_confusion            the confusion matrix as a heat map with counts and percentages
+
+Everything takes the confusion matrix, so scores are computed once from predictions and the
+matrix is all a run needs to store. The drawing needs Pillow >= 10.1 for sized fonts.
+"""
+
+import math
+import os
+import tempfile
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def confusion_matrix(pred, target, num_classes):
+    """LongTensor [K, K] counting samples of true class i predicted as class j at [i, j].
+
+    pred may be class indices or logits [N, K] (the arg-max is taken).
+    """
+    pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+    if pred.ndim == 2:
+        pred = pred.argmax(1)
+    # Each (true, predicted) pair gets its own bin number, so one bincount counts them all.
+    pairs = target.long().flatten().cpu() * num_classes + pred.long().flatten().cpu()
+    return torch.bincount(pairs, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def accuracy(cm):
+    """Fraction of all samples on the diagonal (nan for an empty matrix)."""
+    cm = torch.as_tensor(cm).double()
+    return (cm.trace() / cm.sum()).item()
+
+
+def per_class_accuracy(cm):
+    """Recall of each class as a float64 tensor; nan for a class with no samples."""
+    cm = torch.as_tensor(cm).double()
+    return cm.diagonal() / cm.sum(1)
+
+
+def mean_per_class_accuracy(cm):
+    """Mean of per_class_accuracy over the classes that have samples."""
+    return per_class_accuracy(cm).nanmean().item()
+
+
+def _divide(a, b):
+    """a / b with 0 where b is 0, the usual convention for precision of a never-predicted class."""
+    return torch.where(b > 0, a / b.clamp_min(1e-300), torch.zeros_like(a))
+
+
+def precision_recall_f1(cm):
+    """Per-class lists and their macro averages (plain means); 0/0 counts as 0.
+
+    The averages skip classes that are neither in the targets nor in the predictions, as
+    scikit-learn does, so an unused class slot does not pull every average down.
+    """
+    cm = torch.as_tensor(cm).double()
+    correct = cm.diagonal()
+    precision = _divide(correct, cm.sum(0))
+    recall = _divide(correct, cm.sum(1))
+    f1 = _divide(2 * precision * recall, precision + recall)
+    used = (cm.sum(0) + cm.sum(1)) > 0
+    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+            "macro_precision": precision[used].mean().item(),
+            "macro_recall": recall[used].mean().item(), "macro_f1": f1[used].mean().item()}
+
+
+def per_class_table(cm, classes):
+    """One dict per class: class, true_preds, false_preds, accuracy, precision, recall, f1.
+
+    false_preds are the samples of that class predicted as something else (row sum minus the
+    diagonal), as in the Udine report, so accuracy = true_preds / (true_preds + false_preds).
+    """
+    cm = torch.as_tensor(cm)
+    scores = precision_recall_f1(cm)
+    accuracies = per_class_accuracy(cm).tolist()
+    return [{"class": name, "true_preds": int(cm[i, i]), "false_preds": int(cm[i].sum() - cm[i, i]),
+             "accuracy": accuracies[i], "precision": scores["precision"][i],
+             "recall": scores["recall"][i], "f1": scores["f1"][i]}
+            for i, name in enumerate(classes)]
+
+
+def format_table(rows):
+    """The rows as an aligned text table: text to the left, numbers to the right, 6 decimals."""
+    def cell(v):
+        return f"{v:.6f}" if isinstance(v, float) else str(v)
+    header = list(rows[0])
+    lines = [header] + [[cell(row[key]) for key in header] for row in rows]
+    widths = [max(len(line[j]) for line in lines) for j in range(len(header))]
+    numeric = [not isinstance(rows[0][key], str) for key in header]
+    return "\n".join("  ".join(v.rjust(w) if num else v.ljust(w)
+                               for v, w, num in zip(line, widths, numeric)).rstrip()
+                     for line in lines)
+
+
+def summarize(cm, classes):
+    """Every score of the matrix in a dict that json.dump writes as is (nan becomes None)."""
+    def clean(v):
+        return None if isinstance(v, float) and math.isnan(v) else v
+    scores = precision_recall_f1(cm)
+    return {"accuracy": clean(accuracy(cm)),
+            "mean_per_class_accuracy": clean(mean_per_class_accuracy(cm)),
+            "macro_precision": scores["macro_precision"], "macro_recall": scores["macro_recall"],
+            "macro_f1": scores["macro_f1"],
+            "per_class": [{k: clean(v) for k, v in row.items()}
+                          for row in per_class_table(cm, classes)],
+            "classes": list(classes), "confusion_matrix": torch.as_tensor(cm).tolist()}
+
+
+# ---------------------------------------------------------------- pictures
+
+TRAIN_COLOUR, VAL_COLOUR = (31, 119, 180), (230, 110, 0)
+INK, GRID, FAINT = (40, 40, 40), (225, 225, 225), (170, 170, 170)
+BLUES = [(247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107)]
+
+
+def _blue(v):
+    """Colour of a value in [0, 1] on a white-to-navy scale (stops of ColorBrewer's Blues)."""
+    position = min(max(v, 0.0), 1.0) * (len(BLUES) - 1)
+    i = min(int(position), len(BLUES) - 2)
+    t = position - i
+    return tuple(round(a + (b - a) * t) for a, b in zip(BLUES[i], BLUES[i + 1]))
+
+
+def _save(image, path):
+    """Write a PNG under a temporary name in the same folder, then rename: never half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".png", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return path
+
+
+def _ticks(low, high, count=5):
+    """Round numbers (1, 2 or 5 times a power of ten) covering [low, high]."""
+    raw = (high - low) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step - 1e-9)
+    return [i * step for i in range(first, math.floor(high / step + 1e-9) + 1)]
+
+
+def _axes(draw, box, xlim, ylim, title, font):
+    """Frame, grid and tick labels in box = (left, top, right, bottom); returns data -> pixel."""
+    left, top, right, bottom = box
+    def to_pixel(x, y):
+        return (left + (x - xlim[0]) / (xlim[1] - xlim[0]) * (right - left),
+                bottom - (y - ylim[0]) / (ylim[1] - ylim[0]) * (bottom - top))
+    for y in _ticks(*ylim):
+        py = to_pixel(xlim[0], y)[1]
+        draw.line([(left, py), (right, py)], fill=GRID)
+        draw.text((left - 6, py), f"{y:.4g}", fill=INK, font=font, anchor="rm")
+    for x in _ticks(*xlim):
+        if abs(x - round(x)) < 1e-9:  # epochs are whole numbers: no tick at 1.5
+            px = to_pixel(x, ylim[0])[0]
+            draw.line([(px, bottom), (px, bottom + 4)], fill=INK)
+            draw.text((px, bottom + 7), str(round(x)), fill=INK, font=font, anchor="mt")
+    draw.rectangle(box, outline=INK)
+    draw.text((left, top - 8), title, fill=INK, font=font, anchor="ls")
+    return to_pixel
+
+
+def plot_curves(history, path, size=(900, 400)):
+    """Loss and accuracy per epoch side by side, train and (when present) val; returns path.
+
+    history: list of dicts with epoch, train_loss, train_acc and optionally val_loss, val_acc;
+    None and nan values leave a gap in the line.
+    """
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)
+    epochs = [row["epoch"] for row in history]
+    # One epoch still gets an axis: one unit either side of it.
+    xlim = (min(epochs), max(epochs)) if len(set(epochs)) > 1 else (epochs[0] - 1, epochs[0] + 1)
+    half = size[0] // 2
+    for panel, metric in enumerate(["loss", "acc"]):
+        series = []
+        for split, colour in [("train", TRAIN_COLOUR), ("val", VAL_COLOUR)]:
+            points = [(e, row.get(f"{split}_{metric}")) for e, row in zip(epochs, history)]
+            points = [(e, float(v) if v is not None and math.isfinite(v) else None)
+                      for e, v in points]
+            if any(v is not None for _, v in points):
+                series.append((split, colour, points))
+        values = [v for _, _, points in series for _, v in points if v is not None] or [0.0, 1.0]
+        low, high = min(values), max(values)
+        pad = (high - low) * 0.08 or max(abs(high) * 0.1, 0.05)
+        box = (panel * half + 70, 40, panel * half + half - 20, size[1] - 45)
+        to_pixel = _axes(draw, box, xlim, (low - pad, high + pad),
+                         "loss" if metric == "loss" else "accuracy", font)
+        draw.text(((box[0] + box[2]) / 2, size[1] - 10), "epoch", fill=INK, font=font, anchor="ms")
+        legend_x = box[2]
+        for split, colour, points in reversed(series):
+            legend_x -= draw.textlength(split, font=font) + 30
+            draw.line([(legend_x, box[1] - 13), (legend_x + 18, box[1] - 13)], fill=colour, width=3)
+            draw.text((legend_x + 22, box[1] - 8), split, fill=INK, font=font, anchor="ls")
+            # A missing value (None) ends one line and starts the next; with few epochs every
+            # point also gets a dot, so a lone value between two gaps still shows.
+            run = []
+            for e, v in points + [(None, None)]:
+                if v is not None:
+                    run.append(to_pixel(e, v))
+                    continue
+                if len(run) > 1:
+                    draw.line(run, fill=colour, width=2, joint="curve")
+                for px, py in run if len(points) <= 30 or len(run) == 1 else []:
+                    draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+                run = []
+    return _save(image, path)
+
+
+def plot_confusion(cm, classes, path, normalize=True):
+    """Heat map of the matrix with count and row percentage in each cell; returns path.
+
+    Cells are coloured by the row-normalised value (the share of that true class), so rare
+    classes such as disgust are as readable as common ones; normalize=False colours by raw count.
+    """
+    cm = torch.as_tensor(cm).double()
+    shares = _divide(cm, cm.sum(1, keepdim=True).expand_as(cm))
+    shade = shares if normalize else cm / cm.max().clamp_min(1)
+    font, bold = ImageFont.load_default(size=13), ImageFont.load_default(size=15)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(measure.textlength(str(name), font=font) for name in classes)
+    cell = max(64, int(label_width) + 12)
+    k = len(classes)
+    left, top = int(label_width) + 40, 60
+    title = (f"accuracy {100 * accuracy(cm):.2f}%   "
+             f"mean per-class {100 * mean_per_class_accuracy(cm):.2f}%")
+    width = max(left + k * cell + 20, int(measure.textlength(title, font=bold)) + 40)
+    left += (width - (left + k * cell + 20)) // 2  # centre the grid under a wider title
+    image = Image.new("RGB", (width, top + k * cell + 60), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((image.width / 2, 22), title, fill=INK, font=bold, anchor="mm")
+    draw.text((left - 8, top - 8), "true", fill=INK, font=font, anchor="rs")
+    for i in range(k):
+        for j in range(k):
+            v, count = float(shade[i, j]), int(cm[i, j])
+            x0, y0 = left + j * cell, top + i * cell
+            draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=_blue(v), outline="white")
+            if count == 0:  # a faint 0 keeps the eye on the cells that matter
+                draw.text((x0 + cell / 2, y0 + cell / 2), "0", fill=FAINT, font=font, anchor="mm")
+                continue
+            ink = "white" if v > 0.55 else INK  # dark text would vanish on dark blue
+            draw.text((x0 + cell / 2, y0 + cell / 2 - 8), str(count), fill=ink, font=bold,
+                      anchor="mm")
+            draw.text((x0 + cell / 2, y0 + cell / 2 + 10), f"{100 * shares[i, j]:.1f}%", fill=ink,
+                      font=font, anchor="mm")
+        draw.text((left - 8, top + i * cell + cell / 2), str(classes[i]), fill=INK, font=font,
+                  anchor="rm")
+        draw.text((left + i * cell + cell / 2, top + k * cell + 8), str(classes[i]), fill=INK,
+                  font=font, anchor="mt")
+    draw.text((left + k * cell / 2, image.height - 12), "predicted", fill=INK, font=font,
+              anchor="ms")
+    return _save(image, path)
