@@ -1,0 +1,460 @@
+"""Train a facial-emotion classifier (7 classes) on FER2013, on faces cropped from your photos, or on
+built-in synthetic faces; or run a trained model on photos.
+
+    make demo                                              # 4 epochs on synthetic faces, ~1 minute on 2 CPU cores
+    python train_emotion.py --data data/fer2013            # the default recipe on FER2013 (folders, .zip or .csv)
+    python train_emotion.py --data data/fer2013 --model monterrey_baseline --split monterrey \\
+        --lr 1e-3 --scheduler none --epochs 10 --no-augment  # a report's experiment: see REPRODUCING.md
+    python train_emotion.py --predict photo.jpg --checkpoint runs/emotion/<run>/best.pt
+
+Every run writes runs/emotion/<name>/: config.json, log.csv, curves.png, last.pt, best.pt, and at the end
+metrics.json (test accuracy, per-class table, accuracy by FER2013 Usage) and confusion.png. The whole training set
+sits on the training device as uint8 and is augmented there in batches: no DataLoader, no workers.
+What the reports' experiments reach and how long they take is in REPRODUCING.md.
+"""
+import argparse
+import ast
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from facenets import augment, data, metrics, models, runs
+
+# ----------------------------------------------------------------------------- flags
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="models: " + ", ".join(models.MODELS))
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="data/fer2013", help="FER2013 image folders, the Kaggle .zip, fer2013.csv / icml_face_data.csv, "
+                   "a folder of photos per class (with --crop-faces), or 'synthetic'")
+    g.add_argument("--crop-faces", action="store_true", help="--data holds photos in <class>/ folders: crop the faces with MTCNN first (UTEC report)")
+    g.add_argument("--synthetic-count", type=int, default=4000, help="number of faces for --data synthetic")
+    g.add_argument("--split", default="official", choices=data.SPLITS, help="official: Training vs test images; publictest: PublicTest "
+                   "is validation, PrivateTest test; monterrey / udine / utec: the reports' own protocols")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="with --split official: stratified share of Training held out for validation and model selection (0 = none: best.pt is the last epoch)")
+    g.add_argument("--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)")
+
+    g = p.add_argument_group("model and input")
+    g.add_argument("--model", default="vgg", choices=models.MODELS, metavar="NAME", help="architecture (list below)")
+    g.add_argument("--width", type=int, default=None, help="channels of the first stage of --model vgg")
+    g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="any keyword of the model's constructor, "
+                   "e.g. inceptions=30 multiplier=3 dropout=0.62 for udine_r2, downsample=stride for rna_cifar; repeatable")
+    g.add_argument("--pretrained", action="store_true", help="rna_resnet50 / rna_resnet152: start from torchvision's ImageNet weights (needs them downloaded)")
+    g.add_argument("--sobel-channels", action="store_true", help="feed gray, sobel magnitude and contrast-stretched gray as 3 channels (Udine report)")
+    g.add_argument("--brightness", type=float, default=0.0, help="brightness added to every image, train and test (UTEC report)")
+    g.add_argument("--contrast", type=float, default=1.0, help="contrast factor for every image, train and test (UTEC report)")
+
+    g = p.add_argument_group("augmentation (training batches only, on the training device)")
+    g.add_argument("--rotate", type=float, default=10.0, help="random rotation, +- degrees")
+    g.add_argument("--shear", type=float, default=0.0, help="random shear intensity (Keras shear_range)")
+    g.add_argument("--zoom", type=float, default=0.1, help="random zoom, scale in [1-z, 1+z] (Keras zoom_range)")
+    g.add_argument("--translate", type=float, default=0.1, help="random shift, +- fraction of the image size")
+    g.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
+    g.add_argument("--crop", type=int, default=0, help="train on random CROPxCROP crops, evaluate the centre crop (or --tta tencrop); 0 = off")
+    g.add_argument("--cutout", type=int, default=0, help="zero one random CUTOUTxCUTOUT square per image (Trabajo final RNA: 8)")
+    g.add_argument("--erasing", type=float, default=0.0, help="probability of random erasing per image")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup with lambda ~ Beta(a, a) per batch; 0 = off")
+    g.add_argument("--mixup-lam", type=float, default=None, help="mixup with this fixed share of the first image (Trabajo final RNA: 0.7)")
+    g.add_argument("--no-augment", action="store_true", help="turn off every augmentation above (the Monterrey report used none)")
+    g.add_argument("--tta", default="none", choices=("none", "flip", "tencrop"), help="test-time augmentation; tencrop needs --crop")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 30); on --resume, a new total "
+                   "(none and plateau schedules only)")
+    g.add_argument("--batch-size", type=int, default=128, help="images per training step")
+    g.add_argument("--optimizer", default="sgd", choices=("adam", "sgd", "rmsprop"), help="sgd is with Nesterov momentum")
+    g.add_argument("--lr", type=float, default=0.1, help="learning rate (peak rate under onecycle)")
+    g.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on weights (not on biases or BatchNorm)")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="share of the target spread over all classes")
+    g.add_argument("--scheduler", default="onecycle", choices=("none", "plateau", "onecycle", "cosine"),
+                   help="learning-rate schedule; plateau watches the validation loss (training loss without validation)")
+    g.add_argument("--patience", type=int, default=5, help="plateau: epochs without improvement before lr /= 10")
+    g.add_argument("--min-lr", type=float, default=1e-7, help="plateau: lowest lr (Trabajo final RNA: 1e-7)")
+    g.add_argument("--stop-loss", type=float, default=0.0, help="stop once the training loss of an epoch is at or below this (UTEC report); 0 = off")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, the weights, the batch order and the augmentation")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: the GPU when there is one")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU for runs of many epochs)")
+    g.add_argument("--out", default="runs/emotion", help="parent folder of run folders")
+    g.add_argument("--name", default=None, help="run folder name (default: model and time)")
+    g.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR from its last.pt, with its saved settings; --epochs may raise the total")
+    g.add_argument("--dry-run", action="store_true", help="one epoch of two batches and a short evaluation: checks the whole pipeline in seconds")
+
+    g = p.add_argument_group("inference")
+    g.add_argument("--predict", nargs="+", metavar="PHOTO", help="find the faces in these photos (MTCNN) and print each face's emotion probabilities")
+    g.add_argument("--checkpoint", default=None, help="with --predict: the best.pt or last.pt to use")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+
+    if args.predict and not args.checkpoint:
+        p.error("--predict needs --checkpoint runs/emotion/<run>/best.pt")
+    if args.tta == "tencrop" and not args.crop:
+        p.error("--tta tencrop needs --crop (e.g. --crop 40): the model must be trained on crops")
+    if args.crop and not 8 <= args.crop <= 48:
+        p.error("--crop must be between 8 and 48 pixels")
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val-fraction must be in [0, 1)")
+    if args.mixup_lam is not None and not 0 < args.mixup_lam <= 1:
+        p.error("--mixup-lam must be in (0, 1]")
+    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1 or args.synthetic_count < 70:
+        p.error("--epochs and --batch-size must be positive, --synthetic-count at least 70")
+    args.model_options = {}
+    for item in args.model_opt:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--model-opt {item!r} is not KEY=VALUE")
+        try:
+            args.model_options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            args.model_options[key] = value  # a bare word such as downsample=stride
+    if args.width is not None:
+        args.model_options["width"] = args.width
+    if args.pretrained:
+        args.model_options["pretrained"] = True
+    if args.no_augment:
+        args.rotate = args.shear = args.zoom = args.translate = args.erasing = args.mixup = 0.0
+        args.flip, args.cutout, args.mixup_lam = False, 0, None
+    return args
+
+
+
+# ----------------------------------------------------------------------------- data on the device
+
+
+def load_faces(cfg: dict) -> data.FaceImages:
+    if cfg["data"] == "synthetic":
+        return data.synthetic_faces(cfg["synthetic_count"], seed=cfg["seed"])
+    if cfg["crop_faces"]:
+        return data.face_folders(cfg["data"], size=48, classes=data.EMOTIONS, cache_dir=cfg["cache"])
+    return data.load_fer2013(cfg["data"], cache_dir=cfg["cache"])
+
+
+def model_input(images: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """uint8 images as stored -> the float tensor the model sees (train and test alike)."""
+    x = images.float().div_(255)
+    if cfg["brightness"] or cfg["contrast"] != 1:
+        x = augment.brightness_contrast(x, cfg["brightness"], cfg["contrast"])
+    if cfg["sobel_channels"]:
+        x = augment.sobel_contrast_channels(x)
+    return x
+
+
+def augment_batch(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
+    if cfg["rotate"] or cfg["shear"] or cfg["zoom"] or cfg["translate"]:
+        x = augment.random_affine(x, cfg["rotate"], cfg["shear"], cfg["zoom"], cfg["translate"], generator=gen)
+    if cfg["flip"]:
+        x = augment.random_hflip(x, generator=gen)
+    if cfg["crop"]:
+        x = augment.random_crop(x, cfg["crop"], generator=gen)
+    if cfg["cutout"]:
+        x = augment.cutout(x, cfg["cutout"], generator=gen)
+    if cfg["erasing"]:
+        x = augment.random_erasing(x, cfg["erasing"], generator=gen)
+    return x
+
+
+@torch.no_grad()
+def predict_proba(model, images: torch.Tensor, cfg: dict, batch_size=1024) -> torch.Tensor:
+    """Softmax probabilities [N, classes] for uint8 images, with the run's test-time augmentation."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = model_input(images[i:i + batch_size], cfg)
+        if cfg["tta"] == "tencrop":
+            views = augment.ten_crop_flip(x, cfg["crop"])
+        else:
+            x = augment.center_crop(x, cfg["crop"]) if cfg["crop"] else x
+            views = torch.stack([x, x.flip(-1)]) if cfg["tta"] == "flip" else x[None]
+        with autocast(x.device):
+            logits = model(views.flatten(0, 1).contiguous(memory_format=memory_format(x.device)))
+        out.append(logits.float().softmax(-1).unflatten(0, views.shape[:2]).mean(0))
+    return torch.cat(out)
+
+
+def evaluate(model, images, labels, cfg) -> tuple[float, float, torch.Tensor]:
+    """Plain cross-entropy (no smoothing, so losses compare across runs), accuracy and predictions."""
+    proba = predict_proba(model, images, cfg)
+    loss = F.nll_loss(proba.clamp_min(1e-12).log(), labels).item()
+    pred = proba.argmax(1)
+    return loss, (pred == labels).float().mean().item(), pred
+
+
+def autocast(device):
+    # bf16 on CUDA roughly doubles throughput and needs no loss scaling; CPU autocast is slower than fp32.
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def memory_format(device):
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def make_optimizer(model, cfg):
+    # No weight decay on BatchNorm and bias parameters: decaying them only fights the normalisation.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
+    if cfg["optimizer"] == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg["lr"])
+    return torch.optim.Adam(groups, lr=cfg["lr"])
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch):
+    total = cfg["epochs"] * steps_per_epoch
+    if cfg["scheduler"] == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg["lr"], total_steps=total, pct_start=0.25)
+    if cfg["scheduler"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+    if cfg["scheduler"] == "plateau":
+        # factor 0.1 is Keras' ReduceLROnPlateau default, which the reports used.
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg["patience"], min_lr=cfg["min_lr"])
+    return None
+
+
+def train(args):
+    device = pick_device(args.device)
+
+    if args.resume:  # the saved settings win, so a resumed run is the same experiment
+        run = runs.run_dir(Path(args.resume).parent, Path(args.resume).name, resume=True)
+        ckpt = runs.load_checkpoint(run / "last.pt")
+        cfg = ckpt["config"]
+        if args.epochs is not None and args.epochs != cfg["epochs"]:
+            if cfg["scheduler"] in ("onecycle", "cosine"):
+                raise runs.RunError(f"--epochs cannot change on resume: the {cfg['scheduler']} schedule of {run} was laid out for {cfg['epochs']} epochs")
+            cfg["epochs"] = args.epochs
+    else:
+        cfg = {k: v for k, v in vars(args).items() if k not in ("predict", "checkpoint", "resume", "model_opt", "width", "pretrained")}
+        cfg["epochs"] = args.epochs or 30
+        name = args.name or f"{args.model}-{datetime.now():%Y%m%d-%H%M%S}"
+        run = runs.run_dir(args.out, name)
+        ckpt = None
+    torch.manual_seed(cfg["seed"])
+
+    t0 = time.perf_counter()
+    faces = load_faces(cfg)
+    split = data.split_indices(faces, cfg["split"], cfg["val_fraction"], cfg["seed"])
+    print(f"data: {len(faces)} images from {cfg['data']} in {time.perf_counter() - t0:.1f}s; split {cfg['split']}: "
+          + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+    if len(split["train"]) == 0 or len(split["test"]) == 0:
+        raise data.DataError(f"split {cfg['split']} leaves no training or no test images in {cfg['data']}: check the data's Usage / folders")
+    # The whole set lives on the training device as uint8 (FER2013: 83 MB); batches are gathered by index there.
+    x_train, y_train = faces.images[split["train"]].to(device), faces.labels[split["train"]].to(device)
+    x_val, y_val = faces.images[split["val"]].to(device), faces.labels[split["val"]].to(device)
+    classes = list(faces.classes)
+
+    image_size = cfg["crop"] or faces.images.shape[-1]
+    in_channels = 3 if cfg["sobel_channels"] else faces.images.shape[1]
+    try:
+        model = models.build_model(cfg["model"], in_channels, len(classes), image_size, **cfg["model_options"])
+    except (TypeError, ValueError) as e:
+        raise data.DataError(f"model {cfg['model']}: {e}") from None
+    model = model.to(device, memory_format=memory_format(device))
+    print(f"model: {cfg['model']} {cfg['model_options'] or ''}, {models.count_parameters(model):,} parameters, on {device}")
+
+    batch_size = min(cfg["batch_size"], len(x_train))
+    steps = 2 if cfg["dry_run"] else len(x_train) // batch_size  # drop the ragged last batch; reshuffled every epoch
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    gen = torch.Generator(device).manual_seed(cfg["seed"])  # batch order and augmentation, saved with the checkpoint
+    history, best_acc, start, first_step, order = [], -1.0, 0, 0, None
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["rng"]["loop"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        history, best_acc, start, first_step = ckpt["history"], ckpt["best_acc"], ckpt["epoch"], ckpt["step"]
+        order = ckpt["order"].to(device) if first_step else None
+        print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
+    runs.write_json(run / "config.json", cfg)
+    step_model = torch.compile(model) if cfg["compile"] else model
+
+    def checkpoint(epoch, step=0):
+        """Everything needed to go on exactly from here: after `step` steps of epoch `epoch` (0-based)."""
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "step": step,
+                "order": order.cpu() if step else None, "best_acc": best_acc, "history": history, "config": cfg,
+                "classes": classes, "rng": {"loop": gen.get_state(), "torch": torch.get_rng_state()}}
+
+    # Ctrl-C finishes the current step, then saves: a step cut in half would leave weights half-updated.
+    stop_asked = []
+    def ask_to_stop(signum, frame):
+        stop_asked.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+    previous_handler = signal.signal(signal.SIGINT, ask_to_stop)
+
+    train_seconds = sum(h["seconds"] for h in history)
+    last_epoch = 1 if cfg["dry_run"] else cfg["epochs"]
+    try:
+        for epoch in range(start, last_epoch):
+            model.train()
+            t_epoch = time.perf_counter()
+            if not first_step:
+                order = torch.randperm(len(x_train), device=device, generator=gen)
+            loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+            correct = torch.zeros((), device=device)
+            bar = tqdm(range(first_step, steps), desc=f"epoch {epoch + 1}/{last_epoch}", leave=False, file=sys.stdout)
+            for step in bar:
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                x = augment_batch(model_input(x_train[idx], cfg), cfg, gen)
+                y = y_train[idx]
+                lam = 1.0
+                if cfg["mixup"] or cfg["mixup_lam"]:
+                    x, y, y_b, lam = augment.mixup(x, y, cfg["mixup"], cfg["mixup_lam"], generator=gen)
+                with autocast(device):
+                    logits = step_model(x.contiguous(memory_format=memory_format(device)))
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+                    if lam != 1.0:
+                        loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y_b, label_smoothing=cfg["label_smoothing"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if cfg["scheduler"] in ("onecycle", "cosine"):
+                    scheduler.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.argmax(1) == y).sum()
+                if stop_asked:
+                    runs.save_checkpoint(run / "last.pt", checkpoint(epoch, step + 1))
+                    print(f"\nstopped in epoch {epoch + 1} after step {step + 1}: saved {run / 'last.pt'}; continue with --resume {run}")
+                    return 130
+                if (step - first_step) % 20 == 19:  # reading the loss syncs with the GPU: only now and then
+                    seen = (step - first_step + 1) * batch_size
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                    img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}")
+            seen = (steps - first_step) * batch_size
+            first_step = 0
+            train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
+            seconds = time.perf_counter() - t_epoch  # .item() above waited for the GPU, so this is the real time
+            train_seconds += seconds
+
+            val_loss = val_acc = None
+            if len(x_val):
+                n = 256 if cfg["dry_run"] else len(x_val)
+                val_loss, val_acc, _ = evaluate(model, x_val[:n], y_val[:n], cfg)
+            if cfg["scheduler"] == "plateau":
+                scheduler.step(val_loss if val_loss is not None else train_loss)
+            history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
+                            "val_loss": None if val_loss is None else round(val_loss, 5),
+                            "val_acc": None if val_acc is None else round(val_acc, 5),
+                            "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2)})
+            print(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}"
+                  + (f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else "")
+                  + f"  {seconds:.1f}s  {seen / seconds:.0f} img/s")
+            # Without a validation split nothing may peek at the test set, so the latest epoch is the best one.
+            improved = val_acc is None or val_acc > best_acc
+            if improved:
+                best_acc = val_acc if val_acc is not None else best_acc
+            runs.write_log(run / "log.csv", history)
+            metrics.plot_curves(history, run / "curves.png")
+            runs.save_checkpoint(run / "last.pt", checkpoint(epoch + 1))
+            if improved:
+                runs.save_checkpoint(run / "best.pt", checkpoint(epoch + 1))
+            if cfg["stop_loss"] and train_loss <= cfg["stop_loss"]:
+                print(f"training loss {train_loss:.4f} <= --stop-loss {cfg['stop_loss']}: stopping")
+                break
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+    # Test once, with the weights chosen on validation (or the last ones).
+    best = runs.load_checkpoint(run / "best.pt", map_location=device)
+    model.load_state_dict(best["model"])
+    test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]
+    x_test, y_test = faces.images[test_idx].to(device), faces.labels[test_idx].to(device)
+    test_loss, test_acc, pred = evaluate(model, x_test, y_test, cfg)
+    cm = metrics.confusion_matrix(pred.cpu(), y_test.cpu(), len(classes))
+    usage = faces.usage[test_idx]
+    by_usage = {data.USAGES[u]: round((pred.cpu()[usage == u] == y_test.cpu()[usage == u]).float().mean().item(), 5)
+                for u in usage.unique().tolist()}
+    result = {"test_accuracy": round(test_acc, 5), "test_loss": round(test_loss, 5), "test_accuracy_by_usage": by_usage,
+              "best_epoch": best["epoch"], "best_val_accuracy": best_acc if best_acc >= 0 else None,
+              "epochs_run": len(history), "train_seconds": round(train_seconds, 1), "device": device_name(device),
+              "parameters": models.count_parameters(model), "split_sizes": {k: len(v) for k, v in split.items()},
+              "command": " ".join(sys.argv), **metrics.summarize(cm, classes)}
+    runs.write_json(run / "metrics.json", result)
+    metrics.plot_confusion(cm, classes, run / "confusion.png")
+    print(metrics.format_table(metrics.per_class_table(cm, classes)))
+    print(f"test accuracy {test_acc:.4f} ({', '.join(f'{k} {v:.4f}' for k, v in by_usage.items())}) with the weights of epoch "
+          f"{best['epoch']}; training took {train_seconds:.0f}s on {device_name(device)}; results in {run}")
+    return 0
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise runs.RunError("--device cuda asked for, but PyTorch sees no CUDA GPU: use --device cpu")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------- inference on photos
+
+
+def predict(args):
+    from PIL import Image, ImageDraw, ImageFont
+
+    device = pick_device(args.device)
+    ckpt = runs.load_checkpoint(args.checkpoint, map_location=device)
+    cfg, classes = ckpt["config"], ckpt["classes"]
+    in_channels = 3 if cfg["sobel_channels"] else 1
+    model = models.build_model(cfg["model"], in_channels, len(classes), cfg["crop"] or 48, **cfg["model_options"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    out_dir = Path(args.checkpoint).parent / "predictions"
+    font = ImageFont.load_default(size=16)
+    for path in args.predict:
+        try:
+            photo = Image.open(path).convert("RGB")
+        except (OSError, ValueError) as e:
+            print(f"{path}: skipped, not a readable image ({e})")
+            continue
+        boxes = data.detect_faces(photo, device=str(device))
+        if not boxes:
+            print(f"{path}: no face found")
+            continue
+        crops = torch.stack([data.crop_face(photo, box, size=48, grayscale=True) for box in boxes]).to(device)
+        proba = predict_proba(model, crops, cfg).cpu()
+        draw = ImageDraw.Draw(photo)
+        for i, (box, p) in enumerate(zip(boxes, proba)):
+            ranked = p.argsort(descending=True)
+            print(f"{path} face {i + 1} at ({box[0]:.0f}, {box[1]:.0f}, {box[2]:.0f}, {box[3]:.0f}): "
+                  + ", ".join(f"{classes[k]} {p[k]:.2f}" for k in ranked))
+            label = f"{classes[ranked[0]]} {p[ranked[0]]:.0%}"
+            draw.rectangle(box, outline=(255, 64, 64), width=max(2, photo.width // 300))
+            draw.text((box[0], max(0, box[1] - 20)), label, fill=(255, 64, 64), font=font)
+        saved = runs.replace_atomically(out_dir / f"{Path(path).stem}_emotions.jpg", lambda tmp: photo.save(tmp, format="JPEG"))
+        print(f"{path}: annotated copy in {saved}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return predict(args) if args.predict else train(args)
+    except (data.DataError, runs.RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
