@@ -22,7 +22,7 @@ emotion:  ## the recommended recipe on FER2013 (DATA=path to the image folders, 
 
 monterrey:  ## Tec de Monterrey baseline, 10 epochs, its 20,099 / 2,151 split
 	$(PY) train_emotion.py --data $(DATA) --model monterrey_baseline --split monterrey --optimizer adam --lr 1e-3 \
-		--scheduler none --epochs 10 --batch-size 64 --no-augment $(ARGS)
+		--scheduler none --epochs 10 --batch-size 64 --no-augment --label-smoothing 0 --weight-decay 0 $(ARGS)
 
 clean:  ## remove the virtual environment and caches (run folders stay)
 	rm -rf $(VENV) *.egg-info .pytest_cache

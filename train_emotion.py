@@ -14,6 +14,7 @@ What the reports' experiments reach and how long they take is in REPRODUCING.md.
 """
 import argparse
 import ast
+import ctypes
 import signal
 import sys
 import time
@@ -132,7 +133,6 @@ def parse_args(argv=None):
     return args
 
 
-
 # ----------------------------------------------------------------------------- data on the device
 
 
@@ -181,7 +181,7 @@ def predict_proba(model, images: torch.Tensor, cfg: dict, batch_size=1024) -> to
             x = augment.center_crop(x, cfg["crop"]) if cfg["crop"] else x
             views = torch.stack([x, x.flip(-1)]) if cfg["tta"] == "flip" else x[None]
         with autocast(x.device):
-            logits = model(views.flatten(0, 1).contiguous(memory_format=memory_format(x.device)))
+            logits = model(views.flatten(0, 1).contiguous(memory_format=torch.channels_last))
         out.append(logits.float().softmax(-1).unflatten(0, views.shape[:2]).mean(0))
     return torch.cat(out)
 
@@ -197,10 +197,6 @@ def evaluate(model, images, labels, cfg) -> tuple[float, float, torch.Tensor]:
 def autocast(device):
     # bf16 on CUDA roughly doubles throughput and needs no loss scaling; CPU autocast is slower than fp32.
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def memory_format(device):
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------- training
@@ -232,7 +228,7 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
 
 def train(args):
     device = pick_device(args.device)
-
+    keep_freed_memory()
     if args.resume:  # the saved settings win, so a resumed run is the same experiment
         run = runs.run_dir(Path(args.resume).parent, Path(args.resume).name, resume=True)
         ckpt = runs.load_checkpoint(run / "last.pt")
@@ -244,8 +240,6 @@ def train(args):
     else:
         cfg = {k: v for k, v in vars(args).items() if k not in ("predict", "checkpoint", "resume", "model_opt", "width", "pretrained")}
         cfg["epochs"] = args.epochs or 30
-        name = args.name or f"{args.model}-{datetime.now():%Y%m%d-%H%M%S}"
-        run = runs.run_dir(args.out, name)
         ckpt = None
     torch.manual_seed(cfg["seed"])
 
@@ -255,7 +249,8 @@ def train(args):
     print(f"data: {len(faces)} images from {cfg['data']} in {time.perf_counter() - t0:.1f}s; split {cfg['split']}: "
           + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
     if len(split["train"]) == 0 or len(split["test"]) == 0:
-        raise data.DataError(f"split {cfg['split']} leaves no training or no test images in {cfg['data']}: check the data's Usage / folders")
+        raise data.DataError(f"split {cfg['split']} leaves no training or no test images in {cfg['data']}: "
+                             "check the data's Usage / folders")
     # The whole set lives on the training device as uint8 (FER2013: 83 MB); batches are gathered by index there.
     x_train, y_train = faces.images[split["train"]].to(device), faces.labels[split["train"]].to(device)
     x_val, y_val = faces.images[split["val"]].to(device), faces.labels[split["val"]].to(device)
@@ -266,8 +261,11 @@ def train(args):
     try:
         model = models.build_model(cfg["model"], in_channels, len(classes), image_size, **cfg["model_options"])
     except (TypeError, ValueError) as e:
-        raise data.DataError(f"model {cfg['model']}: {e}") from None
-    model = model.to(device, memory_format=memory_format(device))
+        raise runs.RunError(f"model {cfg['model']}: {e}") from None
+    if not ckpt:  # made only now, so that bad data or model options leave no empty run folder behind
+        run = runs.run_dir(args.out, args.name or f"{args.model}-{datetime.now():%Y%m%d-%H%M%S}")
+    # channels_last: faster convolutions on GPU tensor cores, and 0-40% faster on CPU (oneDNN) for these nets
+    model = model.to(device, memory_format=torch.channels_last)
     print(f"model: {cfg['model']} {cfg['model_options'] or ''}, {models.count_parameters(model):,} parameters, on {device}")
 
     batch_size = min(cfg["batch_size"], len(x_train))
@@ -322,7 +320,7 @@ def train(args):
                 if cfg["mixup"] or cfg["mixup_lam"]:
                     x, y, y_b, lam = augment.mixup(x, y, cfg["mixup"], cfg["mixup_lam"], generator=gen)
                 with autocast(device):
-                    logits = step_model(x.contiguous(memory_format=memory_format(device)))
+                    logits = step_model(x.contiguous(memory_format=torch.channels_last))
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
                     if lam != 1.0:
                         loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y_b, label_smoothing=cfg["label_smoothing"])
@@ -396,6 +394,20 @@ def train(args):
     print(f"test accuracy {test_acc:.4f} ({', '.join(f'{k} {v:.4f}' for k, v in by_usage.items())}) with the weights of epoch "
           f"{best['epoch']}; training took {train_seconds:.0f}s on {device_name(device)}; results in {run}")
     return 0
+
+
+def keep_freed_memory():
+    """Stop glibc from handing large freed blocks back to the OS after every step.
+
+    Otherwise each step's activations (tens of MB) are mapped and page-faulted in anew: measured on 2 CPU cores,
+    monterrey_baseline trains 30% faster with this. No effect on GPU memory; a no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: serve blocks up to 256 MB from the heap
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MB of freed heap
+    except (OSError, AttributeError):
+        pass
 
 
 def pick_device(choice: str) -> torch.device:

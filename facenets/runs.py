@@ -14,7 +14,7 @@ import torch
 
 
 class RunError(Exception):
-    """A run folder or checkpoint the user can fix; str(e) is one line saying what to do."""
+    """A run setting, folder or checkpoint the user can fix; str(e) is one line saying what to do."""
 
 
 def replace_atomically(path, write):
