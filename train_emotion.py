@@ -18,6 +18,7 @@ import ctypes
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -460,6 +461,8 @@ def predict(args):
 
 
 def main(argv=None):
+    # Warnings (skipped images, photos without a face) are for the user: one line each, not a source listing.
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     args = parse_args(argv)
     try:
         return predict(args) if args.predict else train(args)
