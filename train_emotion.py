@@ -380,9 +380,9 @@ def train(args):
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]
     x_test, y_test = faces.images[test_idx].to(device), faces.labels[test_idx].to(device)
     test_loss, test_acc, pred = evaluate(model, x_test, y_test, cfg)
-    cm = metrics.confusion_matrix(pred.cpu(), y_test.cpu(), len(classes))
-    usage = faces.usage[test_idx]
-    by_usage = {data.USAGES[u]: round((pred.cpu()[usage == u] == y_test.cpu()[usage == u]).float().mean().item(), 5)
+    pred, y_test, usage = pred.cpu(), y_test.cpu(), faces.usage[test_idx]
+    cm = metrics.confusion_matrix(pred, y_test, len(classes))
+    by_usage = {data.USAGES[u]: round((pred[usage == u] == y_test[usage == u]).float().mean().item(), 5)
                 for u in usage.unique().tolist()}
     result = {"test_accuracy": round(test_acc, 5), "test_loss": round(test_loss, 5), "test_accuracy_by_usage": by_usage,
               "best_epoch": best["epoch"], "best_val_accuracy": best_acc if best_acc >= 0 else None,
