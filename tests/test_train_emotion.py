@@ -170,3 +170,14 @@ def test_help_documents_every_flag():
     assert not undocumented
     shown = subprocess.run([sys.executable, str(ROOT / "train_emotion.py"), "--help"], capture_output=True, text=True, check=True).stdout
     assert "--sobel-channels" in shown and "monterrey_baseline" in shown
+
+
+def test_data_without_test_images_points_to_a_pooled_split(tmp_path, capsys):
+    for i, emotion in enumerate(data.EMOTIONS * 3):
+        folder = tmp_path / "fer" / "train" / emotion
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (48, 48), 10 * i).save(folder / f"Training_{i}.png")
+    args = ["--data", str(tmp_path / "fer"), "--out", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"), "--dry-run"]
+    assert train_emotion.main(args) == 2
+    assert "--split utec" in one_line_error(capsys)
+    assert train_emotion.main([*args, "--split", "utec", "--model", "monterrey_baseline"]) == 0
