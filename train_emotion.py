@@ -1,16 +1,16 @@
 """Train a facial-emotion classifier (7 classes) on FER2013, on faces cropped from your photos, or on
 built-in synthetic faces; or run a trained model on photos.
 
-    make demo                                              # 4 epochs on synthetic faces, ~1 minute on 2 CPU cores
+    make demo                                              # 4 epochs on synthetic faces: 99.5%, 25 s on 2 CPU cores
     python train_emotion.py --data data/fer2013            # the default recipe on FER2013 (folders, .zip or .csv)
-    python train_emotion.py --data data/fer2013 --model monterrey_baseline --split monterrey \\
-        --lr 1e-3 --scheduler none --epochs 10 --no-augment  # a report's experiment: see REPRODUCING.md
+    make emotion-cpu DATA=data/fer2013                     # 65% on PublicTest in 28 minutes on 2 CPU cores
+    make monterrey DATA=data/fer2013                       # a report's experiment: 52.2% in 4 minutes on 2 CPU cores
     python train_emotion.py --predict photo.jpg --checkpoint runs/emotion/<run>/best.pt
 
 Every run writes runs/emotion/<name>/: config.json, log.csv, curves.png, last.pt, best.pt, and at the end
 metrics.json (test accuracy, per-class table, accuracy by FER2013 Usage) and confusion.png. The whole training set
 sits on the training device as uint8 and is augmented there in batches: no DataLoader, no workers.
-What the reports' experiments reach and how long they take is in REPRODUCING.md.
+Every report's experiment, its exact command, what it reaches and how long it takes, is in REPRODUCING.md.
 """
 import argparse
 import ast
