@@ -57,7 +57,7 @@ def build_parser():
 
     g = p.add_argument_group("augmentation (training batches only, on the training device)")
     g.add_argument("--rotate", type=float, default=10.0, help="random rotation, +- degrees")
-    g.add_argument("--shear", type=float, default=0.0, help="random shear intensity (Keras shear_range)")
+    g.add_argument("--shear", type=float, default=0.0, help="random shear, +- degrees (Keras shear_range is degrees too)")
     g.add_argument("--zoom", type=float, default=0.1, help="random zoom, scale in [1-z, 1+z] (Keras zoom_range)")
     g.add_argument("--translate", type=float, default=0.1, help="random shift, +- fraction of the image size")
     g.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
@@ -288,6 +288,8 @@ def train(args):
             scheduler.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["rng"]["loop"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:  # dropout on the GPU draws from this one
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         history, best_acc, start, first_step = ckpt["history"], ckpt["best_acc"], ckpt["epoch"], ckpt["step"]
         order = ckpt["order"].to(device) if first_step else None
         print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
@@ -299,7 +301,8 @@ def train(args):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "step": step,
                 "order": order.cpu() if step else None, "best_acc": best_acc, "history": history, "config": cfg,
-                "classes": classes, "rng": {"loop": gen.get_state(), "torch": torch.get_rng_state()}}
+                "classes": classes, "rng": {"loop": gen.get_state(), "torch": torch.get_rng_state(),
+                                            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
     # Ctrl-C finishes the current step, then saves: a step cut in half would leave weights half-updated.
     stop_asked = []
