@@ -20,7 +20,7 @@ demo:  ## two-minute emotion run on built-in synthetic faces: a complete run fol
 emotion:  ## the recommended recipe on FER2013 (DATA=path to the image folders, .zip or fer2013.csv)
 	$(PY) train_emotion.py --data $(DATA) $(ARGS)
 
-emotion-cpu:  ## a recipe sized for a 2-core CPU: 65% PublicTest in under 30 minutes
+emotion-cpu:  ## a recipe sized for a 2-core CPU: 65% PublicTest in 21-28 minutes
 	$(PY) train_emotion.py --data $(DATA) --width 16 --crop 40 --tta tencrop --val-fraction 0 --epochs 40 $(ARGS)
 
 monterrey:  ## Tec de Monterrey baseline, 10 epochs, its 20,099 / 2,151 split

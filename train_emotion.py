@@ -3,7 +3,7 @@ built-in synthetic faces; or run a trained model on photos.
 
     make demo                                              # 4 epochs on synthetic faces: 99.5%, 25 s on 2 CPU cores
     python train_emotion.py --data data/fer2013            # the default recipe on FER2013 (folders, .zip or .csv)
-    make emotion-cpu DATA=data/fer2013                     # 65% on PublicTest in 28 minutes on 2 CPU cores
+    make emotion-cpu DATA=data/fer2013                     # 65% on PublicTest in 21-28 minutes on 2 CPU cores
     make monterrey DATA=data/fer2013                       # a report's experiment: 52.2% in 4 minutes on 2 CPU cores
     python train_emotion.py --predict photo.jpg --checkpoint runs/emotion/<run>/best.pt
 
