@@ -66,7 +66,8 @@ def build_parser():
     g.add_argument("--erasing", type=float, default=0.0, help="probability of random erasing per image")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup with lambda ~ Beta(a, a) per batch; 0 = off")
     g.add_argument("--mixup-lam", type=float, default=None, help="mixup with this fixed share of the first image (Trabajo final RNA: 0.7)")
-    g.add_argument("--no-augment", action="store_true", help="turn off every augmentation above (the Monterrey report used none)")
+    g.add_argument("--no-augment", action="store_true", help="turn off rotation, shear, zoom, shift, flip, cutout, erasing and mixup; --crop stays as "
+                   "given (the Monterrey report used none)")
     g.add_argument("--tta", default="none", choices=("none", "flip", "tencrop"), help="test-time augmentation; tencrop needs --crop")
 
     g = p.add_argument_group("optimisation")
@@ -370,8 +371,7 @@ def train(args):
                   + f"  {seconds:.1f}s  {seen / seconds:.0f} img/s")
             # Without a validation split nothing may peek at the test set, so the latest epoch is the best one.
             improved = val_acc is None or val_acc > best_acc
-            if improved:
-                best_acc = val_acc if val_acc is not None else best_acc
+            best_acc = max(best_acc, -1.0 if val_acc is None else val_acc)
             runs.write_log(run / "log.csv", history)
             metrics.plot_curves(history, run / "curves.png")
             runs.save_checkpoint(run / "last.pt", checkpoint(epoch + 1))
