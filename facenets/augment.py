@@ -21,7 +21,6 @@ tensors, never in a Python loop over images, so the same code is fast on a GPU
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +28,28 @@ import torch.nn.functional as F
 def _uniform(n, low, high, x, generator):
     """n numbers uniform in [low, high), drawn on x's device."""
     return torch.rand(n, device=x.device, generator=generator) * (high - low) + low
+
+
+def _gamma(shape, n, x, generator, tries=16):
+    """n draws from Gamma(shape, 1) on x's device, with no host sync.
+
+    torch's own Gamma and Beta samplers take no generator. This is Marsaglia & Tsang's method (2000) with
+    `tries` candidates per draw, keeping the first accepted one: each is accepted with probability > 0.95,
+    so all 16 fail about once in 1e20 draws (the last one is then used anyway). Shapes below 1 draw
+    Gamma(shape + 1) and multiply by U ** (1 / shape), as the paper shows.
+    """
+    k = shape + 1 if shape < 1 else shape
+    d = k - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+    z = torch.randn(n, tries, device=x.device, generator=generator)
+    u = torch.rand(n, tries, device=x.device, generator=generator)
+    v = (1 + c * z) ** 3
+    accepted = (v > 0) & (torch.log(u) < 0.5 * z**2 + d - d * v + d * torch.log(v.clamp_min(1e-30)))
+    first = torch.where(accepted.any(1), accepted.float().argmax(1), tries - 1)
+    g = d * v.gather(1, first[:, None]).squeeze(1)
+    if shape < 1:
+        g = g * torch.rand(n, device=x.device, generator=generator) ** (1 / shape)
+    return g
 
 
 def random_affine(x, degrees=0.0, shear=0.0, zoom=0.0, translate=0.0, generator=None):
@@ -145,14 +166,13 @@ def mixup(x, y, alpha=0.2, lam=None, generator=None):
 
     Returns (x_mixed, y_a, y_b, lam) with x_mixed = lam * x + (1 - lam) * x[perm]. lam is
     either fixed (lam=0.7 is the report's "70% of one image and 30% of the other") or drawn
-    once per batch from Beta(alpha, alpha). Train with the same blend of the two losses:
+    once per batch from Beta(alpha, alpha), then a 0-dim tensor on x's device. Train with the same blend of the two losses:
 
         loss = lam * F.cross_entropy(out, y_a) + (1 - lam) * F.cross_entropy(out, y_b)
     """
     if lam is None:
-        # torch's Beta sampler takes no generator, so seed numpy from it to stay repeatable.
-        seed = torch.randint(0, 2**62, (1,), device=x.device, generator=generator).item()
-        lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+        g = _gamma(alpha, 2, x, generator)
+        lam = g[0] / g.sum()  # Beta(alpha, alpha); a tensor on x's device, so the GPU never waits for the CPU
     perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 

@@ -125,6 +125,15 @@ def test_mixup_beta_lambda_in_range_and_repeatable():
     assert augment.mixup(x, y, generator=gen(3))[3] == augment.mixup(x, y, generator=gen(3))[3]
 
 
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 2.0])
+def test_mixup_lambda_has_the_beta_mean_and_variance(alpha):
+    x, y, g = batch(), torch.arange(6), gen(0)
+    lams = torch.stack([augment.mixup(x, y, alpha=alpha, generator=g)[3] for _ in range(4000)])
+    # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)); 4000 draws put the sample variance within ~3% of it
+    assert abs(lams.mean() - 0.5) < 0.02
+    assert abs(lams.var() / (1 / (4 * (2 * alpha + 1))) - 1) < 0.1
+
+
 def test_brightness_contrast():
     x = batch()
     assert torch.equal(augment.brightness_contrast(x, 0.0, 1.0), x)
