@@ -1,0 +1,146 @@
+"""Ablation of the emotion recipe: train_emotion.py once per variant and seed, then what each part is worth.
+
+    make ablation DATA=data/fer2013                                      # every variant, seeds 0 and 1
+    python benchmarks/ablate_emotion.py --data data/fer2013 --parallel 4 # 4 runs at once: one GPU has room for them
+    python benchmarks/ablate_emotion.py --small                          # CPU smoke run on synthetic faces
+
+A variant is the recipe (train_emotion.py's defaults) with one thing changed. Every run holds out a stratified 10%
+of Training for validation: the table gives that validation accuracy, which is what a recipe may be chosen by, and
+the PublicTest accuracy, which is only reported. The recipe's own runs also show, at no extra cost, PublicTest
+accuracy without the test-time augmentation and without the weight average. Run folders, each run's output
+(<name>.log) and results.json go to --out; the table is printed last, as Markdown for REPRODUCING.md.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is not a package
+from facenets import runs  # noqa: E402
+
+VARIANTS = {  # name: the train_emotion.py flags that differ from the recipe
+    "recipe": [],
+    "no mixup": ["--mixup", "0"],
+    "no label smoothing": ["--label-smoothing", "0"],
+    "no random erasing": ["--erasing", "0"],
+    "with affine": ["--rotate", "10", "--zoom", "0.1", "--translate", "0.1"],
+    "no affine": ["--rotate", "0", "--zoom", "0", "--translate", "0"],  # for a base given after -- with an affine
+    "half the peak lr": ["--lr", "0.1"],
+}
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "no affine"]  # the recipe has none: that would repeat "recipe"
+SMALL = dict(data="synthetic", seeds=[0], epochs=1, variants=["recipe", "no mixup"],
+             extra=["--width", "8", "--batch-size", "64", "--synthetic-count", "700"])
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="data/fer2013", help="FER2013 (image folders, .zip or .csv), or 'synthetic'")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME", help="which variants: " + "; ".join(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per variant and seed")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the recipe's)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (a GPU loop at these sizes leaves room for 3-4)")
+    p.add_argument("--out", default="runs/ablation", help="folder for the run folders, logs and results.json")
+    p.add_argument("--small", action="store_true", help="CPU smoke run; flags given explicitly still win. Sets "
+                   + ", ".join(f"--{k} {v}" for k, v in SMALL.items() if k != "extra") + " and width 8, batch 64, 700 faces")
+    p.add_argument("extra", nargs="*", default=[], help="after --: train_emotion.py flags for every run, before the variant's "
+                   "own (which win), e.g. -- --device cpu")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.small:
+        p.set_defaults(**SMALL)
+        args = p.parse_args(argv)
+        args.extra = args.extra or SMALL["extra"]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant {unknown[0]!r}; choose from: " + "; ".join(VARIANTS))
+    if args.parallel < 1 or (args.epochs is not None and args.epochs < 1):
+        p.error("--parallel and --epochs must be positive")
+    return args
+
+
+def run_name(variant, seed):
+    return f"{variant.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
+
+
+def command(args, variant, seed):
+    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+    return [sys.executable, str(ROOT / "train_emotion.py"), "--data", args.data, "--val-fraction", "0.1", "--seed", str(seed),
+            *epochs, "--out", str(args.out), "--name", run_name(variant, seed), *args.extra, *VARIANTS[variant]]
+
+
+def run_all(args):
+    """Start every run, at most --parallel at a time (seed-major, so a cut-short ablation has whole seeds)."""
+    queue = [(v, s) for s in args.seeds for v in args.variants]
+    running, results = {}, {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    while queue or running:
+        while queue and len(running) < args.parallel:
+            variant, seed = queue.pop(0)
+            log = open(out / f"{run_name(variant, seed)}.log", "w")
+            running[(variant, seed)] = (subprocess.Popen(command(args, variant, seed), stdout=log, stderr=subprocess.STDOUT), log)
+        time.sleep(0.5)
+        for key, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[key]
+            name = run_name(*key)
+            metrics_file = out / name / "metrics.json"
+            if proc.returncode or not metrics_file.exists():
+                print(f"{name}: failed (exit {proc.returncode}), see {out / (name + '.log')}")
+                continue
+            results[name] = {"variant": key[0], "seed": key[1], **json.loads(metrics_file.read_text())}
+            r = results[name]
+            print(f"{name}: validation {r['best_val_accuracy']:.4f}, PublicTest {r['test_accuracy']:.4f}, {r['train_seconds']:.0f} s")
+            runs.write_json(out / "results.json", results)  # after every run: a cut-short ablation keeps what finished
+    return results
+
+
+def spread(values):
+    return f"{statistics.mean(values):.2%}" + (f" ({min(values):.2%}-{max(values):.2%})" if len(values) > 1 else "")
+
+
+def table(results, variants):
+    by_variant = {v: [r for r in results.values() if r["variant"] == v] for v in variants}
+    base = by_variant.get("recipe") or []
+    base_test = statistics.mean(r["test_accuracy"] for r in base) if base else None
+    rows = [("variant", "flags", "seeds", "validation", "PublicTest", "vs recipe", "train s")]
+    for v, rs in by_variant.items():
+        if not rs:
+            continue
+        test = [r["test_accuracy"] for r in rs]
+        gain = f"{statistics.mean(test) - base_test:+.2%}" if base_test is not None and v != "recipe" else ""
+        rows.append((v, " ".join(VARIANTS[v]) or "(none)", str(len(rs)), spread([r["best_val_accuracy"] for r in rs]), spread(test),
+                     gain, f"{statistics.mean(r['train_seconds'] for r in rs):.0f}"))
+    for key, what in (("test_accuracy_without_tta", "recipe, tested without TTA"), ("test_accuracy_without_ema", "recipe, tested without EMA")):
+        test = [r[key] for r in base if key in r]
+        if test:
+            rows.append((what, "(same runs)", str(len(test)), "", spread(test), f"{statistics.mean(test) - base_test:+.2%}", ""))
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    results = run_all(args)
+    print(f"\n{len(results)} runs in {time.perf_counter() - started:.0f} s wall, {args.parallel} at a time\n")
+    if not results:
+        print("error: no run finished; the logs in", args.out, "say why", file=sys.stderr)
+        return 2
+    print(table(results, args.variants))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
