@@ -14,7 +14,7 @@ install:  ## create .venv and install facenets with its test extra
 test:  ## the whole suite (real-data tests run when FACENETS_DATA points at ../shared/data)
 	$(PY) -m pytest
 
-demo:  ## two-minute emotion run on built-in synthetic faces: a complete run folder, no download
+demo:  ## half-minute emotion run on built-in synthetic faces: a complete run folder, no download
 	$(PY) train_emotion.py --data synthetic --model vgg --width 16 --epochs 4 --batch-size 64 --lr 0.05 $(ARGS)
 
 emotion:  ## the recipe on FER2013 (DATA=image folders, .zip or fer2013.csv): 71.1% PublicTest in 40 s on an H100

@@ -1,7 +1,7 @@
 """Train a facial-emotion classifier (7 classes) on FER2013, on faces cropped from your photos, or on
 built-in synthetic faces; or run a trained model on photos.
 
-    make demo                                              # 4 epochs on synthetic faces: 100%, 20 s on 2 CPU cores
+    make demo                                              # 4 epochs on synthetic faces: 100%, 36 s on 2 CPU cores
     python train_emotion.py --data data/fer2013 --compile  # the recipe (the defaults), = make emotion: 71.1% on
                                                            # PublicTest (3 seeds: 70.3-71.9%), 36 s training on an H100
     make emotion-cpu DATA=data/fer2013                     # 65% on PublicTest in 21-28 minutes on 2 CPU cores
