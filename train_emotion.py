@@ -335,12 +335,12 @@ def train(args):
     scheduler = make_scheduler(optimizer, cfg, steps)
     # The averaged copy is what gets validated, tested and used by --predict; the live model is what trains.
     ema = copy.deepcopy(model).requires_grad_(False) if cfg["ema"] else None
-    tested = ema or model
+    tested = model if ema is None else ema
     gen = torch.Generator(device).manual_seed(cfg["seed"])  # batch order and augmentation, saved with the checkpoint
     history, best_acc, start, first_step, order = [], -1.0, 0, 0, None
     if ckpt:
         model.load_state_dict(ckpt["model"])
-        if ema:
+        if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler:
@@ -354,12 +354,12 @@ def train(args):
         print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
     runs.write_json(run / "config.json", cfg)
     step_model = compiled(model, device) if cfg["compile"] else model
-    if ema:
+    if ema is not None:
         ema_tensors, model_tensors = float_state(ema), float_state(model)
 
     def checkpoint(epoch, step=0):
         """Everything needed to go on exactly from here: after `step` steps of epoch `epoch` (0-based)."""
-        return {"model": model.state_dict(), "ema": ema.state_dict() if ema else None, "optimizer": optimizer.state_dict(),
+        return {"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "step": step,
                 "order": order.cpu() if step else None, "best_acc": best_acc, "history": history, "config": cfg,
                 "classes": classes, "rng": {"loop": gen.get_state(), "torch": torch.get_rng_state(),
@@ -388,7 +388,7 @@ def train(args):
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 x = augment_batch(model_input(x_train[idx], cfg), cfg, gen)
                 loss, logits, y = train_step(step_model, optimizer, x, y_train[idx], cfg, gen)
-                if ema:
+                if ema is not None:
                     update_ema(ema_tensors, model_tensors, cfg["ema"], done=epoch * steps + step + 1)
                 if cfg["scheduler"] in ("onecycle", "cosine"):
                     scheduler.step()
@@ -443,7 +443,7 @@ def train(args):
     # Test once, with the weights chosen on validation (or the last ones).
     best = runs.load_checkpoint(run / "best.pt", map_location=device)
     model.load_state_dict(best["model"])
-    if ema:
+    if ema is not None:
         ema.load_state_dict(best["ema"])
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]
     x_test, y_test = faces.images[test_idx].to(device), faces.labels[test_idx].to(device)
@@ -452,7 +452,7 @@ def train(args):
     extras = {}
     if cfg["tta"] != "none":
         extras["test_accuracy_without_tta"] = round(evaluate(tested, x_test, y_test, {**cfg, "tta": "none"})[1], 5)
-    if ema:
+    if ema is not None:
         extras["test_accuracy_without_ema"] = round(evaluate(model, x_test, y_test, cfg)[1], 5)
     pred, y_test, usage = pred.cpu(), y_test.cpu(), faces.usage[test_idx]
     cm = metrics.confusion_matrix(pred, y_test, len(classes))

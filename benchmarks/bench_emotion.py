@@ -161,7 +161,7 @@ def time_to_accuracy(x, y, x_test, y_test, cfg, faces, device):
     gen = torch.Generator(device).manual_seed(cfg["seed"])
     batches = facenets_batches(x, y, cfg, gen)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg["ema"] else None
-    if ema:
+    if ema is not None:
         ema_tensors, model_tensors = train_emotion.float_state(ema), train_emotion.float_state(model)
     history, reached, seconds, done = [], {f"{t:.2f}": None for t in TARGETS}, 0.0, 0
     for epoch in range(1, cfg["epochs"] + 1):
@@ -170,11 +170,11 @@ def time_to_accuracy(x, y, x_test, y_test, cfg, faces, device):
         for _ in range(steps):
             train_emotion.train_step(step_model, optimizer, *next(batches), cfg, gen)
             done += 1
-            if ema:
+            if ema is not None:
                 train_emotion.update_ema(ema_tensors, model_tensors, cfg["ema"], done)
             scheduler.step()
         seconds += clock(device) - start  # the evaluation below is not training time
-        accuracy = (train_emotion.predict_proba(ema or model, x_test, cfg).argmax(1) == y_test).float().mean().item()
+        accuracy = (train_emotion.predict_proba(model if ema is None else ema, x_test, cfg).argmax(1) == y_test).float().mean().item()
         history.append({"epoch": epoch, "train_seconds": round(seconds, 2), "test_accuracy": round(accuracy, 5)})
         print(f"epoch {epoch:3d}/{cfg['epochs']}  training {seconds:7.1f} s  PublicTest accuracy {accuracy:.4f}")
         for target in TARGETS:
