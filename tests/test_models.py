@@ -109,3 +109,28 @@ def test_vgg_accepts_channels_last():
         model = model.to(memory_format=torch.channels_last)
         out = model(x.to(memory_format=torch.channels_last))
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_vgg_fc_head_flattens_the_last_map():
+    # 40x40 crops pool to 2x2 after 4 stages: 512 * 2 * 2 = 2048 features into the first hidden layer
+    gap = build_model("vgg", image_size=40)
+    fc = build_model("vgg", image_size=40, hidden=(4096, 4096))
+    linear_gap = 512 * 7 + 7
+    linear_fc = (2048 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 * 7 + 7)
+    assert count_parameters(fc) - count_parameters(gap) == linear_fc - linear_gap
+    assert fc(torch.randn(2, 1, 40, 40)).shape == (2, 7)
+    with pytest.raises(ValueError, match="too small"):
+        build_model("vgg", image_size=8, hidden=(64,))
+
+
+def test_resnet18_keeps_full_resolution_in_its_first_stage():
+    model = build_model("resnet18").eval()
+    seen = []
+    model.layer1.register_forward_hook(lambda module, inputs, out: seen.append(out.shape))  # returns None: output kept
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 48, 48)).shape == (2, 7)
+    assert seen == [(2, 64, 48, 48)]
+    # torchvision's resnet18 less its 7x7 RGB stem and 1000-way fc, plus a 3x3 gray stem and a 7-way fc
+    reference = torchvision.models.resnet18(weights=None)
+    expected = count_parameters(reference) - 7 * 7 * 3 * 64 - (512 * 1000 + 1000) + 3 * 3 * 64 + (512 * 7 + 7)
+    assert count_parameters(model) == expected
