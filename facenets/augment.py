@@ -14,6 +14,7 @@ tensors, never in a Python loop over images, so the same code is fast on a GPU
     cutout                   one zeroed square per image     Trabajo final RNA ("cut-off 8x8")
     random_erasing           one noise rectangle per image   none; a common extra
     mixup                    blend of two images and labels  Trabajo final RNA (70% / 30%)
+    cutmix                   box of another image pasted in  none; a common extra
     brightness_contrast      fixed boost, train and test     UTEC report (Arch 1)
     sobel_contrast_channels  gray -> [gray, sobel, contrast] Udine lab report
     ten_crop_flip            test-time augmentation          none; a common extra
@@ -175,6 +176,27 @@ def mixup(x, y, alpha=0.2, lam=None, generator=None):
         lam = g[0] / g.sum()  # Beta(alpha, alpha); a tensor on x's device, so the GPU never waits for the CPU
     perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+
+
+def cutmix(x, y, alpha=1.0, generator=None):
+    """Paste a box of another image of the batch into each image (Yun et al. 2019).
+
+    Returns (x_mixed, y_a, y_b, lam) as mixup does, but with lam [B]: per image, the share of its own pixels
+    left after the box is clipped at the border. Each image draws its own box, of area (1 - Beta(alpha, alpha))
+    of the image and centred on any pixel. Train with the per-image blend of the two losses:
+
+        loss = (lam * F.cross_entropy(out, y_a, reduction="none") + (1 - lam) * F.cross_entropy(out, y_b, reduction="none")).mean()
+    """
+    B, _, H, W = x.shape
+    g = _gamma(alpha, 2 * B, x, generator).view(2, B)
+    side = (g[1] / g.sum(0)).sqrt()  # sqrt of 1 - lam, lam ~ Beta(alpha, alpha)
+    height, width = (side * H).round().long(), (side * W).round().long()
+    cy = torch.randint(0, H, (B,), device=x.device, generator=generator)
+    cx = torch.randint(0, W, (B,), device=x.device, generator=generator)
+    box = _box_mask(cy - height // 2, cx - width // 2, height, width, H, W)
+    perm = torch.randperm(B, device=x.device, generator=generator)
+    lam = 1 - box.flatten(1).float().mean(1)
+    return torch.where(box, x[perm], x), y, y[perm], lam
 
 
 def brightness_contrast(x, brightness=0.0, contrast=1.0):

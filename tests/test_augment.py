@@ -18,6 +18,7 @@ RANDOM = {
     "cutout": lambda x, g: augment.cutout(x, 8, generator=g),
     "erasing": lambda x, g: augment.random_erasing(x, p=1.0, generator=g),
     "mixup": lambda x, g: augment.mixup(x, torch.arange(len(x)), generator=g)[0],
+    "cutmix": lambda x, g: augment.cutmix(x, torch.arange(len(x)), generator=g)[0],
 }
 
 
@@ -132,6 +133,25 @@ def test_mixup_lambda_has_the_beta_mean_and_variance(alpha):
     # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)); 4000 draws put the sample variance within ~3% of it
     assert abs(lams.mean() - 0.5) < 0.02
     assert abs(lams.var() / (1 / (4 * (2 * alpha + 1))) - 1) < 0.1
+
+
+def test_cutmix_pastes_one_box_from_the_partner_and_lambda_is_its_own_share():
+    x, y = batch(b=64, h=48, w=48), torch.arange(64)
+    mixed, y_a, y_b, lam = augment.cutmix(x, y, alpha=1.0, generator=gen())
+    assert torch.equal(y_a, y) and sorted(y_b.tolist()) == list(range(64))
+    for i in range(64):
+        own = mixed[i] == x[i]
+        partner = mixed[i] == x[y_b[i]]
+        assert (own | partner).all()  # every pixel is one image's or the other's
+        if y_b[i] == i:  # pasted from itself: nothing changes, lam is whatever the box was
+            continue
+        box = (~own)[0].nonzero()
+        if len(box):  # the changed pixels form one axis-aligned rectangle
+            (top, left), (bottom, right) = box.min(0).values, box.max(0).values
+            assert (~own)[0, top:bottom + 1, left:right + 1].all()
+        assert lam[i].item() == pytest.approx(own.float().mean().item())
+    assert lam.shape == (64,) and (lam >= 0).all() and (lam <= 1).all()
+    assert 0.3 < lam.mean() < 0.8  # 1 - Beta(1, 1) areas, larger where a box is clipped at a border
 
 
 def test_brightness_contrast():
