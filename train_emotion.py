@@ -70,7 +70,9 @@ def build_parser():
     g.add_argument("--erasing", type=float, default=0.25, help="probability of random erasing per image")
     g.add_argument("--mixup", type=float, default=0.2, help="mixup with lambda ~ Beta(a, a) per batch; 0 = off")
     g.add_argument("--mixup-lam", type=float, default=None, help="mixup with this fixed share of the first image (Trabajo final RNA: 0.7)")
-    g.add_argument("--no-augment", action="store_true", help="turn off rotation, shear, zoom, shift, flip, cutout, erasing and mixup; --crop stays as "
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix instead of mixup: paste a box of another image into each, of area "
+                   "~ Beta(a, a); 0 = off (with --mixup 0)")
+    g.add_argument("--no-augment", action="store_true", help="turn off rotation, shear, zoom, shift, flip, cutout, erasing, mixup and cutmix; --crop stays as "
                    "given (the Monterrey report used none)")
     g.add_argument("--tta", default="tencrop", choices=("none", "flip", "tencrop"), help="test-time augmentation; tencrop needs --crop")
 
@@ -123,6 +125,10 @@ def parse_args(argv=None):
         p.error("--ema must be in [0, 1): a decay per step such as 0.999, or 0 for none")
     if args.mixup_lam is not None and not 0 < args.mixup_lam <= 1:
         p.error("--mixup-lam must be in (0, 1]")
+    if args.cutmix < 0 or args.mixup < 0:
+        p.error("--cutmix and --mixup take a Beta parameter a > 0, or 0 for off")
+    if args.cutmix and (args.mixup or args.mixup_lam) and not args.no_augment:
+        p.error("--cutmix replaces mixup: add --mixup 0")
     if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1 or args.synthetic_count < 70:
         p.error("--epochs and --batch-size must be positive, --synthetic-count at least 70")
     args.model_options = {}
@@ -139,7 +145,7 @@ def parse_args(argv=None):
     if args.pretrained:
         args.model_options["pretrained"] = True
     if args.no_augment:
-        args.rotate = args.shear = args.zoom = args.translate = args.erasing = args.mixup = 0.0
+        args.rotate = args.shear = args.zoom = args.translate = args.erasing = args.mixup = args.cutmix = 0.0
         args.flip, args.cutout, args.mixup_lam = False, 0, None
     return args
 
@@ -244,19 +250,24 @@ def make_optimizer(model, cfg):
 
 
 def train_step(step_model, optimizer, x, y, cfg, gen):
-    """Mixup (when on), forward, loss, backward and optimizer step on an augmented batch.
+    """Mixup or cutmix (when on), forward, loss, backward and optimizer step on an augmented batch.
 
     Returns the loss (still on the device: reading it would make the CPU wait for the GPU), the logits and the
-    labels they are scored against (with mixup, those of the first image of each blend).
+    labels they are scored against (with mixup or cutmix, those of the first image of each blend).
     """
     y_b = None
     if cfg["mixup"] or cfg["mixup_lam"]:
-        x, y, y_b, lam = augment.mixup(x, y, cfg["mixup"], cfg["mixup_lam"], generator=gen)
+        x, y, y_b, lam = augment.mixup(x, y, cfg["mixup"], cfg["mixup_lam"], generator=gen)  # lam: one per batch
+    elif cfg["cutmix"]:
+        x, y, y_b, lam = augment.cutmix(x, y, cfg["cutmix"], generator=gen)  # lam: one per image
     with autocast(x.device):
         logits = step_model(x.contiguous(memory_format=torch.channels_last))
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
-        if y_b is not None:
-            loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y_b, label_smoothing=cfg["label_smoothing"])
+        if y_b is None:
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+        else:
+            def per_image(target):
+                return F.cross_entropy(logits, target, label_smoothing=cfg["label_smoothing"], reduction="none")
+            loss = (lam * per_image(y) + (1 - lam) * per_image(y_b)).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -290,6 +301,10 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
     return None
 
 
+# flags that are not settings of the run (or are folded into model_options): not saved in its config
+NOT_SAVED = ("predict", "checkpoint", "resume", "model_opt", "width", "pretrained")
+
+
 def train(args):
     device = pick_device(args.device)
     keep_freed_memory()
@@ -297,12 +312,15 @@ def train(args):
         run = runs.run_dir(Path(args.resume).parent, Path(args.resume).name, resume=True)
         ckpt = runs.load_checkpoint(run / "last.pt")
         cfg = ckpt["config"]
+        missing = sorted(set(vars(args)) - set(cfg) - set(NOT_SAVED))
+        if missing:
+            raise runs.RunError(f"{run} was saved by an older train_emotion.py (it has no setting {missing[0]!r}): start a new run")
         if args.epochs is not None and args.epochs != cfg["epochs"]:
             if cfg["scheduler"] in ("onecycle", "cosine"):
                 raise runs.RunError(f"--epochs cannot change on resume: the {cfg['scheduler']} schedule of {run} was laid out for {cfg['epochs']} epochs")
             cfg["epochs"] = args.epochs
     else:
-        cfg = {k: v for k, v in vars(args).items() if k not in ("predict", "checkpoint", "resume", "model_opt", "width", "pretrained")}
+        cfg = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
         cfg["epochs"] = args.epochs or 100
         ckpt = None
     torch.manual_seed(cfg["seed"])

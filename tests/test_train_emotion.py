@@ -83,6 +83,8 @@ REPORT = ["--crop", "0", "--tta", "none", "--ema", "0"]  # the recipe's defaults
     [*REPORT, "--model", "utec_arch1", "--brightness", "0.1", "--contrast", "1.5", "--split", "utec", "--stop-loss", "5"],
     ["--crop", "40", "--tta", "tencrop", "--val-fraction", "0", "--scheduler", "cosine"],
     ["--tta", "flip", "--split", "official", "--val-fraction", "0.2"],
+    ["--mixup", "0", "--cutmix", "1", "--model-opt", "hidden=(32, 32)"],  # candidates for the recipe
+    ["--model", "resnet18", "--ema", "0.99"],
 ])
 def test_report_configurations_run_end_to_end(tmp_path, flags):
     base = [f for f in FAST if f not in ("--model", "vgg", "--width", "8")] if "--model" in flags else FAST
@@ -144,6 +146,15 @@ def test_resume_of_a_missing_run_and_a_damaged_checkpoint(tmp_path, capsys):
     assert "could not be read" in one_line_error(capsys)
 
 
+def test_resuming_a_run_saved_without_a_newer_setting_is_one_line(tmp_path, capsys):
+    assert run(tmp_path, "--name", "old", "--dry-run") == 0
+    ckpt = torch.load(tmp_path / "old" / "last.pt", weights_only=False)
+    del ckpt["config"]["cutmix"]  # as saved before --cutmix existed
+    torch.save(ckpt, tmp_path / "old" / "last.pt")
+    assert train_emotion.main(["--resume", str(tmp_path / "old")]) == 2
+    assert "older train_emotion.py" in one_line_error(capsys)
+
+
 def test_changing_epochs_of_a_onecycle_run_is_refused(tmp_path, capsys):
     assert run(tmp_path, "--name", "o", "--dry-run") == 0
     assert train_emotion.main(["--resume", str(tmp_path / "o"), "--epochs", "5"]) == 2
@@ -157,6 +168,8 @@ def test_changing_epochs_of_a_onecycle_run_is_refused(tmp_path, capsys):
     (["--val-fraction", "1.5"], "--val-fraction"),
     (["--model-opt", "oops"], "KEY=VALUE"),
     (["--model", "nope"], "invalid choice"),
+    (["--cutmix", "1"], "--mixup 0"),
+    (["--mixup", "-1"], "Beta parameter"),
 ])
 def test_impossible_flags_are_refused_before_any_work(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
