@@ -3,6 +3,8 @@
     make ablation DATA=data/fer2013                                      # every variant, seeds 0 and 1
     python benchmarks/ablate_emotion.py --data data/fer2013 --parallel 4 # 4 runs at once: one GPU has room for them
     python benchmarks/ablate_emotion.py --small                          # CPU smoke run on synthetic faces
+    make ablation DATA=data/fer2013 ARGS='--variants recipe "fc head" cutmix "width 96" resnet18 "batch 256"'
+                                                                         # candidates the recipe does not have yet
 
 A variant is the recipe (train_emotion.py's defaults) with one thing changed. Every run holds out a stratified 10%
 of Training for validation: the table gives that validation accuracy, which is what a recipe may be chosen by, and
@@ -30,8 +32,15 @@ VARIANTS = {  # name: the train_emotion.py flags that differ from the recipe
     "with affine": ["--rotate", "10", "--zoom", "0.1", "--translate", "0.1"],
     "no affine": ["--rotate", "0", "--zoom", "0", "--translate", "0"],  # for a base given after -- with an affine
     "half the peak lr": ["--lr", "0.1"],
+    # candidates: what the recipe might still gain (not run by default)
+    "fc head": ["--model-opt", "hidden=(4096, 4096)"],
+    "cutmix": ["--mixup", "0", "--cutmix", "1"],
+    "width 96": ["--width", "96"],
+    "resnet18": ["--model", "resnet18"],
+    "batch 256": ["--batch-size", "256", "--lr", "0.1"],
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "no affine"]  # the recipe has none: that would repeat "recipe"
+# what each part of the recipe is worth; "no affine" is left out since the recipe has none: it would repeat "recipe"
+DEFAULT_VARIANTS = ["recipe", "no mixup", "no label smoothing", "no random erasing", "with affine", "half the peak lr"]
 SMALL = dict(data="synthetic", seeds=[0], epochs=1, variants=["recipe", "no mixup"],
              extra=["--width", "8", "--batch-size", "64", "--synthetic-count", "700"])
 

@@ -28,3 +28,13 @@ def test_failed_runs_are_named_and_the_exit_code_says_so(tmp_path):
     assert done.returncode == 2
     assert "recipe-seed0: failed" in done.stdout and "recipe-seed0.log" in done.stdout
     assert "--crop must be between" in (tmp_path / "abl" / "recipe-seed0.log").read_text()
+
+
+def test_every_variant_is_a_valid_train_emotion_command():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import ablate_emotion
+    import train_emotion
+    for variant, flags in ablate_emotion.VARIANTS.items():
+        args = train_emotion.parse_args(["--data", "synthetic", *flags])  # exits (fails the test) on a bad combination
+        assert args.data == "synthetic", variant
+    assert set(ablate_emotion.DEFAULT_VARIANTS) <= set(ablate_emotion.VARIANTS)
