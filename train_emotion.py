@@ -85,6 +85,8 @@ def build_parser():
     g.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on weights (not on biases or BatchNorm)")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="share of the target spread over all classes")
+    g.add_argument("--sam", type=float, default=0.0, help="sharpness-aware minimisation with this radius rho (e.g. 0.05): "
+                   "each step takes the gradient at weights moved rho uphill; twice the compute per step; 0 = off")
     g.add_argument("--ema", type=float, default=0.999, help="also keep an exponential moving average of the weights, with this "
                    "decay per step (e.g. 0.999), and validate and test it; 0 = off")
     g.add_argument("--scheduler", default="onecycle", choices=("none", "plateau", "onecycle", "cosine"),
@@ -125,6 +127,8 @@ def parse_args(argv=None):
         p.error("--ema must be in [0, 1): a decay per step such as 0.999, or 0 for none")
     if args.mixup_lam is not None and not 0 < args.mixup_lam <= 1:
         p.error("--mixup-lam must be in (0, 1]")
+    if args.sam < 0:
+        p.error("--sam must be a radius >= 0 (e.g. 0.05), or 0 for off")
     if args.cutmix < 0 or args.mixup < 0:
         p.error("--cutmix and --mixup take a Beta parameter a > 0, or 0 for off")
     if args.cutmix and (args.mixup or args.mixup_lam) and not args.no_augment:
@@ -260,18 +264,36 @@ def train_step(step_model, optimizer, x, y, cfg, gen):
         x, y, y_b, lam = augment.mixup(x, y, cfg["mixup"], cfg["mixup_lam"], generator=gen)  # lam: one per batch
     elif cfg["cutmix"]:
         x, y, y_b, lam = augment.cutmix(x, y, cfg["cutmix"], generator=gen)  # lam: one per image
-    with autocast(x.device):
-        logits = step_model(x.contiguous(memory_format=torch.channels_last))
-        if y_b is None:
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
-        else:
-            def per_image(target):
-                return F.cross_entropy(logits, target, label_smoothing=cfg["label_smoothing"], reduction="none")
-            loss = (lam * per_image(y) + (1 - lam) * per_image(y_b)).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def forward_backward():
+        with autocast(x.device):
+            logits = step_model(x)
+            if y_b is None:
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+            else:
+                def per_image(target):
+                    return F.cross_entropy(logits, target, label_smoothing=cfg["label_smoothing"], reduction="none")
+                loss = (lam * per_image(y) + (1 - lam) * per_image(y_b)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss.detach(), logits
+
+    loss, logits = forward_backward()
+    if cfg["sam"]:
+        # Sharpness-aware minimisation (Foret et al. 2021): step with the gradient taken at the weights moved a
+        # distance rho uphill, which favours flat minima. Twice the compute; BatchNorm statistics see both passes.
+        params = [p for p in step_model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        uphill = torch._foreach_mul(grads, cfg["sam"] / (grad_norm + 1e-12))  # on the device: no host sync
+        with torch.no_grad():
+            torch._foreach_add_(params, uphill)
+        forward_backward()
+        with torch.no_grad():
+            torch._foreach_sub_(params, uphill)
     optimizer.step()
-    return loss.detach(), logits, y
+    return loss, logits, y
 
 
 @torch.no_grad()

@@ -1,9 +1,9 @@
 """Ablation of the emotion recipe: train_emotion.py once per variant and seed, then what each part is worth.
 
-    make ablation DATA=data/fer2013                                      # every variant, seeds 0 and 1
+    make ablation DATA=data/fer2013                                      # what each part of the recipe is worth, seeds 0, 1
     python benchmarks/ablate_emotion.py --data data/fer2013 --parallel 4 # 4 runs at once: one GPU has room for them
     python benchmarks/ablate_emotion.py --small                          # CPU smoke run on synthetic faces
-    make ablation DATA=data/fer2013 ARGS='--variants recipe "fc head" cutmix "width 96" resnet18 "batch 256"'
+    make ablation DATA=data/fer2013 ARGS='--variants recipe "fc head" cutmix "width 96" resnet18 "batch 256" sam'
                                                                          # candidates the recipe does not have yet
 
 A variant is the recipe (train_emotion.py's defaults) with one thing changed. Every run holds out a stratified 10%
@@ -38,6 +38,7 @@ VARIANTS = {  # name: the train_emotion.py flags that differ from the recipe
     "width 96": ["--width", "96"],
     "resnet18": ["--model", "resnet18"],
     "batch 256": ["--batch-size", "256", "--lr", "0.1"],
+    "sam": ["--sam", "0.05"],
 }
 # what each part of the recipe is worth; "no affine" is left out since the recipe has none: it would repeat "recipe"
 DEFAULT_VARIANTS = ["recipe", "no mixup", "no label smoothing", "no random erasing", "with affine", "half the peak lr"]

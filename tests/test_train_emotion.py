@@ -84,7 +84,7 @@ REPORT = ["--crop", "0", "--tta", "none", "--ema", "0"]  # the recipe's defaults
     ["--crop", "40", "--tta", "tencrop", "--val-fraction", "0", "--scheduler", "cosine"],
     ["--tta", "flip", "--split", "official", "--val-fraction", "0.2"],
     ["--mixup", "0", "--cutmix", "1", "--model-opt", "hidden=(32, 32)"],  # candidates for the recipe
-    ["--model", "resnet18", "--ema", "0.99"],
+    ["--model", "resnet18", "--ema", "0.99", "--sam", "0.05"],
 ])
 def test_report_configurations_run_end_to_end(tmp_path, flags):
     base = [f for f in FAST if f not in ("--model", "vgg", "--width", "8")] if "--model" in flags else FAST
@@ -170,6 +170,7 @@ def test_changing_epochs_of_a_onecycle_run_is_refused(tmp_path, capsys):
     (["--model", "nope"], "invalid choice"),
     (["--cutmix", "1"], "--mixup 0"),
     (["--mixup", "-1"], "Beta parameter"),
+    (["--sam", "-0.1"], "--sam"),
 ])
 def test_impossible_flags_are_refused_before_any_work(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -198,3 +199,27 @@ def test_data_without_test_images_points_to_a_pooled_split(tmp_path, capsys):
     assert train_emotion.main(args) == 2
     assert "--split utec" in one_line_error(capsys)
     assert train_emotion.main([*args, "--split", "utec", "--model", "monterrey_baseline", *REPORT]) == 0
+
+
+def test_sam_steps_with_the_gradient_at_the_weights_moved_uphill():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 4), torch.nn.Flatten())  # [B, 1, 4, 4] -> 3 logits
+    x, y = torch.randn(5, 1, 4, 4), torch.tensor([0, 1, 2, 1, 0])
+    cfg = {"mixup": 0, "mixup_lam": None, "cutmix": 0, "label_smoothing": 0.0, "sam": 0.05}
+
+    def grads_at(params):
+        probe = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 4), torch.nn.Flatten())
+        with torch.no_grad():
+            for p, value in zip(probe.parameters(), params):
+                p.copy_(value)
+        torch.nn.functional.cross_entropy(probe(x), y).backward()
+        return [p.grad for p in probe.parameters()]
+
+    start = [p.detach().clone() for p in model.parameters()]
+    g0 = grads_at(start)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g0))
+    g1 = grads_at([w + 0.05 * g / norm for w, g in zip(start, g0)])
+    train_emotion.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, cfg, torch.Generator())
+    for p, w, g in zip(model.parameters(), start, g1):
+        assert torch.allclose(p, w - 0.1 * g, atol=1e-6)
+    assert not torch.allclose(g1[0], g0[0])  # the two gradients differ, so the test tells SAM from plain SGD
