@@ -281,6 +281,7 @@ def train_step(step_model, optimizer, x, y, cfg, gen):
 
     loss, logits = forward_backward()
     if cfg["sam"]:
+        logits = logits.clone()  # with --compile on a GPU the second forward may reuse the memory of the first's output
         # Sharpness-aware minimisation (Foret et al. 2021): step with the gradient taken at the weights moved a
         # distance rho uphill, which favours flat minima. Twice the compute; BatchNorm statistics see both passes.
         params = [p for p in step_model.parameters() if p.grad is not None]
