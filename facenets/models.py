@@ -1,5 +1,5 @@
 """
-Every emotion architecture of the reports, by name, in plain PyTorch.
+Every emotion architecture of the reports, and facenets' own (vgg, resnet18), by name, in plain PyTorch.
 
     model = build_model("monterrey_baseline", in_channels=1, num_classes=7, image_size=48)
     logits = model(images)  # images [B, in_channels, image_size, image_size] float -> logits [B, num_classes]
