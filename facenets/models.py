@@ -359,11 +359,11 @@ def vgg(in_channels=1, num_classes=7, image_size=48, width=64, dropout=0.2, hidd
     if not hidden:
         classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
         return sequential(features=features, classifier=classifier)
-    head, width_in = [nn.Flatten()], flat_size(features, in_channels, image_size)
+    head, fan_in = [nn.Flatten()], flat_size(features, in_channels, image_size)
     for h in hidden:
-        head += [nn.Linear(width_in, h), nn.ReLU(), nn.Dropout(dropout)]
-        width_in = h
-    return sequential(features=features, classifier=nn.Sequential(*head, nn.Linear(width_in, num_classes)))
+        head += [nn.Linear(fan_in, h), nn.ReLU(), nn.Dropout(dropout)]
+        fan_in = h
+    return sequential(features=features, classifier=nn.Sequential(*head, nn.Linear(fan_in, num_classes)))
 
 
 def resnet18(in_channels=1, num_classes=7, image_size=48):
