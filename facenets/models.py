@@ -348,6 +348,9 @@ def vgg(in_channels=1, num_classes=7, image_size=48, width=64, dropout=0.2, hidd
     Dropout per hidden width, then Linear, the head of Khaireddin & Chen's 73.3% VGG (2021). Convs have no bias
     since the BatchNorm right after has its own shift.
     """
+    hidden = (hidden,) if isinstance(hidden, int) else hidden
+    if not isinstance(hidden, (tuple, list)) or not all(isinstance(h, int) and h > 0 for h in hidden):
+        raise ValueError(f"hidden must be positive layer widths such as (4096, 4096), got {hidden!r}")
     layers, c_in = [], in_channels
     for stage in range(4):
         c_out = width * 2**stage

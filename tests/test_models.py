@@ -121,6 +121,10 @@ def test_vgg_fc_head_flattens_the_last_map():
     assert fc(torch.randn(2, 1, 40, 40)).shape == (2, 7)
     with pytest.raises(ValueError, match="too small"):
         build_model("vgg", image_size=8, hidden=(64,))
+    assert count_parameters(build_model("vgg", image_size=40, hidden=64)) == count_parameters(build_model("vgg", image_size=40, hidden=[64]))
+    for bad in ("abc", (64, 0), 4096.0):
+        with pytest.raises(ValueError, match="hidden must be positive layer widths"):
+            build_model("vgg", image_size=40, hidden=bad)
 
 
 def test_resnet18_keeps_full_resolution_in_its_first_stage():

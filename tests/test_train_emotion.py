@@ -183,6 +183,14 @@ def test_unknown_model_option_is_one_line(tmp_path, capsys):
     assert "wings" in one_line_error(capsys)
 
 
+def test_a_model_too_small_for_the_crops_is_told_about_crop_0_and_only_then(tmp_path, capsys):
+    common = ["--data", "synthetic", "--synthetic-count", "700", "--out", str(tmp_path), "--dry-run"]
+    assert train_emotion.main([*common, "--model", "monterrey_baseline"]) == 2  # 'valid' convs: 40x40 shrinks to nothing
+    assert "too small" in (error := one_line_error(capsys)) and "--crop 0" in error
+    assert train_emotion.main([*common, "--model", "vgg", "--model-opt", "hidden=abc"]) == 2
+    assert "hidden must be" in (error := one_line_error(capsys)) and "--crop" not in error
+
+
 def test_help_documents_every_flag():
     undocumented = [a.option_strings for a in train_emotion.build_parser()._actions if not a.help]
     assert not undocumented
