@@ -227,7 +227,7 @@ def make_model(cfg, in_channels, num_classes, image_size, device):
     try:
         model = models.build_model(cfg["model"], in_channels, num_classes, image_size, **cfg["model_options"])
     except (TypeError, ValueError) as e:
-        too_small = cfg["crop"] and "too small" in str(e)
+        too_small = cfg["crop"] and isinstance(e, models.ImageTooSmallError)
         hint = f"; it sees {image_size}x{image_size} crops (--crop {cfg['crop']}): --crop 0 gives it whole images" if too_small else ""
         raise runs.RunError(f"model {cfg['model']}: {e}{hint}") from None
     # channels_last: faster convolutions on GPU tensor cores, and 0-40% faster on CPU (oneDNN) for these nets

@@ -34,6 +34,10 @@ def keras_init_(module: nn.Module) -> nn.Module:
     return module
 
 
+class ImageTooSmallError(ValueError):
+    """The network's convolutions and pools shrink an image of this size to nothing."""
+
+
 @torch.no_grad()
 def flat_size(features: nn.Module, in_channels: int, image_size: int) -> int:
     """Number of features features(x).flatten(1) has per image, by a forward pass on zeros."""
@@ -42,7 +46,7 @@ def flat_size(features: nn.Module, in_channels: int, image_size: int) -> int:
     try:
         out = features(torch.zeros(1, in_channels, image_size, image_size))
     except RuntimeError as e:  # a conv or pool met a map smaller than its window
-        raise ValueError(f"image_size {image_size} is too small for this network ({e})") from e
+        raise ImageTooSmallError(f"image_size {image_size} is too small for this network ({e})") from e
     features.train(was_training)
     return out[0].numel()
 
