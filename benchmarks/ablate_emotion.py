@@ -3,7 +3,7 @@
     make ablation DATA=data/fer2013                                      # what each part of the recipe is worth, seeds 0, 1
     python benchmarks/ablate_emotion.py --data data/fer2013 --parallel 4 # 4 runs at once: one GPU has room for them
     python benchmarks/ablate_emotion.py --small                          # CPU smoke run on synthetic faces
-    make ablation DATA=data/fer2013 ARGS='--variants recipe "fc head" cutmix "width 96" resnet18 "batch 256" sam'
+    make ablation DATA=data/fer2013 ARGS='--variants recipe "fc head" cutmix "width 96" "upsample 2" resnet18 "batch 256" sam'
                                                                          # candidates the recipe does not have yet
 
 A variant is the recipe (train_emotion.py's defaults) with one thing changed. Every run holds out a stratified 10%
@@ -36,6 +36,7 @@ VARIANTS = {  # name: the train_emotion.py flags that differ from the recipe
     "fc head": ["--model-opt", "hidden=(4096, 4096)"],
     "cutmix": ["--mixup", "0", "--cutmix", "1"],
     "width 96": ["--width", "96"],
+    "upsample 2": ["--model-opt", "upsample=2"],
     "resnet18": ["--model", "resnet18"],
     "batch 256": ["--batch-size", "256", "--lr", "0.1"],
     "sam": ["--sam", "0.05"],

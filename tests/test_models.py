@@ -127,6 +127,19 @@ def test_vgg_fc_head_flattens_the_last_map():
             build_model("vgg", image_size=40, hidden=bad)
 
 
+def test_vgg_upsample_doubles_every_stage_and_adds_no_weights():
+    plain, doubled = build_model("vgg", image_size=40), build_model("vgg", image_size=40, upsample=2)
+    assert count_parameters(doubled) == count_parameters(plain)
+    with torch.no_grad():
+        assert doubled.features(torch.randn(2, 1, 40, 40)).shape == (2, 512, 5, 5)  # 80 -> 40 -> 20 -> 10 -> 5
+        assert doubled(torch.randn(2, 1, 40, 40)).shape == (2, 7)
+    # the fc head sizes its first layer from the upsampled map: 512 * 5 * 5 inputs
+    assert build_model("vgg", image_size=40, upsample=2, hidden=64).classifier[1].in_features == 512 * 5 * 5
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match="upsample must be a whole factor"):
+            build_model("vgg", image_size=40, upsample=bad)
+
+
 def test_resnet18_keeps_full_resolution_in_its_first_stage():
     model = build_model("resnet18").eval()
     seen = []
