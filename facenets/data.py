@@ -193,41 +193,48 @@ def fer2013_csv(path: str | Path) -> FaceImages:
     """
     path = _existing(path, GET_FER2013)
     labels, usage, pixels, files = [], [], [], []
-    with path.open(newline="") as file:
-        rows = csv.reader(file)
-        header = next(rows, [])
-        columns = [name.strip().lower() for name in header]
-        if sorted(columns) != ["emotion", "pixels", "usage"]:
-            raise DataError(f"{path.name} has the header {textwrap.shorten(','.join(header), 60)!r}, expected the "
-                            f"columns emotion, pixels, Usage (any order): pass fer2013.csv or icml_face_data.csv")
-        label_at, pixels_at, usage_at = (columns.index(name) for name in ("emotion", "pixels", "usage"))
-        label_ids = {str(i) for i in range(len(EMOTIONS))}
-        for row in rows:
-            if not row:  # blank line, e.g. at the end of the file
-                continue
-            where = f"{path.name} row {rows.line_num}"
-            if len(row) != 3:
-                raise DataError(f"{where} has {len(row)} fields, expected 3 (emotion, pixels, Usage): fix or delete it")
-            label = row[label_at].strip()
-            if label not in label_ids:
-                raise DataError(f"{where}: emotion {label!r} is not a label id 0-6 ({', '.join(EMOTIONS)}): "
-                                f"fix or delete it")
-            try:  # numpy's C parser: about 2 s for the 35,887 rows, where str.split is 4x slower
-                values = np.fromstring(row[pixels_at], dtype=np.int32, sep=" ")
-            except ValueError:  # numpy >= 2; older numpy stops at the text, and the size check below catches it
-                raise DataError(f"{where} has text that is not a number among its pixels: fix or delete it") from None
-            if values.size != FER_PIXELS:
-                raise DataError(f"{where} has {values.size} pixel values, expected {FER_PIXELS} (48x48) separated by "
-                                f"spaces: fix or delete it")
-            if values.min() < 0 or values.max() > 255:
-                raise DataError(f"{where} has pixel values outside 0-255: fix or delete it")
-            name = row[usage_at].strip()
-            if name not in USAGES[:3]:
-                raise DataError(f"{where}: Usage {name!r} is not Training, PublicTest or PrivateTest: fix or delete it")
-            labels.append(int(label))
-            usage.append(USAGES.index(name))
-            pixels.append(values.astype(np.uint8))
-            files.append(f"csv row {rows.line_num}")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet may have added a BOM
+            rows = csv.reader(file)
+            header = next(rows, [])
+            columns = [name.strip().lower() for name in header]
+            if sorted(columns) != ["emotion", "pixels", "usage"]:
+                raise DataError(f"{path.name} has the header {textwrap.shorten(','.join(header), 60)!r}, expected the "
+                                f"columns emotion, pixels, Usage (any order): pass fer2013.csv or icml_face_data.csv")
+            label_at, pixels_at, usage_at = (columns.index(name) for name in ("emotion", "pixels", "usage"))
+            label_ids = {str(i) for i in range(len(EMOTIONS))}
+            for row in rows:
+                if not row:  # blank line, e.g. at the end of the file
+                    continue
+                where = f"{path.name} row {rows.line_num}"
+                if len(row) != 3:
+                    raise DataError(f"{where} has {len(row)} fields, expected 3 (emotion, pixels, Usage): "
+                                    "fix or delete it")
+                label = row[label_at].strip()
+                if label not in label_ids:
+                    raise DataError(f"{where}: emotion {label!r} is not a label id 0-6 ({', '.join(EMOTIONS)}): "
+                                    f"fix or delete it")
+                try:  # numpy's C parser: about 2 s for the 35,887 rows, where str.split is 4x slower
+                    values = np.fromstring(row[pixels_at], dtype=np.int32, sep=" ")
+                except ValueError:  # numpy >= 2; older numpy stops at the text, and the size check below catches it
+                    raise DataError(f"{where} has text that is not a number among its pixels: "
+                                    "fix or delete it") from None
+                if values.size != FER_PIXELS:
+                    raise DataError(f"{where} has {values.size} pixel values, expected {FER_PIXELS} (48x48) "
+                                    f"separated by spaces: fix or delete it")
+                if values.min() < 0 or values.max() > 255:
+                    raise DataError(f"{where} has pixel values outside 0-255: fix or delete it")
+                name = row[usage_at].strip()
+                if name not in USAGES[:3]:
+                    raise DataError(f"{where}: Usage {name!r} is not Training, PublicTest or PrivateTest: "
+                                    "fix or delete it")
+                labels.append(int(label))
+                usage.append(USAGES.index(name))
+                pixels.append(values.astype(np.uint8))
+                files.append(f"csv row {rows.line_num}")
+    except (UnicodeDecodeError, csv.Error) as e:  # e.g. a binary file named .csv
+        raise DataError(f"{path.name} is not a readable csv text file ({textwrap.shorten(str(e), 60)}): "
+                        "pass fer2013.csv or icml_face_data.csv") from None
     if not files:
         raise DataError(f"{path.name} has no data rows: {GET_FER2013} again")
     images = torch.from_numpy(np.stack(pixels).reshape(-1, 1, FER_SIZE, FER_SIZE))
@@ -451,6 +458,12 @@ def _mtcnn(device: str):
     return MTCNN(keep_all=True, device=device)  # its weights ship inside the package: nothing to download
 
 
+def open_photo(path: str | Path) -> Image.Image:
+    """A photo as RGB, turned upright by its EXIF orientation (phones often store photos sideways)."""
+    with Image.open(path) as stored:
+        return ImageOps.exif_transpose(stored).convert("RGB")
+
+
 def detect_faces(image: Image.Image, device: str = "cpu") -> list[tuple[float, float, float, float]]:
     """Boxes (x0, y0, x1, y1) of the faces MTCNN finds in image, biggest first; [] when there is none."""
     if min(image.size) < 20:  # smaller than MTCNN's smallest face (min_face_size=20), on which its detect fails
@@ -497,8 +510,7 @@ def _crop_face_folders(root: Path, size: int, grayscale: bool, classes: tuple[st
     for label, path in photos:
         name = path.relative_to(root).as_posix()
         try:
-            with Image.open(path) as stored:
-                photo = ImageOps.exif_transpose(stored).convert("RGB")  # phones often store photos sideways
+            photo = open_photo(path)
         except UNREADABLE:
             unreadable.append(name)
             continue

@@ -194,6 +194,14 @@ def test_csv_with_a_wrong_header_is_an_error(tmp_path, content):
     one_line_error(lambda: data.fer2013_csv(tmp_path / "fer2013.csv"), "header", "emotion, pixels, Usage")
 
 
+def test_csv_saved_by_a_spreadsheet_or_not_text_at_all(tmp_path):
+    # Excel and others write a byte-order mark before the header: still the right header
+    (tmp_path / "fer2013.csv").write_text(f"\ufeffemotion,pixels,Usage\n3,{pixels_text(0)},Training\n", encoding="utf-8")
+    assert data.fer2013_csv(tmp_path / "fer2013.csv").labels.tolist() == [3]
+    (tmp_path / "fer2013.csv").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 10)  # an image renamed to .csv
+    one_line_error(lambda: data.fer2013_csv(tmp_path / "fer2013.csv"), "not a readable csv text file")
+
+
 def test_read_fer2013_chooses_the_reader_by_path(tmp_path):
     root = write_fer_folders(tmp_path / "fer2013")
     check_fer_files(data.read_fer2013(root))
