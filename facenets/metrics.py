@@ -13,7 +13,6 @@ matrix is all a run needs to store. The drawing needs Pillow >= 10.1 for sized f
 
 import math
 import os
-import tempfile
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -130,16 +129,15 @@ def _blue(v):
 
 def _save(image, path):
     """Write a PNG under a temporary name in the same folder, then rename: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=folder)
+    temporary = os.path.join(folder, f".{name}.tmp")  # created like any new file, so readable as the run's other files
     try:
-        with os.fdopen(handle, "wb") as f:
-            image.save(f, format="PNG")
+        image.save(temporary, format="PNG")
         os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
     return path
 
 

@@ -124,3 +124,6 @@ def test_plot_confusion(tmp_path):
     assert image.width > 7 * 64 and image.height > 7 * 64
     metrics.plot_confusion(udine_matrix(), list(UDINE), path, normalize=False)  # overwrites
     check_png(path)
+    (tmp_path / "plain.txt").write_text("")  # a plot gets the permissions any new file of the run gets
+    assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "plain.txt").st_mode & 0o777
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.png", "plain.txt"]  # no temporary file left
