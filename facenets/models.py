@@ -367,10 +367,11 @@ def vgg(in_channels=1, num_classes=7, image_size=48, width=64, dropout=0.2, hidd
             c_in = c_out
         layers.append(nn.MaxPool2d(2))
     features = nn.Sequential(*layers)
+    fan_in = flat_size(features, in_channels, image_size)  # also refuses images the four pools would shrink to nothing
     if not hidden:
         classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
         return sequential(features=features, classifier=classifier)
-    head, fan_in = [nn.Flatten()], flat_size(features, in_channels, image_size)
+    head = [nn.Flatten()]
     for h in hidden:
         head += [nn.Linear(fan_in, h), nn.ReLU(), nn.Dropout(dropout)]
         fan_in = h

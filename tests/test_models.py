@@ -119,8 +119,9 @@ def test_vgg_fc_head_flattens_the_last_map():
     linear_fc = (2048 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 * 7 + 7)
     assert count_parameters(fc) - count_parameters(gap) == linear_fc - linear_gap
     assert fc(torch.randn(2, 1, 40, 40)).shape == (2, 7)
-    with pytest.raises(ValueError, match="too small"):
-        build_model("vgg", image_size=8, hidden=(64,))
+    for head in ((), (64,)):  # four 2x2 pools leave nothing of an 8x8 image, whatever the head
+        with pytest.raises(ValueError, match="too small"):
+            build_model("vgg", image_size=8, hidden=head)
     assert count_parameters(build_model("vgg", image_size=40, hidden=64)) == count_parameters(build_model("vgg", image_size=40, hidden=[64]))
     for bad in ("abc", (64, 0), 4096.0):
         with pytest.raises(ValueError, match="hidden must be positive layer widths"):
