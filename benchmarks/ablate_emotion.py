@@ -68,7 +68,7 @@ def parse_args(argv=None):
     if args.small:
         p.set_defaults(**SMALL)
         args = p.parse_args(argv)
-        args.extra = args.extra or SMALL["extra"]
+        args.extra = SMALL["extra"] + args.extra  # flags after -- come later, so they win
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant {unknown[0]!r}; choose from: " + "; ".join(VARIANTS))
@@ -111,12 +111,17 @@ def run_all(args):
                 continue
             results[name] = {"variant": key[0], "seed": key[1], **json.loads(metrics_file.read_text())}
             r = results[name]
-            print(f"{name}: validation {r['best_val_accuracy']:.4f}, PublicTest {r['test_accuracy']:.4f}, {r['train_seconds']:.0f} s")
+            print(f"{name}: validation {spread([r['best_val_accuracy']])}, PublicTest {spread([r['test_accuracy']])}, "
+                  f"{r['train_seconds']:.0f} s")
             runs.write_json(out / "results.json", results)  # after every run: a cut-short ablation keeps what finished
     return results
 
 
 def spread(values):
+    """Mean and range of accuracies; runs without a validation split (e.g. a --split given after --) have None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "none"
     return f"{statistics.mean(values):.2%}" + (f" ({min(values):.2%}-{max(values):.2%})" if len(values) > 1 else "")
 
 

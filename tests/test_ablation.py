@@ -38,3 +38,13 @@ def test_every_variant_is_a_valid_train_emotion_command():
         args = train_emotion.parse_args(["--data", "synthetic", *flags])  # exits (fails the test) on a bad combination
         assert args.data == "synthetic", variant
     assert set(ablate_emotion.DEFAULT_VARIANTS) <= set(ablate_emotion.VARIANTS)
+
+
+def test_table_of_runs_without_validation_and_small_flags_kept_beside_extra_ones():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import ablate_emotion
+    results = {"recipe-seed0": {"variant": "recipe", "best_val_accuracy": None, "test_accuracy": 0.5, "train_seconds": 3.0}}
+    row = ablate_emotion.table(results, ["recipe"]).splitlines()[2]
+    assert "| none | 50.00% |" in row
+    args = ablate_emotion.parse_args(["--small", "--", "--device", "cpu"])
+    assert args.extra == [*ablate_emotion.SMALL["extra"], "--device", "cpu"]
