@@ -18,6 +18,7 @@ import argparse
 import ast
 import copy
 import ctypes
+import shlex
 import shutil
 import signal
 import sys
@@ -55,7 +56,7 @@ def build_parser():
     g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="any keyword of the model's constructor, "
                    "e.g. inceptions=30 multiplier=3 dropout=0.62 for udine_r2, downsample=stride for rna_cifar; repeatable")
     g.add_argument("--pretrained", action="store_true", help="rna_resnet50 / rna_resnet152: start from torchvision's ImageNet weights (needs them downloaded)")
-    g.add_argument("--sobel-channels", action="store_true", help="feed gray, sobel magnitude and contrast-stretched gray as 3 channels (Udine report)")
+    g.add_argument("--sobel-channels", action="store_true", help="feed gray, sobel magnitude and histogram-equalised gray as 3 channels (Udine report)")
     g.add_argument("--brightness", type=float, default=0.0, help="brightness added to every image, train and test (UTEC report)")
     g.add_argument("--contrast", type=float, default=1.0, help="contrast factor for every image, train and test (UTEC report)")
 
@@ -82,7 +83,8 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=512, help="images per training step")
     g.add_argument("--optimizer", default="sgd", choices=("adam", "sgd", "rmsprop"), help="sgd is with Nesterov momentum")
     g.add_argument("--lr", type=float, default=0.2, help="learning rate (peak rate under onecycle)")
-    g.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
+    g.add_argument("--momentum", type=float, default=None, help="sgd momentum, 0.9 if not given; onecycle without it cycles "
+                   "the momentum (adam: beta1) from 0.95 down to 0.85 at the peak lr and back")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on weights (not on biases or BatchNorm)")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="share of the target spread over all classes")
     g.add_argument("--sam", type=float, default=0.0, help="sharpness-aware minimisation with this radius rho (e.g. 0.05): "
@@ -94,7 +96,8 @@ def build_parser():
     g.add_argument("--patience", type=int, default=5, help="plateau: epochs without improvement before lr /= 10")
     g.add_argument("--min-lr", type=float, default=1e-7, help="plateau: lowest lr (Trabajo final RNA: 1e-7)")
     g.add_argument("--stop-loss", type=float, default=0.0, help="stop once the training loss of an epoch is at or below this (UTEC report); 0 = off")
-    g.add_argument("--seed", type=int, default=0, help="seeds the split, the weights, the batch order and the augmentation")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split (and with it the test part of --split udine / utec), the weights, the batch "
+                   "order, the augmentation and --data synthetic")
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: the GPU when there is one")
@@ -123,12 +126,22 @@ def parse_args(argv=None):
         p.error("--crop must be between 8 and 48 pixels")
     if not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
+    if args.val_fraction and args.split != "official":
+        p.error(f"--val-fraction is for --split official: --split {args.split} has its own validation part")
+    if args.crop_faces and args.data == "synthetic":
+        p.error("--crop-faces needs --data to be a folder of photos per class, not synthetic faces")
     if not 0 <= args.ema < 1:
         p.error("--ema must be in [0, 1): a decay per step such as 0.999, or 0 for none")
     if args.mixup_lam is not None and not 0 < args.mixup_lam <= 1:
         p.error("--mixup-lam must be in (0, 1]")
     if args.sam < 0:
         p.error("--sam must be a radius >= 0 (e.g. 0.05), or 0 for off")
+    if args.lr <= 0 or args.weight_decay < 0 or (args.momentum is not None and not 0 <= args.momentum < 1):
+        p.error("--lr must be positive, --weight-decay 0 or more, --momentum in [0, 1)")
+    if not (0 <= args.label_smoothing < 1 and 0 <= args.erasing <= 1 and 0 <= args.zoom < 1 and 0 <= args.translate < 1):
+        p.error("--label-smoothing and --zoom must be in [0, 1), --erasing (a probability) in [0, 1], --translate in [0, 1)")
+    if args.rotate < 0 or args.shear < 0 or args.cutout < 0:
+        p.error("--rotate, --shear and --cutout give a range +-value: 0 or more")
     if args.cutmix < 0 or args.mixup < 0:
         p.error("--cutmix and --mixup take a Beta parameter a > 0, or 0 for off")
     if args.cutmix and (args.mixup or args.mixup_lam) and not args.no_augment:
@@ -226,7 +239,7 @@ def autocast(device):
 def make_model(cfg, in_channels, num_classes, image_size, device):
     try:
         model = models.build_model(cfg["model"], in_channels, num_classes, image_size, **cfg["model_options"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: --pretrained weights that could not be downloaded
         too_small = cfg["crop"] and isinstance(e, models.ImageTooSmallError)
         hint = f"; it sees {image_size}x{image_size} crops (--crop {cfg['crop']}): --crop 0 gives it whole images" if too_small else ""
         raise runs.RunError(f"model {cfg['model']}: {e}{hint}") from None
@@ -247,7 +260,8 @@ def make_optimizer(model, cfg):
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg["optimizer"] == "sgd":
         # fused: one kernel per step for all parameters instead of several per tensor; the loop is launch-bound on a GPU
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True,
+        momentum = 0.9 if cfg["momentum"] is None else cfg["momentum"]
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=momentum, nesterov=True,
                                fused=next(model.parameters()).is_cuda)
     if cfg["optimizer"] == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg["lr"])
@@ -316,7 +330,10 @@ def float_state(model):
 def make_scheduler(optimizer, cfg, steps_per_epoch):
     total = cfg["epochs"] * steps_per_epoch
     if cfg["scheduler"] == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg["lr"], total_steps=total, pct_start=0.25)
+        # Cycling the momentum against the lr is part of the one-cycle policy (Smith 2018); a given --momentum is kept
+        # fixed instead, and RMSprop, which has no momentum of its own here, is left without.
+        cycle = cfg["momentum"] is None and cfg["optimizer"] != "rmsprop"
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg["lr"], total_steps=total, pct_start=0.25, cycle_momentum=cycle)
     if cfg["scheduler"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     if cfg["scheduler"] == "plateau":
@@ -329,16 +346,19 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
 NOT_SAVED = ("predict", "checkpoint", "resume", "model_opt", "width", "pretrained")
 
 
-def train(args):
+def train(args, command: str):
     device = pick_device(args.device)
     keep_freed_memory()
     if args.resume:  # the saved settings win, so a resumed run is the same experiment
         run = runs.run_dir(Path(args.resume).parent, Path(args.resume).name, resume=True)
         ckpt = runs.load_checkpoint(run / "last.pt")
         cfg = ckpt["config"]
-        missing = sorted(set(vars(args)) - set(cfg) - set(NOT_SAVED))
+        trained_on = "cpu" if ckpt["rng"]["cuda"] is None else "cuda"
+        if trained_on != device.type:  # a random generator's state belongs to one kind of device
+            raise runs.RunError(f"{run} was trained on {trained_on}, this run is on {device.type}: resume it with --device {trained_on}")
+        missing = sorted(set(vars(args)) - set(cfg) - set(NOT_SAVED)) + (["sums"] if ckpt["step"] and "sums" not in ckpt else [])
         if missing:
-            raise runs.RunError(f"{run} was saved by an older train_emotion.py (it has no setting {missing[0]!r}): start a new run")
+            raise runs.RunError(f"{run} was saved by an older train_emotion.py (it lacks {missing[0]!r}): start a new run")
         if args.epochs is not None and args.epochs != cfg["epochs"]:
             if cfg["scheduler"] in ("onecycle", "cosine"):
                 raise runs.RunError(f"--epochs cannot change on resume: the {cfg['scheduler']} schedule of {run} was laid out for {cfg['epochs']} epochs")
@@ -379,7 +399,7 @@ def train(args):
     ema = copy.deepcopy(model).requires_grad_(False) if cfg["ema"] else None
     tested = model if ema is None else ema
     gen = torch.Generator(device).manual_seed(cfg["seed"])  # batch order and augmentation, saved with the checkpoint
-    history, best_acc, start, first_step, order = [], -1.0, 0, 0, None
+    history, best_acc, start, first_step, order, sums = [], -1.0, 0, 0, None, None
     if ckpt:
         model.load_state_dict(ckpt["model"])
         if ema is not None:
@@ -393,17 +413,18 @@ def train(args):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         history, best_acc, start, first_step = ckpt["history"], ckpt["best_acc"], ckpt["epoch"], ckpt["step"]
         order = ckpt["order"].to(device) if first_step else None
+        sums = ckpt["sums"]  # the stopped epoch's loss, correct count and seconds so far
         print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
     runs.write_json(run / "config.json", cfg)
     step_model = compiled(model, device) if cfg["compile"] else model
     if ema is not None:
         ema_tensors, model_tensors = float_state(ema), float_state(model)
 
-    def checkpoint(epoch, step=0):
+    def checkpoint(epoch, step=0, sums=None):
         """Everything needed to go on exactly from here: after `step` steps of epoch `epoch` (0-based)."""
         return {"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "step": step,
-                "order": order.cpu() if step else None, "best_acc": best_acc, "history": history, "config": cfg,
+                "order": order.cpu() if step else None, "sums": sums, "best_acc": best_acc, "history": history, "config": cfg,
                 "classes": classes, "rng": {"loop": gen.get_state(), "torch": torch.get_rng_state(),
                                             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
@@ -421,10 +442,14 @@ def train(args):
         for epoch in range(start, last_epoch):
             model.train()
             t_epoch = time.perf_counter()
-            if not first_step:
-                order = torch.randperm(len(x_train), device=device, generator=gen)
             loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
             correct = torch.zeros((), device=device)
+            if first_step:  # resumed inside this epoch: its order and its sums so far come from the checkpoint
+                loss_sum += sums["loss"]
+                correct += sums["correct"]
+                t_epoch -= sums["seconds"]
+            else:
+                order = torch.randperm(len(x_train), device=device, generator=gen)
             bar = tqdm(range(first_step, steps), desc=f"epoch {epoch + 1}/{last_epoch}", leave=False, file=sys.stdout)
             for step in bar:
                 idx = order[step * batch_size:(step + 1) * batch_size]
@@ -436,15 +461,16 @@ def train(args):
                     scheduler.step()
                 loss_sum += loss * len(idx)
                 correct += (logits.argmax(1) == y).sum()
-                if stop_asked:
-                    runs.save_checkpoint(run / "last.pt", checkpoint(epoch, step + 1))
+                if stop_asked and step + 1 < steps:  # after the last step, the epoch is finished first (below)
+                    sums = {"loss": loss_sum.item(), "correct": correct.item(), "seconds": time.perf_counter() - t_epoch}
+                    runs.save_checkpoint(run / "last.pt", checkpoint(epoch, step + 1, sums))
                     print(f"\nstopped in epoch {epoch + 1} after step {step + 1}: saved {run / 'last.pt'}; continue with --resume {run}")
                     return 130
                 if (step - first_step) % 20 == 19:  # reading the loss syncs with the GPU: only now and then
-                    seen = (step - first_step + 1) * batch_size
+                    seen = (step + 1) * batch_size
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                                     img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}")
-            seen = (steps - first_step) * batch_size
+            seen = steps * batch_size
             first_step = 0
             train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
             seconds = time.perf_counter() - t_epoch  # .item() above waited for the GPU, so this is the real time
@@ -463,17 +489,20 @@ def train(args):
             print(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}"
                   + (f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else "")
                   + f"  {seconds:.1f}s  {seen / seconds:.0f} img/s")
+            if val_acc is not None and val_acc > best_acc:  # before last.pt, so that a resumed run knows this best
+                best_acc = val_acc
+                runs.save_checkpoint(run / "best.pt", checkpoint(epoch + 1))
             stopping = bool(cfg["stop_loss"]) and train_loss <= cfg["stop_loss"]
             # Saving takes ~0.1 s, a tenth of a short GPU epoch, so last.pt, the log and the plot are written at most
             # every 30 s and at the end; Ctrl-C still saves the exact position, a crash loses at most 30 s.
-            if epoch + 1 == last_epoch or stopping or time.perf_counter() - saved_at > 30:
+            if epoch + 1 == last_epoch or stopping or stop_asked or time.perf_counter() - saved_at > 30:
                 runs.write_log(run / "log.csv", history)
                 metrics.plot_curves(history, run / "curves.png")
                 runs.save_checkpoint(run / "last.pt", checkpoint(epoch + 1))
                 saved_at = time.perf_counter()
-            if val_acc is not None and val_acc > best_acc:
-                best_acc = val_acc
-                runs.save_checkpoint(run / "best.pt", checkpoint(epoch + 1))
+            if stop_asked:
+                print(f"stopped after epoch {epoch + 1}: saved {run / 'last.pt'}; continue with --resume {run}")
+                return 130
             if stopping:
                 print(f"training loss {train_loss:.4f} <= --stop-loss {cfg['stop_loss']}: stopping")
                 break
@@ -505,7 +534,7 @@ def train(args):
               "epochs_run": len(history), "train_seconds": round(train_seconds, 1),
               "wall_seconds": round(time.perf_counter() - t0, 1), "device": device_name(device),
               "parameters": models.count_parameters(model), "split_sizes": {k: len(v) for k, v in split.items()},
-              "command": " ".join(sys.argv), **metrics.summarize(cm, classes)}
+              "command": command, **metrics.summarize(cm, classes)}
     runs.write_json(run / "metrics.json", result)
     metrics.plot_confusion(cm, classes, run / "confusion.png")
     print(metrics.format_table(metrics.per_class_table(cm, classes)))
@@ -542,7 +571,7 @@ def device_name(device):
 
 
 def predict(args):
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import ImageDraw, ImageFont
 
     device = pick_device(args.device)
     ckpt = runs.load_checkpoint(args.checkpoint, map_location=device)
@@ -554,8 +583,8 @@ def predict(args):
     font = ImageFont.load_default(size=16)
     for path in args.predict:
         try:
-            photo = Image.open(path).convert("RGB")
-        except (OSError, ValueError) as e:
+            photo = data.open_photo(path)
+        except data.UNREADABLE as e:
             print(f"{path}: skipped, not a readable image ({e})")
             continue
         boxes = data.detect_faces(photo, device=str(device))
@@ -580,9 +609,10 @@ def predict(args):
 def main(argv=None):
     # Warnings (skipped images, photos without a face) are for the user: one line each, not a source listing.
     warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
-        return predict(args) if args.predict else train(args)
+        return predict(args) if args.predict else train(args, shlex.join(["train_emotion.py", *argv]))
     except (data.DataError, runs.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

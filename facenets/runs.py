@@ -43,10 +43,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.is_file():
         raise RunError(f"checkpoint {path} not found: pass a best.pt or last.pt from a run folder")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"checkpoint {path} could not be read ({first_line}): it is not a facenets checkpoint or it is damaged") from None
+        raise RunError(f"checkpoint {path} could not be read ({first_line}): it is not a facenets checkpoint or "
+                       "it is damaged") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():  # e.g. a bare state_dict from elsewhere
+        raise RunError(f"{path} is not a facenets checkpoint (it has no model and config): pass a best.pt or last.pt "
+                       "from a run folder")
+    return state
 
 
 def run_dir(root, name, resume=False) -> Path:

@@ -33,6 +33,7 @@ def test_short_run_learns_and_writes_a_complete_run_folder(tmp_path):
     assert set(result["test_accuracy_by_usage"]) == {"PublicTest"}
     assert len((folder / "log.csv").read_text().splitlines()) == 1 + 10
     assert 0 < result["test_accuracy_without_tta"] <= 1 and 0 < result["test_accuracy_without_ema"] <= 1
+    assert result["command"].startswith("train_emotion.py --data synthetic") and result["command"].endswith("--val-fraction 0.1")
 
 
 def weights(path):
@@ -40,35 +41,46 @@ def weights(path):
 
 
 def test_resume_continues_exactly_where_a_run_stopped(tmp_path):
-    common = ["--scheduler", "none", "--optimizer", "adam", "--lr", "1e-3", "--mixup", "0.2", "--erasing", "0.5"]
+    common = ["--scheduler", "none", "--optimizer", "adam", "--lr", "1e-3", "--mixup", "0.2", "--erasing", "0.5",
+              "--val-fraction", "0.2"]
     assert run(tmp_path, "--name", "straight", "--epochs", "2", *common) == 0
     assert run(tmp_path, "--name", "halves", "--epochs", "1", *common) == 0
+    last, best = (torch.load(tmp_path / "halves" / name, weights_only=True) for name in ("last.pt", "best.pt"))
+    assert last["best_acc"] == best["best_acc"] > 0  # the resumed run must know the best epoch so far
     assert train_emotion.main(["--resume", str(tmp_path / "halves"), "--epochs", "2"]) == 0
     a, b = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "halves" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = (tmp_path / "halves" / "log.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in log[1:]] == ["1", "2"]
+    chosen = [{k: json.loads((tmp_path / n / "metrics.json").read_text())[k] for k in ("best_epoch", "best_val_accuracy")}
+              for n in ("straight", "halves")]
+    assert chosen[0] == chosen[1]
 
 
-def test_ctrl_c_saves_last_checkpoint_and_resume_continues_exactly(tmp_path, monkeypatch):
+# 1050 synthetic faces hold 840 Training ones: 26 steps of 32 per epoch
+@pytest.mark.parametrize("stop_at_call, saved_at", [(3, (0, 3)), (26, (1, 0))])  # inside an epoch, and at its last step
+def test_ctrl_c_saves_last_checkpoint_and_resume_continues_exactly(tmp_path, monkeypatch, stop_at_call, saved_at):
     assert run(tmp_path, "--name", "straight", "--epochs", "2", "--erasing", "0.5") == 0
     calls = {"n": 0}
     real = train_emotion.augment_batch
 
-    def ctrl_c_during_third_batch(*a, **k):
+    def ctrl_c_during_a_batch(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == stop_at_call:
             signal.raise_signal(signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(train_emotion, "augment_batch", ctrl_c_during_third_batch)
+    monkeypatch.setattr(train_emotion, "augment_batch", ctrl_c_during_a_batch)
     assert run(tmp_path, "--name", "c", "--epochs", "2", "--erasing", "0.5") == 130
     saved = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["step"]) == (0, 3)
+    assert (saved["epoch"], saved["step"]) == saved_at
     monkeypatch.setattr(train_emotion, "augment_batch", real)
     assert train_emotion.main(["--resume", str(tmp_path / "c")]) == 0
     a, b = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "c" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the interrupted epoch's loss and accuracy cover all its steps, as in the straight run
+    logged = [[line.split(",")[1:3] for line in (tmp_path / n / "log.csv").read_text().splitlines()[1:]] for n in ("straight", "c")]
+    assert logged[0] == logged[1]
     assert (tmp_path / "c" / "metrics.json").is_file()
 
 
@@ -95,16 +107,19 @@ def test_report_configurations_run_end_to_end(tmp_path, flags):
 def test_predict_annotates_every_face(tmp_path, monkeypatch, capsys):
     assert run(tmp_path, "--name", "p", "--epochs", "1", "--crop", "44") == 0
     photo = tmp_path / "group.jpg"
-    Image.new("RGB", (300, 200), (128, 100, 90)).save(photo)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, 200x300, with the EXIF note to turn it, as phones do
+    Image.new("RGB", (300, 200), (128, 100, 90)).rotate(90, expand=True).save(photo, exif=exif)
     # MTCNN is tested in test_data.py; here a fixed detector checks everything after it.
-    monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": [(10, 20, 110, 140), (150, 30, 260, 170)])
+    seen = []
+    monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": seen.append(image.size) or [(10, 20, 110, 140), (150, 30, 260, 170)])
     assert train_emotion.main(["--predict", str(photo), str(tmp_path / "missing.jpg"), "--checkpoint", str(tmp_path / "p" / "best.pt")]) == 0
     out = capsys.readouterr().out
     assert out.count("face ") == 2 and "missing.jpg: skipped" in out
     probabilities = [float(w) for w in out.split("face 1 at")[1].splitlines()[0].replace(",", " ").split() if w.replace(".", "").isdigit()]
     assert abs(sum(probabilities[-7:]) - 1) < 0.02
     annotated = Image.open(tmp_path / "p" / "predictions" / "group_emotions.jpg")
-    assert annotated.size == (300, 200)
+    assert seen == [(300, 200)] and annotated.size == (300, 200)  # upright, as the photo is shown
 
 
 @pytest.mark.skipif(not os.environ.get("FACENETS_DATA"), reason="FACENETS_DATA not set")
@@ -144,6 +159,31 @@ def test_resume_of_a_missing_run_and_a_damaged_checkpoint(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert train_emotion.main(["--predict", "x.jpg", "--checkpoint", str(bad)]) == 2
     assert "could not be read" in one_line_error(capsys)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), bad)  # weights, but not from a facenets run
+    assert train_emotion.main(["--predict", "x.jpg", "--checkpoint", str(bad)]) == 2
+    assert "not a facenets checkpoint" in one_line_error(capsys)
+
+
+def test_a_run_resumes_only_on_the_kind_of_device_it_was_trained_on(tmp_path, capsys):
+    assert run(tmp_path, "--name", "g", "--dry-run") == 0
+    ckpt = torch.load(tmp_path / "g" / "last.pt", weights_only=True)
+    ckpt["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as saved by a run on a GPU
+    torch.save(ckpt, tmp_path / "g" / "last.pt")
+    assert train_emotion.main(["--resume", str(tmp_path / "g"), "--device", "cpu"]) == 2
+    assert "trained on cuda" in (error := one_line_error(capsys)) and "--device cuda" in error
+
+
+def test_pretrained_weights_that_cannot_be_downloaded_are_one_line(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(self, *args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", offline)
+    assert train_emotion.main(["--data", "synthetic", "--synthetic-count", "700", "--out", str(tmp_path), "--dry-run",
+                               "--model", "rna_resnet50", "--pretrained"]) == 2
+    assert "could not be downloaded" in (error := one_line_error(capsys)) and "drop --pretrained" in error
+    assert not any(tmp_path.iterdir())  # no empty run folder left behind
 
 
 def test_resuming_a_run_saved_without_a_newer_setting_is_one_line(tmp_path, capsys):
@@ -171,6 +211,11 @@ def test_changing_epochs_of_a_onecycle_run_is_refused(tmp_path, capsys):
     (["--cutmix", "1"], "--mixup 0"),
     (["--mixup", "-1"], "Beta parameter"),
     (["--sam", "-0.1"], "--sam"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--split", "udine", "--val-fraction", "0.1"], "its own validation part"),
+    (["--zoom", "1.5"], "--zoom must be in"),
+    (["--erasing", "2"], "--erasing"),
+    (["--rotate", "-5"], "--rotate"),
 ])
 def test_impossible_flags_are_refused_before_any_work(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -186,6 +231,8 @@ def test_unknown_model_option_is_one_line(tmp_path, capsys):
 def test_a_model_too_small_for_the_crops_is_told_about_crop_0_and_only_then(tmp_path, capsys):
     common = ["--data", "synthetic", "--synthetic-count", "700", "--out", str(tmp_path), "--dry-run"]
     assert train_emotion.main([*common, "--model", "monterrey_baseline"]) == 2  # 'valid' convs: 40x40 shrinks to nothing
+    assert "too small" in (error := one_line_error(capsys)) and "--crop 0" in error
+    assert train_emotion.main([*common, "--model", "vgg", "--crop", "12"]) == 2  # four pools: 12 -> 6 -> 3 -> 1 -> 0
     assert "too small" in (error := one_line_error(capsys)) and "--crop 0" in error
     assert train_emotion.main([*common, "--model", "vgg", "--model-opt", "hidden=abc"]) == 2
     assert "hidden must be" in (error := one_line_error(capsys)) and "--crop" not in error
@@ -231,3 +278,21 @@ def test_sam_steps_with_the_gradient_at_the_weights_moved_uphill():
     for p, w, g in zip(model.parameters(), start, g1):
         assert torch.allclose(p, w - 0.1 * g, atol=1e-6)
     assert not torch.allclose(g1[0], g0[0])  # the two gradients differ, so the test tells SAM from plain SGD
+
+
+@pytest.mark.parametrize("optimizer, momentum, expected", [
+    ("sgd", None, (0.95, 0.85)),  # one-cycle momentum: high at the start, lowest at the peak lr (a quarter in)
+    ("sgd", 0.5, (0.5, 0.5)),     # a given --momentum is kept
+    ("rmsprop", None, (0.0, 0.0)),  # no momentum switched on behind the user's back
+])
+def test_onecycle_cycles_the_momentum_only_when_none_is_given(optimizer, momentum, expected):
+    args = train_emotion.parse_args(["--optimizer", optimizer, *(["--momentum", str(momentum)] if momentum is not None else [])])
+    cfg = {**vars(args), "epochs": 4}
+    optimizer = train_emotion.make_optimizer(torch.nn.Linear(2, 2), cfg)
+    scheduler = train_emotion.make_scheduler(optimizer, cfg, steps_per_epoch=10)
+    seen = []
+    for _ in range(10):
+        seen.append(optimizer.param_groups[0]["momentum"])
+        optimizer.step()
+        scheduler.step()
+    assert (seen[0], seen[-1]) == pytest.approx(expected)
