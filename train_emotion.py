@@ -413,7 +413,7 @@ def train(args, command: str):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         history, best_acc, start, first_step = ckpt["history"], ckpt["best_acc"], ckpt["epoch"], ckpt["step"]
         order = ckpt["order"].to(device) if first_step else None
-        sums = ckpt["sums"]  # the stopped epoch's loss, correct count and seconds so far
+        sums = ckpt.get("sums")  # the stopped epoch's loss, correct count and seconds so far
         print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
     runs.write_json(run / "config.json", cfg)
     step_model = compiled(model, device) if cfg["compile"] else model
