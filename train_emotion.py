@@ -81,7 +81,7 @@ def build_parser():
     g.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 100); on --resume, a new total "
                    "(none and plateau schedules only)")
     g.add_argument("--batch-size", type=int, default=512, help="images per training step")
-    g.add_argument("--optimizer", default="sgd", choices=("adam", "sgd", "rmsprop"), help="sgd is with Nesterov momentum")
+    g.add_argument("--optimizer", default="sgd", choices=("adam", "sgd", "rmsprop"), help="sgd is with Nesterov momentum (none with --momentum 0)")
     g.add_argument("--lr", type=float, default=0.2, help="learning rate (peak rate under onecycle)")
     g.add_argument("--momentum", type=float, default=None, help="sgd momentum, 0.9 if not given; onecycle without it cycles "
                    "the momentum (adam: beta1) from 0.95 down to 0.85 at the peak lr and back")
@@ -93,7 +93,7 @@ def build_parser():
                    "decay per step (e.g. 0.999), and validate and test it; 0 = off")
     g.add_argument("--scheduler", default="onecycle", choices=("none", "plateau", "onecycle", "cosine"),
                    help="learning-rate schedule; plateau watches the validation loss (training loss without validation)")
-    g.add_argument("--patience", type=int, default=5, help="plateau: epochs without improvement before lr /= 10")
+    g.add_argument("--patience", type=int, default=10, help="plateau: epochs without improvement before lr /= 10 (Keras' default)")
     g.add_argument("--min-lr", type=float, default=1e-7, help="plateau: lowest lr (Trabajo final RNA: 1e-7)")
     g.add_argument("--stop-loss", type=float, default=0.0, help="stop once the training loss of an epoch is at or below this (UTEC report); 0 = off")
     g.add_argument("--seed", type=int, default=0, help="seeds the split (and with it the test part of --split udine / utec), the weights, the batch "
@@ -260,8 +260,8 @@ def make_optimizer(model, cfg):
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg["optimizer"] == "sgd":
         # fused: one kernel per step for all parameters instead of several per tensor; the loop is launch-bound on a GPU
-        momentum = 0.9 if cfg["momentum"] is None else cfg["momentum"]
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=momentum, nesterov=True,
+        momentum = 0.9 if cfg["momentum"] is None else cfg["momentum"]  # --momentum 0: plain SGD, as Keras' default
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=momentum, nesterov=momentum > 0,
                                fused=next(model.parameters()).is_cuda)
     if cfg["optimizer"] == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg["lr"])
@@ -337,8 +337,10 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
     if cfg["scheduler"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     if cfg["scheduler"] == "plateau":
-        # factor 0.1 is Keras' ReduceLROnPlateau default, which the reports used.
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg["patience"], min_lr=cfg["min_lr"])
+        # Keras' ReduceLROnPlateau defaults (factor 0.1, patience 10, an absolute min_delta of 1e-4): the report that
+        # used it gives only the range of the lr, and its Keras code would have had these.
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg["patience"], min_lr=cfg["min_lr"],
+                                                          threshold=1e-4, threshold_mode="abs")
     return None
 
 

@@ -245,7 +245,8 @@ def udine_r1(in_channels=1, num_classes=7, image_size=48, channels=(50, 100, 250
 
     ConvDrop blocks (Conv, Dropout2d 0.35, ReLU, Fig. 2.1) and MaxPools, a Dropout, then the halving linear
     head. The report gives Dropout2d 0.35 only; the Dropout after the conv part reuses it (assumed), and the
-    head's activations are taken as ReLU. Defaults: 6 conv layers, 1000-500-250-125 hidden (our reading).
+    head's activations are taken as ReLU. Defaults: 6 conv layers, 1000-500-250-125 hidden (our reading of "the
+    first with 500-1000 values in input": its width; it is fed the flattened 3x3x500 map, 4,500 values).
     """
     features = nn.Sequential(udine_features(in_channels, channels, repeats, dropout), nn.Dropout(dropout))
     widths = halving_widths(hidden, head_layers)
@@ -320,7 +321,8 @@ def utec_arch1(in_channels=1, num_classes=7, image_size=48, dropout=0.5, hidden=
 
     Five convs of 32 channels, kernels 11/7/5/5/3, paddings 5/3/2/2/1, stride 2 on the first; dropout just
     before the activation in convs 3 and 4; an MLP of two hidden layers + a linear output without activation.
-    Assumed: p=0.5 (PyTorch's default; the report gives none) and hidden widths 256, 128.
+    Assumed: stride 2 (the report says only that the first conv's stride was raised), ReLU activations, p=0.5
+    (PyTorch's default; the report gives none) and hidden widths 256, 128.
     """
     layers = [(32, 11, 2, 5), (32, 7, 1, 3), (32, 5, 1, 2), (32, 5, 1, 2), (32, 3, 1, 1)]
     features = utec_features(in_channels, image_size, layers, dropout, dropout_at=(2, 3))

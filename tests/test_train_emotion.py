@@ -284,6 +284,7 @@ def test_sam_steps_with_the_gradient_at_the_weights_moved_uphill():
     ("sgd", None, (0.95, 0.85)),  # one-cycle momentum: high at the start, lowest at the peak lr (a quarter in)
     ("sgd", 0.5, (0.5, 0.5)),     # a given --momentum is kept
     ("rmsprop", None, (0.0, 0.0)),  # no momentum switched on behind the user's back
+    ("sgd", 0.0, (0.0, 0.0)),     # plain SGD (Keras' default), which Nesterov would refuse
 ])
 def test_onecycle_cycles_the_momentum_only_when_none_is_given(optimizer, momentum, expected):
     args = train_emotion.parse_args(["--optimizer", optimizer, *(["--momentum", str(momentum)] if momentum is not None else [])])
