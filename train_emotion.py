@@ -361,6 +361,11 @@ def train(args, command: str):
         missing = sorted(set(vars(args)) - set(cfg) - set(NOT_SAVED)) + (["sums"] if ckpt["step"] and "sums" not in ckpt else [])
         if missing:
             raise runs.RunError(f"{run} was saved by an older train_emotion.py (it lacks {missing[0]!r}): start a new run")
+        defaults = vars(parse_args([]))
+        given = [k for k, v in vars(args).items() if k in cfg and k not in ("epochs", "device") and v != defaults[k]]
+        if given:  # silently ignoring them would leave the user believing they took effect
+            raise runs.RunError(f"--resume goes on with the saved settings of {run}: drop --{given[0].replace('_', '-')} "
+                                "(only --epochs and --device may be given)")
         if args.epochs is not None and args.epochs != cfg["epochs"]:
             if cfg["scheduler"] in ("onecycle", "cosine"):
                 raise runs.RunError(f"--epochs cannot change on resume: the {cfg['scheduler']} schedule of {run} was laid out for {cfg['epochs']} epochs")

@@ -195,10 +195,12 @@ def test_resuming_a_run_saved_without_a_newer_setting_is_one_line(tmp_path, caps
     assert "older train_emotion.py" in one_line_error(capsys)
 
 
-def test_changing_epochs_of_a_onecycle_run_is_refused(tmp_path, capsys):
+def test_changing_epochs_of_a_onecycle_run_or_any_setting_on_resume_is_refused(tmp_path, capsys):
     assert run(tmp_path, "--name", "o", "--dry-run") == 0
     assert train_emotion.main(["--resume", str(tmp_path / "o"), "--epochs", "5"]) == 2
     assert "cannot change" in one_line_error(capsys)
+    assert train_emotion.main(["--resume", str(tmp_path / "o"), "--lr", "0.5"]) == 2
+    assert "drop --lr" in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("flags, message", [
