@@ -348,28 +348,34 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
 NOT_SAVED = ("predict", "checkpoint", "resume", "model_opt", "width", "pretrained")
 
 
+def resumed_config(args, ckpt, run, device) -> dict:
+    """The settings a resumed run goes on with: its saved ones (so it stays the same experiment), --epochs aside."""
+    cfg = ckpt["config"]
+    trained_on = "cpu" if ckpt["rng"]["cuda"] is None else "cuda"
+    if trained_on != device.type:  # a random generator's state belongs to one kind of device
+        raise runs.RunError(f"{run} was trained on {trained_on}, this run is on {device.type}: resume it with --device {trained_on}")
+    missing = sorted(set(vars(args)) - set(cfg) - set(NOT_SAVED)) + (["sums"] if ckpt["step"] and "sums" not in ckpt else [])
+    if missing:
+        raise runs.RunError(f"{run} was saved by an older train_emotion.py (it lacks {missing[0]!r}): start a new run")
+    defaults = vars(parse_args([]))
+    given = [k for k, v in vars(args).items() if k in cfg and k not in ("epochs", "device") and v != defaults[k]]
+    if given:  # silently ignoring them would leave the user believing they took effect
+        raise runs.RunError(f"--resume goes on with the saved settings of {run}: drop --{given[0].replace('_', '-')} "
+                            "(only --epochs and --device may be given)")
+    if args.epochs is not None and args.epochs != cfg["epochs"]:
+        if cfg["scheduler"] in ("onecycle", "cosine"):
+            raise runs.RunError(f"--epochs cannot change on resume: the {cfg['scheduler']} schedule of {run} was laid out for {cfg['epochs']} epochs")
+        cfg["epochs"] = args.epochs
+    return cfg
+
+
 def train(args, command: str):
     device = pick_device(args.device)
     keep_freed_memory()
-    if args.resume:  # the saved settings win, so a resumed run is the same experiment
+    if args.resume:
         run = runs.run_dir(Path(args.resume).parent, Path(args.resume).name, resume=True)
         ckpt = runs.load_checkpoint(run / "last.pt")
-        cfg = ckpt["config"]
-        trained_on = "cpu" if ckpt["rng"]["cuda"] is None else "cuda"
-        if trained_on != device.type:  # a random generator's state belongs to one kind of device
-            raise runs.RunError(f"{run} was trained on {trained_on}, this run is on {device.type}: resume it with --device {trained_on}")
-        missing = sorted(set(vars(args)) - set(cfg) - set(NOT_SAVED)) + (["sums"] if ckpt["step"] and "sums" not in ckpt else [])
-        if missing:
-            raise runs.RunError(f"{run} was saved by an older train_emotion.py (it lacks {missing[0]!r}): start a new run")
-        defaults = vars(parse_args([]))
-        given = [k for k, v in vars(args).items() if k in cfg and k not in ("epochs", "device") and v != defaults[k]]
-        if given:  # silently ignoring them would leave the user believing they took effect
-            raise runs.RunError(f"--resume goes on with the saved settings of {run}: drop --{given[0].replace('_', '-')} "
-                                "(only --epochs and --device may be given)")
-        if args.epochs is not None and args.epochs != cfg["epochs"]:
-            if cfg["scheduler"] in ("onecycle", "cosine"):
-                raise runs.RunError(f"--epochs cannot change on resume: the {cfg['scheduler']} schedule of {run} was laid out for {cfg['epochs']} epochs")
-            cfg["epochs"] = args.epochs
+        cfg = resumed_config(args, ckpt, run, device)
     else:
         cfg = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
         cfg["epochs"] = args.epochs or 100
