@@ -239,7 +239,7 @@ def autocast(device):
 def make_model(cfg, in_channels, num_classes, image_size, device):
     try:
         model = models.build_model(cfg["model"], in_channels, num_classes, image_size, **cfg["model_options"])
-    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: --pretrained weights that could not be downloaded
+    except (TypeError, ValueError, models.WeightsUnavailableError) as e:
         too_small = cfg["crop"] and isinstance(e, models.ImageTooSmallError)
         hint = f"; it sees {image_size}x{image_size} crops (--crop {cfg['crop']}): --crop 0 gives it whole images" if too_small else ""
         raise runs.RunError(f"model {cfg['model']}: {e}{hint}") from None

@@ -38,6 +38,10 @@ class ImageTooSmallError(ValueError):
     """The network's convolutions and pools shrink an image of this size to nothing."""
 
 
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights that could not be downloaded (no network, no cached copy)."""
+
+
 @torch.no_grad()
 def flat_size(features: nn.Module, in_channels: int, image_size: int) -> int:
     """Number of features features(x).flatten(1) has per image, by a forward pass on zeros."""
@@ -179,7 +183,7 @@ def rna_resnet(name, in_channels, stem, pretrained, head):
         try:
             state = weights.get_state_dict(progress=False)
         except OSError as e:  # URLError and socket errors are OSErrors
-            raise RuntimeError(
+            raise WeightsUnavailableError(
                 f"ImageNet weights for {name} could not be downloaded ({e}); run with network access once "
                 "so torchvision caches them, or drop --pretrained"
             ) from e
