@@ -10,10 +10,13 @@ A variant is the recipe (train_emotion.py's defaults) with one thing changed. Ev
 of Training for validation: the table gives that validation accuracy, which is what a recipe may be chosen by, and
 the PublicTest accuracy, which is only reported. The recipe's own runs also show, at no extra cost, PublicTest
 accuracy without the test-time augmentation and without the weight average. Run folders, each run's output
-(<name>.log) and results.json go to --out; the table is printed last, as Markdown for REPRODUCING.md.
+(<name>.log) and results.json go to --out; the table is printed last, as Markdown for REPRODUCING.md. The same
+command again continues an ablation that was stopped (Ctrl-C) or cut short: finished runs are kept, stopped ones resume.
 """
 import argparse
 import json
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,32 +93,60 @@ def command(args, variant, seed):
 
 
 def run_all(args):
-    """Start every run, at most --parallel at a time (seed-major, so a cut-short ablation has whole seeds)."""
-    queue = [(v, s) for s in args.seeds for v in args.variants]
-    running, results = {}, {}
+    """Start every run, at most --parallel at a time (seed-major, so a cut-short ablation has whole seeds).
+
+    Runs already in --out's results.json with the same flags are kept, a run stopped with Ctrl-C goes on from its
+    last.pt: the same command continues an ablation that was stopped or cut short.
+    """
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    while queue or running:
-        while queue and len(running) < args.parallel:
-            variant, seed = queue.pop(0)
-            log = open(out / f"{run_name(variant, seed)}.log", "w")
-            running[(variant, seed)] = (subprocess.Popen(command(args, variant, seed), stdout=log, stderr=subprocess.STDOUT), log)
-        time.sleep(0.5)
-        for key, (proc, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
+    results = {}
+    if (out / "results.json").exists():
+        try:
+            results = json.loads((out / "results.json").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise runs.RunError(f"{out / 'results.json'} cannot be read ({e}): pick a new --out") from None
+    queue = []
+    for variant, seed in [(v, s) for s in args.seeds for v in args.variants]:
+        name, flags = run_name(variant, seed), shlex.join(command(args, variant, seed)[2:])
+        if name in results:
+            if results[name].get("flags") != flags:
+                raise runs.RunError(f"{out / 'results.json'} has run {name} with other settings: pick a new --out")
+            continue
+        queue.append((variant, seed, flags))
+    running = {}
+    try:
+        while queue or running:
+            while queue and len(running) < args.parallel:
+                variant, seed, flags = queue.pop(0)
+                cmd, folder = command(args, variant, seed), out / run_name(variant, seed)
+                if (folder / "last.pt").exists():
+                    cmd = [*cmd[:2], "--resume", str(folder)]
+                elif folder.exists():  # started, but stopped before anything worth keeping was saved
+                    shutil.rmtree(folder)
+                log = open(out / f"{run_name(variant, seed)}.log", "a")
+                running[(variant, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, flags)
+            time.sleep(0.5)
+            for key, (proc, log, flags) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[key]
+                name = run_name(*key)
+                metrics_file = out / name / "metrics.json"
+                if proc.returncode or not metrics_file.exists():
+                    print(f"{name}: failed (exit {proc.returncode}), see {out / (name + '.log')}")
+                    continue
+                results[name] = {"variant": key[0], "seed": key[1], "flags": flags, **json.loads(metrics_file.read_text())}
+                r = results[name]
+                print(f"{name}: validation {spread([r['best_val_accuracy']])}, PublicTest {spread([r['test_accuracy']])}, "
+                      f"{r['train_seconds']:.0f} s")
+                runs.write_json(out / "results.json", results)  # after every run: a cut-short ablation keeps what finished
+    except KeyboardInterrupt:  # Ctrl-C reached the runs too: each saves its last.pt, so wait for them
+        for proc, log, _ in running.values():
+            proc.wait()
             log.close()
-            del running[key]
-            name = run_name(*key)
-            metrics_file = out / name / "metrics.json"
-            if proc.returncode or not metrics_file.exists():
-                print(f"{name}: failed (exit {proc.returncode}), see {out / (name + '.log')}")
-                continue
-            results[name] = {"variant": key[0], "seed": key[1], **json.loads(metrics_file.read_text())}
-            r = results[name]
-            print(f"{name}: validation {spread([r['best_val_accuracy']])}, PublicTest {spread([r['test_accuracy']])}, "
-                  f"{r['train_seconds']:.0f} s")
-            runs.write_json(out / "results.json", results)  # after every run: a cut-short ablation keeps what finished
+        raise
     return results
 
 
@@ -152,8 +183,15 @@ def table(results, variants):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    results = run_all(args)
-    print(f"\n{len(results)} runs in {time.perf_counter() - started:.0f} s wall, {args.parallel} at a time\n")
+    try:
+        results = run_all(args)
+    except runs.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstopped: the runs saved where they were; the same command continues the ablation", file=sys.stderr)
+        return 130
+    print(f"\n{len(results)} runs finished in {args.out}; {time.perf_counter() - started:.0f} s wall, {args.parallel} at a time\n")
     if not results:
         print("error: no run finished; the logs in", args.out, "say why", file=sys.stderr)
         return 2

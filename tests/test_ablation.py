@@ -48,3 +48,42 @@ def test_table_of_runs_without_validation_and_small_flags_kept_beside_extra_ones
     assert "| none | 50.00% |" in row
     args = ablate_emotion.parse_args(["--small", "--", "--device", "cpu"])
     assert args.extra == [*ablate_emotion.SMALL["extra"], "--device", "cpu"]
+
+
+def test_the_same_command_continues_an_ablation(tmp_path):
+    # A first ablation of one variant, then a cut-short state: the second run lost its results.json entry and
+    # metrics.json but kept last.pt (as after Ctrl-C), and a third run left only a folder with nothing to resume.
+    out = tmp_path / "abl"
+    small = [sys.executable, str(SCRIPT), "--small", "--parallel", "2", "--out", str(out)]
+    first = subprocess.run([*small, "--variants", "recipe", "no mixup"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    results = json.loads((out / "results.json").read_text())
+    kept = results["recipe-seed0"]
+    del results["no_mixup-seed0"]
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "no_mixup-seed0" / "metrics.json").unlink()
+    (out / "no_label_smoothing-seed0").mkdir()
+    (out / "no_label_smoothing-seed0" / "config.json").write_text("{}")
+
+    again = subprocess.run([*small, "--variants", "recipe", "no mixup", "no label smoothing"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results) == ["no_label_smoothing-seed0", "no_mixup-seed0", "recipe-seed0"]
+    assert results["recipe-seed0"] == kept  # not run again
+    assert "recipe-seed0:" not in again.stdout and "no_mixup-seed0: validation" in again.stdout
+    assert "resuming" in (out / "no_mixup-seed0.log").read_text()
+    assert "| no label smoothing |" in again.stdout
+
+
+def test_an_out_folder_of_other_settings_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "abl"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"recipe-seed0": {"variant": "recipe", "flags": "--epochs 3"}}))
+    done = subprocess.run([sys.executable, str(SCRIPT), "--small", "--variants", "recipe", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "has run recipe-seed0 with other settings: pick a new --out" in done.stderr
+    (out / "results.json").write_text("{not json")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--small", "--variants", "recipe", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "cannot be read" in done.stderr and "Traceback" not in done.stderr
