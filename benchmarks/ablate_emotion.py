@@ -86,10 +86,15 @@ def run_name(variant, seed):
     return f"{variant.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
 
 
-def command(args, variant, seed):
+def train_flags(args, variant, seed):
+    """What makes the run what it is (where it goes aside); the variant's flags last, so they win."""
     epochs = ["--epochs", str(args.epochs)] if args.epochs else []
-    return [sys.executable, str(ROOT / "train_emotion.py"), "--data", args.data, "--val-fraction", "0.1", "--seed", str(seed),
-            *epochs, "--out", str(args.out), "--name", run_name(variant, seed), *args.extra, *VARIANTS[variant]]
+    return ["--data", args.data, "--val-fraction", "0.1", "--seed", str(seed), *epochs, *args.extra, *VARIANTS[variant]]
+
+
+def command(args, variant, seed):
+    return [sys.executable, str(ROOT / "train_emotion.py"), "--out", str(args.out), "--name", run_name(variant, seed),
+            *train_flags(args, variant, seed)]
 
 
 def run_all(args):
@@ -108,10 +113,11 @@ def run_all(args):
             raise runs.RunError(f"{out / 'results.json'} cannot be read ({e}): pick a new --out") from None
     queue = []
     for variant, seed in [(v, s) for s in args.seeds for v in args.variants]:
-        name, flags = run_name(variant, seed), shlex.join(command(args, variant, seed)[2:])
+        name, flags = run_name(variant, seed), shlex.join(train_flags(args, variant, seed))
         if name in results:
             if results[name].get("flags") != flags:
-                raise runs.RunError(f"{out / 'results.json'} has run {name} with other settings: pick a new --out")
+                raise runs.RunError(f"{out / 'results.json'} has run {name} with other flags ({results[name].get('flags')}, "
+                                    f"now {flags}): pick a new --out")
             continue
         queue.append((variant, seed, flags))
     running = {}

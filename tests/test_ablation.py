@@ -82,7 +82,7 @@ def test_an_out_folder_of_other_settings_is_refused_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--small", "--variants", "recipe", "--out", str(out)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "has run recipe-seed0 with other settings: pick a new --out" in done.stderr
+    assert "has run recipe-seed0 with other flags (--epochs 3, now --data synthetic" in done.stderr and "pick a new --out" in done.stderr
     (out / "results.json").write_text("{not json")
     done = subprocess.run([sys.executable, str(SCRIPT), "--small", "--variants", "recipe", "--out", str(out)],
                           capture_output=True, text=True, timeout=60)
