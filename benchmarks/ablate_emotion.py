@@ -10,8 +10,9 @@ A variant is the recipe (train_emotion.py's defaults) with one thing changed. Ev
 of Training for validation: the table gives that validation accuracy, which is what a recipe may be chosen by, and
 the PublicTest accuracy, which is only reported. The recipe's own runs also show, at no extra cost, PublicTest
 accuracy without the test-time augmentation and without the weight average. Run folders, each run's output
-(<name>.log) and results.json go to --out; the table is printed last, as Markdown for REPRODUCING.md. The same
-command again continues an ablation that was stopped (Ctrl-C) or cut short: finished runs are kept, stopped ones resume.
+(<name>.log) and flags (<name>.flags), and results.json go to --out; the table is printed last, as Markdown for
+REPRODUCING.md. The same command again continues an ablation that was stopped (Ctrl-C) or cut short: finished runs
+are kept, stopped ones resume.
 """
 import argparse
 import json
@@ -100,8 +101,8 @@ def command(args, variant, seed):
 def run_all(args):
     """Start every run, at most --parallel at a time (seed-major, so a cut-short ablation has whole seeds).
 
-    Runs already in --out's results.json with the same flags are kept, a run stopped with Ctrl-C goes on from its
-    last.pt: the same command continues an ablation that was stopped or cut short.
+    Runs already in --out's results.json are kept and a run stopped with Ctrl-C goes on from its last.pt, if their
+    flags are the same: the same command continues an ablation that was stopped or cut short.
     """
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,11 +115,13 @@ def run_all(args):
     queue = []
     for variant, seed in [(v, s) for s in args.seeds for v in args.variants]:
         name, flags = run_name(variant, seed), shlex.join(train_flags(args, variant, seed))
-        if name in results:
-            if results[name].get("flags") != flags:
-                raise runs.RunError(f"{out / 'results.json'} has run {name} with other flags ({results[name].get('flags')}, "
-                                    f"now {flags}): pick a new --out")
-            continue
+        flags_file = out / f"{name}.flags"  # what the run was started with: a kept or resumed run must match it
+        if name in results or (out / name / "last.pt").exists():
+            started_with = flags_file.read_text() if flags_file.exists() else "unknown"
+            if started_with != flags:
+                raise runs.RunError(f"{out / name} was run with other flags ({started_with}, now {flags}): pick a new --out")
+            if name in results:
+                continue
         queue.append((variant, seed, flags))
     running = {}
     try:
@@ -130,10 +133,11 @@ def run_all(args):
                     cmd = [*cmd[:2], "--resume", str(folder)]
                 elif folder.exists():  # started, but stopped before anything worth keeping was saved
                     shutil.rmtree(folder)
+                (out / f"{run_name(variant, seed)}.flags").write_text(flags)
                 log = open(out / f"{run_name(variant, seed)}.log", "a")
-                running[(variant, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, flags)
+                running[(variant, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
             time.sleep(0.5)
-            for key, (proc, log, flags) in list(running.items()):
+            for key, (proc, log) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 log.close()
@@ -143,13 +147,13 @@ def run_all(args):
                 if proc.returncode or not metrics_file.exists():
                     print(f"{name}: failed (exit {proc.returncode}), see {out / (name + '.log')}")
                     continue
-                results[name] = {"variant": key[0], "seed": key[1], "flags": flags, **json.loads(metrics_file.read_text())}
+                results[name] = {"variant": key[0], "seed": key[1], **json.loads(metrics_file.read_text())}
                 r = results[name]
                 print(f"{name}: validation {spread([r['best_val_accuracy']])}, PublicTest {spread([r['test_accuracy']])}, "
                       f"{r['train_seconds']:.0f} s")
                 runs.write_json(out / "results.json", results)  # after every run: a cut-short ablation keeps what finished
     except KeyboardInterrupt:  # Ctrl-C reached the runs too: each saves its last.pt, so wait for them
-        for proc, log, _ in running.values():
+        for proc, log in running.values():
             proc.wait()
             log.close()
         raise

@@ -78,12 +78,19 @@ def test_the_same_command_continues_an_ablation(tmp_path):
 def test_an_out_folder_of_other_settings_is_refused_in_one_line(tmp_path):
     out = tmp_path / "abl"
     out.mkdir()
-    (out / "results.json").write_text(json.dumps({"recipe-seed0": {"variant": "recipe", "flags": "--epochs 3"}}))
-    done = subprocess.run([sys.executable, str(SCRIPT), "--small", "--variants", "recipe", "--out", str(out)],
-                          capture_output=True, text=True, timeout=60)
+    small = [sys.executable, str(SCRIPT), "--small", "--variants", "recipe", "--out", str(out)]
+    (out / "results.json").write_text(json.dumps({"recipe-seed0": {"variant": "recipe"}}))
+    (out / "recipe-seed0.flags").write_text("--epochs 3")
+    done = subprocess.run(small, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "has run recipe-seed0 with other flags (--epochs 3, now --data synthetic" in done.stderr and "pick a new --out" in done.stderr
+    assert "recipe-seed0 was run with other flags (--epochs 3, now --data synthetic" in done.stderr
+    assert "pick a new --out" in done.stderr
+    # a stopped run (last.pt, no result yet) is not continued with other flags either
+    (out / "results.json").unlink()
+    (out / "recipe-seed0").mkdir()
+    (out / "recipe-seed0" / "last.pt").write_bytes(b"")
+    done = subprocess.run(small, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "was run with other flags (--epochs 3, now" in done.stderr
     (out / "results.json").write_text("{not json")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--small", "--variants", "recipe", "--out", str(out)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(small, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "cannot be read" in done.stderr and "Traceback" not in done.stderr
