@@ -32,7 +32,7 @@ monterrey:  ## Tec de Monterrey baseline, 10 epochs, its 20,099 / 2,151 split
 bench:  ## facenets' loop vs a DataLoader loop (images/s), then time to 70%/72% (ARGS=--compile on a GPU; --small: CPU smoke)
 	$(PY) benchmarks/bench_emotion.py --data $(DATA) $(ARGS)
 
-ablation:  ## what each part of the recipe is worth: 6 variants x 2 seeds, 4 runs at a time (minutes on a GPU)
+ablation:  ## what each part of the recipe is worth: 6 variants x 2 seeds, 4 at a time (H100, ARGS="-- --compile": 11 min)
 	$(PY) benchmarks/ablate_emotion.py --data $(DATA) --parallel 4 $(ARGS)
 
 clean:  ## remove the virtual environment and caches (run folders stay)
