@@ -122,19 +122,19 @@ def run_all(args):
                 raise runs.RunError(f"{out / name} was run with other flags ({started_with}, now {flags}): pick a new --out")
             if name in results:
                 continue
-        queue.append((variant, seed, flags))
+        queue.append((variant, seed, name, flags))
     running = {}
     try:
         while queue or running:
             while queue and len(running) < args.parallel:
-                variant, seed, flags = queue.pop(0)
-                cmd, folder = command(args, variant, seed), out / run_name(variant, seed)
+                variant, seed, name, flags = queue.pop(0)
+                cmd, folder = command(args, variant, seed), out / name
                 if (folder / "last.pt").exists():
                     cmd = [*cmd[:2], "--resume", str(folder)]
                 elif folder.exists():  # started, but stopped before anything worth keeping was saved
                     shutil.rmtree(folder)
-                (out / f"{run_name(variant, seed)}.flags").write_text(flags)
-                log = open(out / f"{run_name(variant, seed)}.log", "a")
+                (out / f"{name}.flags").write_text(flags)
+                log = open(out / f"{name}.log", "a")
                 running[(variant, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
             time.sleep(0.5)
             for key, (proc, log) in list(running.items()):
