@@ -221,11 +221,10 @@ def predict_proba(model, images: torch.Tensor, cfg: dict, batch_size=1024) -> to
 
 
 def evaluate(model, images, labels, cfg) -> tuple[float, float, torch.Tensor]:
-    """Plain cross-entropy (no smoothing, so losses compare across runs), accuracy and predictions."""
+    """Plain cross-entropy (no smoothing, so losses compare across runs), accuracy and the probabilities."""
     proba = predict_proba(model, images, cfg)
     loss = F.nll_loss(proba.clamp_min(1e-12).log(), labels).item()
-    pred = proba.argmax(1)
-    return loss, (pred == labels).float().mean().item(), pred
+    return loss, (proba.argmax(1) == labels).float().mean().item(), proba
 
 
 def autocast(device):
@@ -492,7 +491,7 @@ def train(args, command: str):
             val_loss = val_acc = None
             if len(x_val):
                 n = 256 if cfg["dry_run"] else len(x_val)
-                val_loss, val_acc, _ = evaluate(tested, x_val[:n], y_val[:n], cfg)
+                val_loss, val_acc, val_proba = evaluate(tested, x_val[:n], y_val[:n], cfg)
             if cfg["scheduler"] == "plateau":
                 scheduler.step(val_loss if val_loss is not None else train_loss)
             history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
@@ -502,6 +501,12 @@ def train(args, command: str):
             print(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}"
                   + (f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else "")
                   + f"  {seconds:.1f}s  {seen / seconds:.0f} img/s")
+            # The same output for every image (or NaN, which fails the comparison too) means the network no longer
+            # sees its input: its loss diverged, or a whole layer of ReLUs died, and dead ReLUs pass no gradient, so
+            # it will not recover. Said at once, this spares the hours left of a doomed CPU run.
+            if val_acc is not None and len(val_proba) > 1 and not (val_proba.amax(0) - val_proba.amin(0)).amax() > 1e-6:
+                warnings.warn("the model gives the same output for every validation image: it has stopped learning (its "
+                              "loss diverged or its ReLUs died); start again with a lower --lr or another --seed")
             if val_acc is not None and val_acc > best_acc:  # before last.pt, so that a resumed run knows this best
                 best_acc = val_acc
                 runs.save_checkpoint(run / "best.pt", checkpoint(epoch + 1))
@@ -531,14 +536,14 @@ def train(args, command: str):
         ema.load_state_dict(best["ema"])
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]
     x_test, y_test = faces.images[test_idx].to(device), faces.labels[test_idx].to(device)
-    test_loss, test_acc, pred = evaluate(tested, x_test, y_test, cfg)
+    test_loss, test_acc, proba = evaluate(tested, x_test, y_test, cfg)
     # What the test-time augmentation and the weight average each add, measured on the same weights.
     extras = {}
     if cfg["tta"] != "none":
         extras["test_accuracy_without_tta"] = round(evaluate(tested, x_test, y_test, {**cfg, "tta": "none"})[1], 5)
     if ema is not None:
         extras["test_accuracy_without_ema"] = round(evaluate(model, x_test, y_test, cfg)[1], 5)
-    pred, y_test, usage = pred.cpu(), y_test.cpu(), faces.usage[test_idx]
+    pred, y_test, usage = proba.argmax(1).cpu(), y_test.cpu(), faces.usage[test_idx]
     cm = metrics.confusion_matrix(pred, y_test, len(classes))
     by_usage = {data.USAGES[u]: round((pred[usage == u] == y_test[usage == u]).float().mean().item(), 5)
                 for u in usage.unique().tolist()}

@@ -21,9 +21,10 @@ def run(tmp_path, *args):
     return train_emotion.main([*FAST, "--out", str(tmp_path), *args])
 
 
-def test_short_run_learns_and_writes_a_complete_run_folder(tmp_path):
+def test_short_run_learns_and_writes_a_complete_run_folder(tmp_path, recwarn):
     # With the recipe's defaults (crops, erasing, mixup, EMA), 10 epochs learn reliably: seeds 0-5 gave 0.97-1.00
     assert run(tmp_path, "--name", "r", "--epochs", "10", "--lr", "0.05", "--val-fraction", "0.1") == 0
+    assert not [w for w in recwarn if "stopped learning" in str(w.message)]  # a healthy run is not called dead
     folder = tmp_path / "r"
     for name in ("config.json", "log.csv", "metrics.json", "curves.png", "confusion.png", "best.pt", "last.pt"):
         assert (folder / name).is_file(), name
@@ -38,6 +39,12 @@ def test_short_run_learns_and_writes_a_complete_run_folder(tmp_path):
 
 def weights(path):
     return torch.load(path, weights_only=True)["model"]
+
+
+def test_a_network_that_stopped_learning_is_told_at_once(tmp_path):
+    # lr 30 blows the weights up within two steps, after which every image gets the same output
+    with pytest.warns(UserWarning, match="same output for every validation image: it has stopped learning"):
+        assert run(tmp_path, "--dry-run", "--lr", "30", "--val-fraction", "0.2", "--synthetic-count", "280") == 0
 
 
 def test_resume_continues_exactly_where_a_run_stopped(tmp_path):
