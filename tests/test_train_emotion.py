@@ -95,7 +95,7 @@ REPORT = ["--crop", "0", "--tta", "none", "--ema", "0"]  # the recipe's defaults
 
 
 @pytest.mark.parametrize("flags", [
-    [*REPORT, "--model", "monterrey_baseline", "--split", "monterrey", "--no-augment", "--optimizer", "adam", "--scheduler", "none"],
+    [*REPORT, "--model", "monterrey_baseline", "--split", "monterrey", "--no-augment", "--optimizer", "adam", "--lr", "1e-3", "--scheduler", "none"],
     [*REPORT, "--model", "rna_cifar", "--model-opt", "downsample=stride", "--mixup-lam", "0.7", "--shear", "0.2", "--scheduler", "plateau"],
     [*REPORT, "--model", "rna_cifar", "--cutout", "8", "--optimizer", "rmsprop"],
     [*REPORT, "--model", "udine_r1", "--sobel-channels", "--split", "udine"],
