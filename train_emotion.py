@@ -4,7 +4,7 @@ built-in synthetic faces; or run a trained model on photos.
     make demo                                              # 4 epochs on synthetic faces: 100%, 36 s on 2 CPU cores
     python train_emotion.py --data data/fer2013 --compile  # the recipe (the defaults), = make emotion: 71.1% on
                                                            # PublicTest (3 seeds: 70.3-71.9%), 36 s training on an H100
-    make emotion-cpu DATA=data/fer2013                     # 65% on PublicTest in 21-30 minutes on 2 CPU cores
+    make emotion-cpu DATA=data/fer2013                     # 64.4% on PublicTest in 24-25 minutes on 2 CPU cores
     make monterrey DATA=data/fer2013                       # a report's experiment: 52.2% in 4 minutes on 2 CPU cores
     python train_emotion.py --predict photo.jpg --checkpoint runs/emotion/<run>/best.pt
 
