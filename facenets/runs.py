@@ -45,8 +45,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"checkpoint {path} could not be read ({first_line}): it is not a facenets checkpoint or "
+        # torch's own message can run to a paragraph (weights_only advice): its first sentence is enough here
+        reason = str(e).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(e).strip() else type(e).__name__
+        raise RunError(f"checkpoint {path} could not be read ({reason}): it is not a facenets checkpoint or "
                        "it is damaged") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():  # e.g. a bare state_dict from elsewhere
         raise RunError(f"{path} is not a facenets checkpoint (it has no model and config): pass a best.pt or last.pt "

@@ -1,4 +1,5 @@
 """train_emotion.py end to end on synthetic faces: learning, run folder, resume, Ctrl-C, predict, bad input."""
+import argparse
 import json
 import os
 import signal
@@ -166,6 +167,10 @@ def test_resume_of_a_missing_run_and_a_damaged_checkpoint(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert train_emotion.main(["--predict", "x.jpg", "--checkpoint", str(bad)]) == 2
     assert "could not be read" in one_line_error(capsys)
+    torch.save(argparse.Namespace(lr=0.1), bad)  # a pickled object that weights_only loading refuses
+    assert train_emotion.main(["--predict", "x.jpg", "--checkpoint", str(bad)]) == 2
+    line = one_line_error(capsys)
+    assert "could not be read" in line and len(line) < 250, line  # torch's paragraph of advice cut to its first sentence
     torch.save(torch.nn.Linear(2, 2).state_dict(), bad)  # weights, but not from a facenets run
     assert train_emotion.main(["--predict", "x.jpg", "--checkpoint", str(bad)]) == 2
     assert "not a facenets checkpoint" in one_line_error(capsys)
