@@ -359,11 +359,7 @@ def vgg(in_channels=1, num_classes=7, image_size=48, width=64, dropout=0.2, hidd
     input is first enlarged bilinearly, so every stage works at twice the resolution for 4x the compute: a 40x40
     crop ends in a 5x5 map instead of 2x2. Convs have no bias since the BatchNorm right after has its own shift.
     """
-    hidden = (hidden,) if isinstance(hidden, int) else hidden
-    if not isinstance(hidden, (tuple, list)) or not all(isinstance(h, int) and h > 0 for h in hidden):
-        raise ValueError(f"hidden must be positive layer widths such as (4096, 4096), got {hidden!r}")
-    if not isinstance(upsample, int) or upsample < 1:
-        raise ValueError(f"upsample must be a whole factor such as 2 (1 = off), got {upsample!r}")
+    hidden = (hidden,) if isinstance(hidden, int) else hidden  # build_model has checked both: positive whole numbers
     layers = [nn.Upsample(scale_factor=upsample, mode="bilinear")] if upsample > 1 else []
     c_in = in_channels
     for stage in range(4):
@@ -415,16 +411,59 @@ MODELS = {
 COMMON_ARGUMENTS = ("in_channels", "num_classes", "image_size")
 
 
-def build_model(name: str, in_channels: int = 1, num_classes: int = 7, image_size: int = 48, **options) -> nn.Module:
-    """The model registered as name, for images [B, in_channels, image_size, image_size], giving logits."""
+def _checked_option(name: str, option: str, value, default):
+    """value, if it has the kind of its default (positive whole numbers where the default is one); else ValueError."""
+    def refuse(kind):
+        return ValueError(f"model {name!r}: option {option}={value!r} must be {kind} (default {default!r})")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise refuse("True or False")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise refuse("a whole number of at least 1")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise refuse("a number")
+    elif isinstance(default, tuple):
+        value = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                            for v in value):
+            raise refuse("whole numbers of at least 1, such as (64, 32)")
+        value = tuple(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise refuse("a word")
+    return value
+
+
+def check_options(name: str, options: dict) -> dict:
+    """options for model name, each checked against the kind of its default (tuples from a single int); else ValueError.
+
+    So a mistyped or negative value is one line naming it, never a failure deep inside torch.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
-    constructor = MODELS[name]
-    allowed = [p for p in inspect.signature(constructor).parameters if p not in COMMON_ARGUMENTS]
-    for option in options:
+    parameters = inspect.signature(MODELS[name]).parameters
+    allowed = [p for p in parameters if p not in COMMON_ARGUMENTS]
+    checked = {}
+    for option, value in options.items():
+        if option in COMMON_ARGUMENTS:
+            raise ValueError(f"{option} is not a model option: it is set by the data and the task")
         if option not in allowed:
             raise ValueError(f"model {name!r} has no option {option!r}; its options: {', '.join(allowed) or 'none'}")
-    return constructor(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options)
+        checked[option] = _checked_option(name, option, value, parameters[option].default)
+    return checked
+
+
+def build_model(name: str, in_channels: int = 1, num_classes: int = 7, image_size: int = 48, **options) -> nn.Module:
+    """The model registered as name, for images [B, in_channels, image_size, image_size], giving logits."""
+    options = check_options(name, options)
+    try:
+        return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options)
+    except (RuntimeError, MemoryError) as e:
+        if "alloc" not in str(e) and not isinstance(e, MemoryError):
+            raise  # a bug, not a size: let it show its traceback
+        raise ValueError(f"model {name!r} with {options} is too big for this machine's memory: choose smaller widths") from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from facenets.models import MODELS, build_model, count_parameters
+from facenets.models import MODELS, build_model, check_options, count_parameters
 
 RESNETS = ["rna_resnet50", "rna_resnet152"]
 SMALL = [name for name in MODELS if name not in RESNETS]
@@ -92,6 +92,28 @@ def test_unknown_option_and_bad_values_are_clear():
         build_model("monterrey_baseline", image_size=16)
 
 
+@pytest.mark.parametrize("name, options, message", [
+    ("vgg", {"width": -5}, "width=-5 must be a whole number of at least 1"),  # torch: negative dimension
+    ("vgg", {"width": 0}, "width=0 must be a whole number"),  # torch: a 0-channel map, read as "image too small"
+    ("vgg", {"width": "abc"}, "width='abc' must be a whole number"),  # was "not all arguments converted"
+    ("vgg", {"width": True}, "width=True must be a whole number"),
+    ("vgg", {"dropout": "x"}, "dropout='x' must be a number"),
+    ("utec_arch2", {"hidden": -1}, "hidden=-1 must be a whole number"),
+    ("udine_r1", {"channels": (50, -1)}, r"channels=\(50, -1\) must be whole numbers"),
+    ("rna_cifar", {"downsample": 3}, "downsample=3 must be a word"),
+    ("rna_resnet50", {"pretrained": 1}, "pretrained=1 must be True or False"),
+    ("vgg", {"in_channels": 3}, "in_channels is not a model option"),  # was "got multiple values"
+])
+def test_options_of_the_wrong_kind_are_refused_before_building(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        check_options(name, options)
+
+
+def test_a_network_too_big_for_memory_is_a_value_error():
+    with pytest.raises(ValueError, match="too big for this machine's memory"):  # 36 GB in the first conv alone
+        build_model("vgg", width=1_000_000_000)
+
+
 def test_pretrained_offline_raises_a_clear_error(monkeypatch):
     def offline(self, *args, **kwargs):
         raise urllib.error.URLError("no network")
@@ -124,7 +146,7 @@ def test_vgg_fc_head_flattens_the_last_map():
             build_model("vgg", image_size=8, hidden=head)
     assert count_parameters(build_model("vgg", image_size=40, hidden=64)) == count_parameters(build_model("vgg", image_size=40, hidden=[64]))
     for bad in ("abc", (64, 0), 4096.0):
-        with pytest.raises(ValueError, match="hidden must be positive layer widths"):
+        with pytest.raises(ValueError, match="option hidden=.* must be whole numbers of at least 1"):
             build_model("vgg", image_size=40, hidden=bad)
 
 
@@ -137,7 +159,7 @@ def test_vgg_upsample_doubles_every_stage_and_adds_no_weights():
     # the fc head sizes its first layer from the upsampled map: 512 * 5 * 5 inputs
     assert build_model("vgg", image_size=40, upsample=2, hidden=64).classifier[1].in_features == 512 * 5 * 5
     for bad in (0, 1.5, "2"):
-        with pytest.raises(ValueError, match="upsample must be a whole factor"):
+        with pytest.raises(ValueError, match="option upsample=.* must be a whole number of at least 1"):
             build_model("vgg", image_size=40, upsample=bad)
 
 
