@@ -42,9 +42,10 @@ FER_SIZE = 48
 FER_PIXELS = FER_SIZE * FER_SIZE
 CACHE_VERSION = 1  # bump when decoding or the cached layout changes, so that old caches are not reused
 GET_FER2013 = 'download the Kaggle "FER-2013" image folders (train/, test/) or the original fer2013.csv'
-# PIL raises OSError (UnidentifiedImageError, truncated file) or ValueError for a bad image;
-# a damaged zip member raises BadZipFile (bad CRC) or zlib.error before PIL sees it.
-UNREADABLE = (OSError, ValueError, zipfile.BadZipFile, zlib.error)
+# PIL raises OSError (UnidentifiedImageError, truncated file) or ValueError for a bad image, and
+# DecompressionBombError for one of over ~179 megapixels (which could exhaust memory); a damaged zip member
+# raises BadZipFile (bad CRC) or zlib.error before PIL sees it.
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile, zlib.error)
 
 
 class DataError(Exception):
@@ -196,7 +197,9 @@ def fer2013_csv(path: str | Path) -> FaceImages:
     try:
         with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet may have added a BOM
             rows = csv.reader(file)
-            header = next(rows, [])
+            header = next(rows, None)
+            if header is None:
+                raise DataError(f"{path} is empty: pass fer2013.csv or icml_face_data.csv (download it again)")
             columns = [name.strip().lower() for name in header]
             if sorted(columns) != ["emotion", "pixels", "usage"]:
                 raise DataError(f"{path.name} has the header {textwrap.shorten(','.join(header), 60)!r}, expected the "
@@ -286,10 +289,24 @@ def _cached(kind: str, path: Path, settings: tuple, cache_dir: str | Path | None
         torch.save(vars(data), temporary)  # a dict of tensors, a list and a tuple of str: safe for weights_only
         os.replace(temporary, cache)
     except (OSError, RuntimeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0][:100]
+        warnings.warn(f"could not write the cache {cache} ({reason}); set FACENETS_CACHE to a writable folder")
+    finally:  # also after Ctrl-C or a full disk: no half-written file is left behind
         if temporary.exists():
             temporary.unlink()
-        warnings.warn(f"could not write the cache {cache} ({error}); set FACENETS_CACHE to a writable folder")
+    _remove_orphans(cache)
     return data
+
+
+def _remove_orphans(cache: Path) -> None:
+    """Delete the temporary files of cache left by processes killed with -9 (no finally runs then): ~80 MB each."""
+    for orphan in cache.parent.glob(f"{cache.name}.*.tmp"):
+        try:
+            os.kill(int(orphan.suffixes[-2][1:]), 0)  # raises if no process has that id any more
+        except ProcessLookupError:
+            orphan.unlink(missing_ok=True)
+        except (ValueError, IndexError, OSError):  # not ours, or a process of another user: leave it
+            pass
 
 
 def load_fer2013(path: str | Path, cache_dir: str | Path | None = None) -> FaceImages:

@@ -1,5 +1,6 @@
 """Tests of facenets.data on small files written in the real formats; tests on the real data need FACENETS_DATA."""
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -94,6 +95,14 @@ def test_folders_skip_unreadable_images_with_a_warning(tmp_path):
                                          r"test/surprise/PublicTest_cut.jpg"):
         faces = data.fer2013_folders(root)
     check_fer_files(faces)
+
+
+def test_folders_skip_an_image_over_pillows_bomb_limit_with_a_warning(tmp_path, monkeypatch):
+    root = write_fer_folders(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 48x48 images stay under 2 x 5000 pixels, 120x120 do not
+    Image.new("L", (120, 120), 10).save(root / "train/angry/Training_huge.png")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable images: train/angry/Training_huge.png"):
+        check_fer_files(data.fer2013_folders(root))
 
 
 def test_folders_reject_an_unknown_class_folder(tmp_path):
@@ -202,6 +211,11 @@ def test_csv_saved_by_a_spreadsheet_or_not_text_at_all(tmp_path):
     one_line_error(lambda: data.fer2013_csv(tmp_path / "fer2013.csv"), "not a readable csv text file")
 
 
+def test_empty_csv_says_so(tmp_path):
+    (tmp_path / "fer2013.csv").write_text("")
+    one_line_error(lambda: data.fer2013_csv(tmp_path / "fer2013.csv"), "is empty")
+
+
 def test_read_fer2013_chooses_the_reader_by_path(tmp_path):
     root = write_fer_folders(tmp_path / "fer2013")
     check_fer_files(data.read_fer2013(root))
@@ -267,6 +281,28 @@ def test_cache_dir_comes_from_the_environment_and_may_be_unwritable(tmp_path, mo
     (tmp_path / "a-file").write_text("")
     with pytest.warns(UserWarning, match="could not write the cache.*FACENETS_CACHE"):
         check_fer_files(data.load_fer2013(root, cache_dir=tmp_path / "a-file"))
+
+
+def test_ctrl_c_while_the_cache_is_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+    root = write_fer_folders(tmp_path / "fer2013")
+
+    def interrupted(state, path):
+        Path(path).write_bytes(b"half a cache")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.load_fer2013(root, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.undo()
+    # a kill -9 runs no cleanup: the next load that writes the cache removes what a dead process left
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    data.load_fer2013(root, cache_dir=tmp_path / "cache")
+    cache = next((tmp_path / "cache").glob("fer2013-*.pt"))
+    orphan, alive = (cache.with_name(f"{cache.name}.{pid}.tmp") for pid in (int(dead.stdout), 1))  # 1: init, alive
+    orphan.write_bytes(b"half"), alive.write_bytes(b"being written")
+    cache.unlink()
+    data.load_fer2013(root, cache_dir=tmp_path / "cache")
+    assert not orphan.exists() and alive.exists()
 
 
 # ---------------------------------------------------------------- splits
@@ -476,6 +512,17 @@ def test_face_folders_skip_photos_without_a_face_and_broken_ones(tmp_path, monke
     monkeypatch.setattr(data, "_crop_face_folders", lambda *args: refuse_to_read(None))
     again = data.face_folders(tmp_path / "photos", size=40, classes=EMOTIONS, cache_dir=tmp_path / "cache")
     assert torch.equal(again.images, faces.images)
+
+
+def test_face_folders_skip_a_photo_over_pillows_bomb_limit(tmp_path, monkeypatch):
+    (tmp_path / "photos" / "happy").mkdir(parents=True)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    Image.new("RGB", (120, 120)).save(tmp_path / "photos/happy/huge.png")
+    Image.new("RGB", (60, 60)).save(tmp_path / "photos/happy/small.png")
+    monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": [(5, 5, 50, 50)])
+    with pytest.warns(UserWarning, match="skipped 1 unreadable photos: happy/huge.png"):
+        faces = data.face_folders(tmp_path / "photos", classes=EMOTIONS, cache_dir=tmp_path / "cache")
+    assert faces.files == ["happy/small.png"]
 
 
 def test_face_folders_errors(tmp_path):
