@@ -5,11 +5,12 @@ built-in synthetic faces; or run a trained model on photos.
     python train_emotion.py --data data/fer2013 --compile  # the recipe (the defaults), = make emotion: 71.1% on
                                                            # PublicTest (3 seeds: 70.3-71.9%), 36 s training on an H100
     make emotion-cpu DATA=data/fer2013                     # 64.4% on PublicTest in 24-25 minutes on 2 CPU cores
-    make monterrey DATA=data/fer2013                       # a report's experiment: 52.2% in 4 minutes on 2 CPU cores
+    make monterrey DATA=data/fer2013                       # a report's experiment: 52-53% (by CPU) in 3-4 min on 2 cores
     python train_emotion.py --predict photo.jpg --checkpoint runs/emotion/<run>/best.pt
 
 Every run writes runs/emotion/<name>/: config.json, log.csv, curves.png, last.pt, best.pt, and at the end
-metrics.json (test accuracy, per-class table, accuracy by FER2013 Usage) and confusion.png. The whole training set
+metrics.json (test accuracy, per-class table, accuracy by FER2013 Usage) and confusion.png. last.pt is rewritten every
+30 s, so a killed run loses at most that: --resume RUN_DIR continues it exactly. The whole training set
 sits on the training device as uint8 and is augmented there in batches: no DataLoader, no workers.
 REPRODUCING.md has every report's experiment (exact command, what it reaches, how long it takes) and how the
 recipe was chosen.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from facenets import augment, data, metrics, models, runs
@@ -38,7 +40,7 @@ from facenets import augment, data, metrics, models, runs
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = runs.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="models: " + ", ".join(models.MODELS))
     g = p.add_argument_group("data")
     g.add_argument("--data", default="data/fer2013", help="FER2013 image folders, the Kaggle .zip, fer2013.csv / icml_face_data.csv, "
@@ -103,20 +105,23 @@ def build_parser():
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: the GPU when there is one")
     g.add_argument("--compile", action="store_true", help="torch.compile the model; on a GPU also with CUDA graphs: 1.6x the "
                    "images/s at batch 512 on an H100, after ~15 s of compiling")
-    g.add_argument("--out", default="runs/emotion", help="parent folder of run folders")
+    g.add_argument("--out", default="runs/emotion", help="parent folder of run folders; with --predict, the folder for the annotated "
+                   "copies (default: predictions/ beside the checkpoint)")
     g.add_argument("--name", default=None, help="run folder name (default: model and time)")
-    g.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR from its last.pt, with its saved settings; --epochs may raise the total")
+    g.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR (or RUN_DIR/last.pt) from its last save, "
+                   "with its saved settings; --epochs may raise the total")
     g.add_argument("--dry-run", action="store_true", help="one epoch of two batches and a short evaluation: checks the whole pipeline in seconds")
 
     g = p.add_argument_group("inference")
     g.add_argument("--predict", nargs="+", metavar="PHOTO", help="find the faces in these photos (MTCNN) and print each face's emotion probabilities")
-    g.add_argument("--checkpoint", default=None, help="with --predict: the best.pt or last.pt to use")
+    g.add_argument("--checkpoint", default=None, help="with --predict: the best.pt or last.pt to use (a run folder: its best.pt)")
     return p
 
 
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    args.given = runs.given_flags(p, argv)  # what was typed, not defaulted: --resume refuses any setting typed
 
     if args.predict and not args.checkpoint:
         p.error("--predict needs --checkpoint runs/emotion/<run>/best.pt")
@@ -161,6 +166,10 @@ def parse_args(argv=None):
         args.model_options["width"] = args.width
     if args.pretrained:
         args.model_options["pretrained"] = True
+    try:
+        args.model_options = models.check_options(args.model, args.model_options)
+    except ValueError as e:
+        p.error(str(e))
     if args.no_augment:
         args.rotate = args.shear = args.zoom = args.translate = args.erasing = args.mixup = args.cutmix = 0.0
         args.flip, args.cutout, args.mixup_lam = False, 0, None
@@ -344,23 +353,32 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
 
 
 # flags that are not settings of the run (or are folded into model_options): not saved in its config
-NOT_SAVED = ("predict", "checkpoint", "resume", "model_opt", "width", "pretrained")
+NOT_SAVED = ("predict", "checkpoint", "resume", "model_opt", "width", "pretrained", "given")
+# what a checkpoint must hold: for --predict, and to go on training
+PREDICT_KEYS = ("model", "config", "classes")
+RESUME_KEYS = PREDICT_KEYS + ("ema", "optimizer", "scheduler", "epoch", "step", "order", "best_acc", "history", "rng")
+SAVE_EVERY = 30  # seconds of training a kill -9 may cost at most: last.pt is rewritten this often, mid-epoch too
 
 
-def resumed_config(args, ckpt, run, device) -> dict:
-    """The settings a resumed run goes on with: its saved ones (so it stays the same experiment), --epochs aside."""
-    cfg = ckpt["config"]
-    trained_on = "cpu" if ckpt["rng"]["cuda"] is None else "cuda"
-    if trained_on != device.type:  # a random generator's state belongs to one kind of device
+def resumed_config(args, cfg, ckpt, run, device) -> dict:
+    """The settings a resumed run goes on with: its saved ones (so it stays the same experiment), --epochs aside.
+
+    ckpt is None for a run stopped before its first save: it starts again from its config.json.
+    """
+    trained_on = "cpu" if ckpt is None or ckpt["rng"]["cuda"] is None else "cuda"
+    if ckpt is not None and trained_on != device.type:  # a random generator's state belongs to one kind of device
         raise runs.RunError(f"{run} was trained on {trained_on}, this run is on {device.type}: resume it with --device {trained_on}")
-    missing = sorted(set(vars(args)) - set(cfg) - set(NOT_SAVED)) + (["sums"] if ckpt["step"] and "sums" not in ckpt else [])
+    missing = sorted(set(vars(args)) - set(cfg) - set(NOT_SAVED)) + (["sums"] if ckpt and ckpt["step"] and "sums" not in ckpt else [])
     if missing:
         raise runs.RunError(f"{run} was saved by an older train_emotion.py (it lacks {missing[0]!r}): start a new run")
-    defaults = vars(parse_args([]))
-    given = [k for k, v in vars(args).items() if k in cfg and k not in ("epochs", "device") and v != defaults[k]]
+    given = [flag for dest, flag in args.given.items() if dest not in ("resume", "epochs", "device")]
     if given:  # silently ignoring them would leave the user believing they took effect
-        raise runs.RunError(f"--resume goes on with the saved settings of {run}: drop --{given[0].replace('_', '-')} "
+        raise runs.RunError(f"--resume goes on with the saved settings of {run}: drop {given[0]} "
                             "(only --epochs and --device may be given)")
+    done = len(ckpt["history"]) if ckpt else 0
+    if (run / "metrics.json").is_file() and (args.epochs is None or args.epochs <= done):
+        raise runs.RunError(f"{run} has finished ({done} epochs; its results are in metrics.json): nothing to resume; "
+                            f"--epochs above {done} trains it on (none and plateau schedules), or start a new run")
     if args.epochs is not None and args.epochs != cfg["epochs"]:
         if cfg["scheduler"] in ("onecycle", "cosine"):
             raise runs.RunError(f"--epochs cannot change on resume: the {cfg['scheduler']} schedule of {run} was laid out for {cfg['epochs']} epochs")
@@ -371,14 +389,19 @@ def resumed_config(args, ckpt, run, device) -> dict:
 def train(args, command: str):
     device = pick_device(args.device)
     keep_freed_memory()
+    ckpt = None
     if args.resume:
-        run = runs.run_dir(Path(args.resume).parent, Path(args.resume).name, resume=True)
-        ckpt = runs.load_checkpoint(run / "last.pt")
-        cfg = resumed_config(args, ckpt, run, device)
+        run = runs.existing_run(args.resume)
+        if (run / "last.pt").is_file():
+            ckpt = runs.load_checkpoint(run / "last.pt", needs=RESUME_KEYS)
+            cfg = resumed_config(args, ckpt["config"], ckpt, run, device)
+        else:  # stopped before its first save, which comes SAVE_EVERY seconds into training: it starts again
+            cfg = resumed_config(args, runs.read_json(run / "config.json", "a run's config", "start a new run"), None, run, device)
+            print(f"{run} was stopped before its first save: starting it again from epoch 1")
     else:
         cfg = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
         cfg["epochs"] = args.epochs or 100
-        ckpt = None
+        cfg["command"] = command
     torch.manual_seed(cfg["seed"])
 
     t0 = time.perf_counter()
@@ -397,8 +420,9 @@ def train(args, command: str):
     image_size = cfg["crop"] or faces.images.shape[-1]
     in_channels = 3 if cfg["sobel_channels"] else faces.images.shape[1]
     model = make_model(cfg, in_channels, len(classes), image_size, device)
-    if not ckpt:  # made only now, so that bad data or model options leave no empty run folder behind
+    if not args.resume:  # made only now, so that bad data or model options leave no empty run folder behind
         run = runs.run_dir(args.out, args.name or f"{args.model}-{datetime.now():%Y%m%d-%H%M%S}")
+        print(f"run folder: {run}")
     print(f"model: {cfg['model']} {cfg['model_options'] or ''}, {models.count_parameters(model):,} parameters, on {device}")
 
     batch_size = min(cfg["batch_size"], len(x_train))
@@ -412,21 +436,31 @@ def train(args, command: str):
     tested = model if ema is None else ema
     gen = torch.Generator(device).manual_seed(cfg["seed"])  # batch order and augmentation, saved with the checkpoint
     history, best_acc, start, first_step, order, sums = [], -1.0, 0, 0, None, None
+    resumed_with, earlier_wall = [], 0.0  # the commands that continued this run, and the wall time before them
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["rng"]["loop"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:  # dropout on the GPU draws from this one
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        last = run / "last.pt"
+        if ckpt["classes"] != classes or (ckpt["step"] and len(ckpt["order"]) != len(x_train)):
+            raise runs.RunError(f"{last} was trained on other data than {cfg['data']} holds now: start a new run")
+        with runs.restoring(last, "weights"):
+            model.load_state_dict(ckpt["model"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
+        with runs.restoring(last, "optimizer state"):
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler:
+                scheduler.load_state_dict(ckpt["scheduler"])
+        with runs.restoring(last, "random state"):
+            gen.set_state(ckpt["rng"]["loop"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:  # dropout on the GPU draws from this one
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         history, best_acc, start, first_step = ckpt["history"], ckpt["best_acc"], ckpt["epoch"], ckpt["step"]
         order = ckpt["order"].to(device) if first_step else None
         sums = ckpt.get("sums")  # the stopped epoch's loss, correct count and seconds so far
+        resumed_with, earlier_wall = ckpt.get("resumed_with", []) + [command], ckpt.get("wall_seconds", 0.0)
         print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
+    elif args.resume:
+        resumed_with = [command]
     runs.write_json(run / "config.json", cfg)
     step_model = compiled(model, device) if cfg["compile"] else model
     if ema is not None:
@@ -437,15 +471,24 @@ def train(args, command: str):
         return {"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "step": step,
                 "order": order.cpu() if step else None, "sums": sums, "best_acc": best_acc, "history": history, "config": cfg,
-                "classes": classes, "rng": {"loop": gen.get_state(), "torch": torch.get_rng_state(),
-                                            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+                "classes": classes, "resumed_with": resumed_with, "wall_seconds": earlier_wall + time.perf_counter() - t0,
+                "rng": {"loop": gen.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
-    # Ctrl-C finishes the current step, then saves: a step cut in half would leave weights half-updated.
+    def save(name, state):
+        try:
+            runs.save_checkpoint(run / name, state)
+        except runs.RunError as e:
+            raise runs.RunError(f"{e}; then --resume {run} goes on from its last save") from None
+
+    # Ctrl-C (or a scheduler's SIGTERM) finishes the current step, then saves: a step cut in half would leave the
+    # weights half-updated. A second one stops at once.
     stop_asked = []
     def ask_to_stop(signum, frame):
         stop_asked.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-    previous_handler = signal.signal(signal.SIGINT, ask_to_stop)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    previous_handlers = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     train_seconds = sum(h["seconds"] for h in history)
     last_epoch = 1 if cfg["dry_run"] else cfg["epochs"]
@@ -473,11 +516,15 @@ def train(args, command: str):
                     scheduler.step()
                 loss_sum += loss * len(idx)
                 correct += (logits.argmax(1) == y).sum()
-                if stop_asked and step + 1 < steps:  # after the last step, the epoch is finished first (below)
+                # Inside an epoch (its end saves below): the exact position, on Ctrl-C or when the last save is old,
+                # so that a kill -9 or a power cut costs at most SAVE_EVERY seconds however long an epoch is.
+                if step + 1 < steps and (stop_asked or time.perf_counter() - saved_at > SAVE_EVERY):
                     sums = {"loss": loss_sum.item(), "correct": correct.item(), "seconds": time.perf_counter() - t_epoch}
-                    runs.save_checkpoint(run / "last.pt", checkpoint(epoch, step + 1, sums))
-                    print(f"\nstopped in epoch {epoch + 1} after step {step + 1}: saved {run / 'last.pt'}; continue with --resume {run}")
-                    return 130
+                    save("last.pt", checkpoint(epoch, step + 1, sums))
+                    saved_at = time.perf_counter()
+                    if stop_asked:
+                        print(f"\nstopped in epoch {epoch + 1} after step {step + 1}: saved {run / 'last.pt'}; continue with --resume {run}")
+                        return 130
                 if (step - first_step) % 20 == 19:  # reading the loss syncs with the GPU: only now and then
                     seen = (step + 1) * batch_size
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
@@ -509,14 +556,14 @@ def train(args, command: str):
                               "loss diverged or its ReLUs died); start again with a lower --lr or another --seed")
             if val_acc is not None and val_acc > best_acc:  # before last.pt, so that a resumed run knows this best
                 best_acc = val_acc
-                runs.save_checkpoint(run / "best.pt", checkpoint(epoch + 1))
+                save("best.pt", checkpoint(epoch + 1))
             stopping = bool(cfg["stop_loss"]) and train_loss <= cfg["stop_loss"]
             # Saving takes ~0.1 s, a tenth of a short GPU epoch, so last.pt, the log and the plot are written at most
-            # every 30 s and at the end; Ctrl-C still saves the exact position, a crash loses at most 30 s.
-            if epoch + 1 == last_epoch or stopping or stop_asked or time.perf_counter() - saved_at > 30:
+            # every SAVE_EVERY seconds and at the end; Ctrl-C still saves the exact position.
+            if epoch + 1 == last_epoch or stopping or stop_asked or time.perf_counter() - saved_at > SAVE_EVERY:
                 runs.write_log(run / "log.csv", history)
                 metrics.plot_curves(history, run / "curves.png")
-                runs.save_checkpoint(run / "last.pt", checkpoint(epoch + 1))
+                save("last.pt", checkpoint(epoch + 1))
                 saved_at = time.perf_counter()
             if stop_asked:
                 print(f"stopped after epoch {epoch + 1}: saved {run / 'last.pt'}; continue with --resume {run}")
@@ -525,15 +572,17 @@ def train(args, command: str):
                 print(f"training loss {train_loss:.4f} <= --stop-loss {cfg['stop_loss']}: stopping")
                 break
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     if best_acc < 0:  # no validation: nothing may peek at the test set, so the last epoch is the one tested
         runs.replace_atomically(run / "best.pt", lambda tmp: shutil.copyfile(run / "last.pt", tmp))
 
     # Test once, with the weights chosen on validation (or the last ones).
-    best = runs.load_checkpoint(run / "best.pt", map_location=device)
-    model.load_state_dict(best["model"])
-    if ema is not None:
-        ema.load_state_dict(best["ema"])
+    best = runs.load_checkpoint(run / "best.pt", map_location=device, needs=RESUME_KEYS)
+    with runs.restoring(run / "best.pt", "weights"):
+        model.load_state_dict(best["model"])
+        if ema is not None:
+            ema.load_state_dict(best["ema"])
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]
     x_test, y_test = faces.images[test_idx].to(device), faces.labels[test_idx].to(device)
     test_loss, test_acc, proba = evaluate(tested, x_test, y_test, cfg)
@@ -547,12 +596,14 @@ def train(args, command: str):
     cm = metrics.confusion_matrix(pred, y_test, len(classes))
     by_usage = {data.USAGES[u]: round((pred[usage == u] == y_test[usage == u]).float().mean().item(), 5)
                 for u in usage.unique().tolist()}
+    # A resumed run's figures cover all its sessions: the command that started it, those that continued it.
+    started_with = {"command": cfg.get("command", command), **({"resumed_with": resumed_with} if resumed_with else {})}
     result = {"test_accuracy": round(test_acc, 5), "test_loss": round(test_loss, 5), "test_accuracy_by_usage": by_usage, **extras,
               "best_epoch": best["epoch"], "best_val_accuracy": best_acc if best_acc >= 0 else None,
               "epochs_run": len(history), "train_seconds": round(train_seconds, 1),
-              "wall_seconds": round(time.perf_counter() - t0, 1), "device": device_name(device),
+              "wall_seconds": round(earlier_wall + time.perf_counter() - t0, 1), "device": device_name(device),
               "parameters": models.count_parameters(model), "split_sizes": {k: len(v) for k, v in split.items()},
-              "command": command, **metrics.summarize(cm, classes)}
+              **started_with, **metrics.summarize(cm, classes)}
     runs.write_json(run / "metrics.json", result)
     metrics.plot_confusion(cm, classes, run / "confusion.png")
     print(metrics.format_table(metrics.per_class_table(cm, classes)))
@@ -588,23 +639,49 @@ def device_name(device):
 # ----------------------------------------------------------------------------- inference on photos
 
 
+def why_unreadable(path: Path, error: Exception) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "a folder, not a photo"
+    if isinstance(error, Image.DecompressionBombError):  # Pillow refuses such images: decoding one could fill memory
+        return f"over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: shrink it first"
+    return f"not a readable image ({runs.first_line(error, 80)})"
+
+
+def annotated_names(paths: list[str]) -> list[str]:
+    """A file name per photo for its annotated copy, never the same twice: a/x.jpg and b/x.jpg give a_x, b_x."""
+    stems = [Path(p).stem for p in paths]
+    names = [stem if stems.count(stem) == 1 else f"{Path(p).resolve().parent.name}_{stem}" for p, stem in zip(paths, stems)]
+    unique = [name if names[:i].count(name) == 0 else f"{name}_{names[:i].count(name) + 1}" for i, name in enumerate(names)]
+    return [f"{name}_emotions.jpg" for name in unique]
+
+
 def predict(args):
     from PIL import ImageDraw, ImageFont
 
     device = pick_device(args.device)
-    ckpt = runs.load_checkpoint(args.checkpoint, map_location=device)
+    ckpt = runs.load_checkpoint(args.checkpoint, map_location=device, needs=PREDICT_KEYS)
+    where = Path(args.checkpoint)
     cfg, classes = ckpt["config"], ckpt["classes"]
+    missing = [k for k in ("model", "model_options", "crop", "tta", "sobel_channels", "brightness", "contrast") if k not in cfg]
+    if missing or not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise runs.RunError(f"{where} was not saved by train_emotion.py (its config or classes are not this script's): "
+                            "use a checkpoint from runs/emotion/")
     in_channels = 3 if cfg["sobel_channels"] else 1
     model = make_model(cfg, in_channels, len(classes), cfg["crop"] or 48, device)
-    model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights when the run kept them
-    out_dir = Path(args.checkpoint).parent / "predictions"
+    with runs.restoring(where, "weights"):
+        model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights when the run kept them
+    out_dir = Path(args.out) if "out" in args.given else (where if where.is_dir() else where.parent) / "predictions"
     font = ImageFont.load_default(size=16)
-    for path in args.predict:
+    read = 0
+    for path, name in zip(args.predict, annotated_names(args.predict)):
         try:
             photo = data.open_photo(path)
         except data.UNREADABLE as e:
-            print(f"{path}: skipped, not a readable image ({e})")
+            print(f"{path}: skipped, {why_unreadable(Path(path), e)}")
             continue
+        read += 1
         boxes = data.detect_faces(photo, device=str(device))
         if not boxes:
             print(f"{path}: no face found")
@@ -619,8 +696,10 @@ def predict(args):
             label = f"{classes[ranked[0]]} {p[ranked[0]]:.0%}"
             draw.rectangle(box, outline=(255, 64, 64), width=max(2, photo.width // 300))
             draw.text((box[0], max(0, box[1] - 20)), label, fill=(255, 64, 64), font=font)
-        saved = runs.replace_atomically(out_dir / f"{Path(path).stem}_emotions.jpg", lambda tmp: photo.save(tmp, format="JPEG"))
+        saved = runs.replace_atomically(out_dir / name, lambda tmp: photo.save(tmp, format="JPEG"))
         print(f"{path}: annotated copy in {saved}")
+    if not read:
+        raise runs.RunError(f"none of the {len(args.predict)} photos could be read: check the paths")
     return 0
 
 
@@ -634,6 +713,13 @@ def main(argv=None):
     except (data.DataError, runs.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the package does not write itself, e.g. a plot: still one line
+        print(f"error: {e.strerror or e} ({e.filename}): free some space or make the folder writable", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (those save and stop by themselves)
+        print("\nstopped (Ctrl-C): nothing half-written is kept; a started run goes on with --resume <its run folder>",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

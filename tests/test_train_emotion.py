@@ -156,7 +156,7 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "best.pt").write_bytes(b"precious")
     assert run(tmp_path, "--name", "taken", "--dry-run") == 2
-    assert "already exists" in one_line_error(capsys)
+    assert "already holds a run" in one_line_error(capsys)
     assert (tmp_path / "taken" / "best.pt").read_bytes() == b"precious"
 
 
@@ -164,7 +164,7 @@ def test_resume_of_a_missing_run_and_a_damaged_checkpoint(tmp_path, capsys):
     assert train_emotion.main(["--resume", str(tmp_path / "none")]) == 2
     assert "cannot resume" in one_line_error(capsys)
     bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
+    bad.write_bytes(b"PK\x03\x04 and then no zip at all")  # a damaged (truncated) checkpoint
     assert train_emotion.main(["--predict", "x.jpg", "--checkpoint", str(bad)]) == 2
     assert "could not be read" in one_line_error(capsys)
     torch.save(argparse.Namespace(lr=0.1), bad)  # a pickled object that weights_only loading refuses
@@ -238,8 +238,9 @@ def test_impossible_flags_are_refused_before_any_work(flags, message, capsys):
 
 
 def test_unknown_model_option_is_one_line(tmp_path, capsys):
-    assert run(tmp_path, "--name", "u", "--dry-run", "--model-opt", "wings=3") == 2
-    assert "wings" in one_line_error(capsys)
+    with pytest.raises(SystemExit) as exit_:  # refused with the flags, before any data is read
+        run(tmp_path, "--name", "u", "--dry-run", "--model-opt", "wings=3")
+    assert exit_.value.code == 2 and "wings" in one_line_error(capsys)
 
 
 def test_a_model_too_small_for_the_crops_is_told_about_crop_0_and_only_then(tmp_path, capsys):
@@ -248,8 +249,9 @@ def test_a_model_too_small_for_the_crops_is_told_about_crop_0_and_only_then(tmp_
     assert "too small" in (error := one_line_error(capsys)) and "--crop 0" in error
     assert train_emotion.main([*common, "--model", "vgg", "--crop", "12"]) == 2  # four pools: 12 -> 6 -> 3 -> 1 -> 0
     assert "too small" in (error := one_line_error(capsys)) and "--crop 0" in error
-    assert train_emotion.main([*common, "--model", "vgg", "--model-opt", "hidden=abc"]) == 2
-    assert "hidden must be" in (error := one_line_error(capsys)) and "--crop" not in error
+    with pytest.raises(SystemExit):
+        train_emotion.main([*common, "--model", "vgg", "--model-opt", "hidden=abc"])
+    assert "hidden='abc' must be" in (error := one_line_error(capsys)) and "--crop" not in error
 
 
 def test_help_documents_every_flag():
