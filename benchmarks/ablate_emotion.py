@@ -54,7 +54,7 @@ SMALL = dict(data="synthetic", seeds=[0], epochs=1, variants=["recipe", "no mixu
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="data/fer2013", help="FER2013 (image folders, .zip or .csv), or 'synthetic'")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME", help="which variants: " + "; ".join(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per variant and seed")
@@ -104,14 +104,10 @@ def run_all(args):
     Runs already in --out's results.json are kept and a run stopped with Ctrl-C goes on from its last.pt, if their
     flags are the same: the same command continues an ablation that was stopped or cut short.
     """
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = runs.make_folder(args.out)
     results = {}
     if (out / "results.json").exists():
-        try:
-            results = json.loads((out / "results.json").read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise runs.RunError(f"{out / 'results.json'} cannot be read ({e}): pick a new --out") from None
+        results = runs.read_json(out / "results.json", "an ablation's results", "pick a new --out")
     queue = []
     for variant, seed in [(v, s) for s in args.seeds for v in args.variants]:
         name, flags = run_name(variant, seed), shlex.join(train_flags(args, variant, seed))
@@ -197,6 +193,9 @@ def main(argv=None):
         results = run_all(args)
     except runs.RunError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a run's log or flags file that cannot be written
+        print(f"error: {e.strerror or e} ({e.filename}): free some space or make --out writable", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nstopped: the runs saved where they were; the same command continues the ablation", file=sys.stderr)

@@ -38,8 +38,7 @@ SMALL = dict(data="synthetic", synthetic_count=1000, batch_size=64, steps=10, wa
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="data/fer2013", help="FER2013 (image folders, .zip or .csv), or 'synthetic'")
     p.add_argument("--synthetic-count", type=int, default=4000, help="faces for --data synthetic (80%% Training)")
     p.add_argument("--model", default="vgg", choices=models.MODELS, metavar="NAME", help="as in train_emotion.py")
@@ -189,6 +188,10 @@ def time_to_accuracy(x, y, x_test, y_test, cfg, faces, device):
 
 def bench(args):
     device = train_emotion.pick_device(args.device)
+    if args.out:  # refused now, not after minutes of measuring
+        if Path(args.out).is_dir():
+            raise runs.RunError(f"--out {args.out} is a folder: name the JSON file to write, e.g. {Path(args.out) / 'bench.json'}")
+        runs.make_folder(Path(args.out).parent)
     train_emotion.keep_freed_memory()  # set for the whole process, so both loops run with it
     cfg = recipe(args, *THROUGHPUT_AUGMENT)
     faces = train_emotion.load_faces(cfg)
@@ -241,6 +244,9 @@ def main(argv=None):
     except (data.DataError, runs.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nstopped (Ctrl-C): nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

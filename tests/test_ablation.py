@@ -94,3 +94,16 @@ def test_an_out_folder_of_other_settings_is_refused_in_one_line(tmp_path):
     (out / "results.json").write_text("{not json")
     done = subprocess.run(small, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "cannot be read" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_out_that_is_a_file_or_holds_foreign_results_is_one_line(tmp_path, capsys):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import ablate_emotion
+    (tmp_path / "afile").write_text("mine")
+    assert ablate_emotion.main(["--small", "--out", str(tmp_path / "afile")]) == 2
+    assert "cannot make the folder" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "mine"
+    (tmp_path / "abl").mkdir()
+    (tmp_path / "abl" / "results.json").write_text("[1, 2]")  # JSON, but not an ablation's
+    assert ablate_emotion.main(["--small", "--out", str(tmp_path / "abl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an ablation's results" in err[0]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_emotion.py"
 
 
@@ -55,3 +57,13 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_help_documents_every_flag():
     assert not [a.option_strings for a in load_bench().build_parser()._actions if not a.help]
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench.train_emotion, "load_faces", lambda cfg: pytest.fail("measured before checking --out"))
+    (tmp_path / "afile").write_text("mine")
+    assert bench.main(["--small", "--out", str(tmp_path / "afile" / "bench.json")]) == 2
+    assert "cannot make the folder" in capsys.readouterr().err
+    assert bench.main(["--small", "--out", str(tmp_path)]) == 2
+    assert "is a folder: name the JSON file" in capsys.readouterr().err
