@@ -17,15 +17,11 @@ recipe was chosen.
 """
 import argparse
 import ast
-import copy
-import ctypes
 import shlex
 import shutil
-import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -34,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from facenets import augment, data, metrics, models, runs
+from facenets import augment, data, metrics, models, runs, training
 
 # ----------------------------------------------------------------------------- flags
 
@@ -79,52 +75,19 @@ def build_parser():
                    "given (the Monterrey report used none)")
     g.add_argument("--tta", default="tencrop", choices=("none", "flip", "tencrop"), help="test-time augmentation; tencrop needs --crop")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 100); on --resume, a new total "
-                   "(none and plateau schedules only)")
-    g.add_argument("--batch-size", type=int, default=512, help="images per training step")
-    g.add_argument("--optimizer", default="sgd", choices=("adam", "sgd", "rmsprop"), help="sgd is with Nesterov momentum (none with --momentum 0)")
-    g.add_argument("--lr", type=float, default=0.2, help="learning rate (peak rate under onecycle)")
-    g.add_argument("--momentum", type=float, default=None, help="sgd momentum, 0.9 if not given; onecycle without it cycles "
-                   "the momentum (adam: beta1) from 0.95 down to 0.85 at the peak lr and back")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on weights (not on biases or BatchNorm)")
-    g.add_argument("--label-smoothing", type=float, default=0.1, help="share of the target spread over all classes")
+    g = training.add_optimizer_flags(p, epochs=100, batch_size=512, lr=0.2, label_smoothing=0.1, ema=0.999)
     g.add_argument("--sam", type=float, default=0.0, help="sharpness-aware minimisation with this radius rho (e.g. 0.05): "
                    "each step takes the gradient at weights moved rho uphill; twice the compute per step; 0 = off")
-    g.add_argument("--ema", type=float, default=0.999, help="also keep an exponential moving average of the weights, with this "
-                   "decay per step (e.g. 0.999), and validate and test it; 0 = off")
-    g.add_argument("--scheduler", default="onecycle", choices=("none", "plateau", "onecycle", "cosine"),
-                   help="learning-rate schedule; plateau watches the validation loss (training loss without validation)")
-    g.add_argument("--patience", type=int, default=10, help="plateau: epochs without improvement before lr /= 10 (Keras' default)")
-    g.add_argument("--min-lr", type=float, default=1e-7, help="plateau: lowest lr (Trabajo final RNA: 1e-7)")
     g.add_argument("--stop-loss", type=float, default=0.0, help="stop once the training loss of an epoch is at or below this (UTEC report); 0 = off")
-    g.add_argument("--seed", type=int, default=0, help="seeds the split (and with it the test part of --split udine / utec), the weights, the batch "
-                   "order, the augmentation and --data synthetic")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: the GPU when there is one")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model; on a GPU also with CUDA graphs: 1.6x the "
-                   "images/s at batch 512 on an H100, after ~15 s of compiling")
-    g.add_argument("--out", default="runs/emotion", help="parent folder of run folders; with --predict, the folder for the annotated "
-                   "copies (default: predictions/ beside the checkpoint)")
-    g.add_argument("--name", default=None, help="run folder name (default: model and time)")
-    g.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR (or RUN_DIR/last.pt) from its last save, "
-                   "with its saved settings; --epochs may raise the total")
-    g.add_argument("--dry-run", action="store_true", help="one epoch of two batches and a short evaluation: checks the whole pipeline in seconds")
-
-    g = p.add_argument_group("inference")
-    g.add_argument("--predict", nargs="+", metavar="PHOTO", help="find the faces in these photos (MTCNN) and print each face's emotion probabilities")
-    g.add_argument("--checkpoint", default=None, help="with --predict: the best.pt or last.pt to use (a run folder: its best.pt)")
+    runs.add_run_flags(p, out="runs/emotion", task="emotion probabilities")
     return p
 
 
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    args.given = runs.given_flags(p, argv)  # what was typed, not defaulted: --resume refuses any setting typed
-
-    if args.predict and not args.checkpoint:
-        p.error("--predict needs --checkpoint runs/emotion/<run>/best.pt")
+    runs.check_run_flags(p, args, argv)
+    training.check_optimizer_flags(p, args)
     if args.tta == "tencrop" and not args.crop:
         p.error("--tta tencrop needs --crop (e.g. --crop 40): the model must be trained on crops")
     if args.crop and not 8 <= args.crop <= 48:
@@ -135,24 +98,20 @@ def parse_args(argv=None):
         p.error(f"--val-fraction is for --split official: --split {args.split} has its own validation part")
     if args.crop_faces and args.data == "synthetic":
         p.error("--crop-faces needs --data to be a folder of photos per class, not synthetic faces")
-    if not 0 <= args.ema < 1:
-        p.error("--ema must be in [0, 1): a decay per step such as 0.999, or 0 for none")
     if args.mixup_lam is not None and not 0 < args.mixup_lam <= 1:
         p.error("--mixup-lam must be in (0, 1]")
     if args.sam < 0:
         p.error("--sam must be a radius >= 0 (e.g. 0.05), or 0 for off")
-    if args.lr <= 0 or args.weight_decay < 0 or (args.momentum is not None and not 0 <= args.momentum < 1):
-        p.error("--lr must be positive, --weight-decay 0 or more, --momentum in [0, 1)")
-    if not (0 <= args.label_smoothing < 1 and 0 <= args.erasing <= 1 and 0 <= args.zoom < 1 and 0 <= args.translate < 1):
-        p.error("--label-smoothing and --zoom must be in [0, 1), --erasing (a probability) in [0, 1], --translate in [0, 1)")
+    if not (0 <= args.erasing <= 1 and 0 <= args.zoom < 1 and 0 <= args.translate < 1):
+        p.error("--zoom must be in [0, 1), --translate too, --erasing (a probability) in [0, 1]")
     if args.rotate < 0 or args.shear < 0 or args.cutout < 0:
         p.error("--rotate, --shear and --cutout give a range +-value: 0 or more")
     if args.cutmix < 0 or args.mixup < 0:
         p.error("--cutmix and --mixup take a Beta parameter a > 0, or 0 for off")
     if args.cutmix and (args.mixup or args.mixup_lam) and not args.no_augment:
         p.error("--cutmix replaces mixup: add --mixup 0")
-    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1 or args.synthetic_count < 70:
-        p.error("--epochs and --batch-size must be positive, --synthetic-count at least 70")
+    if args.synthetic_count < 70:
+        p.error("--synthetic-count must be at least 70")
     args.model_options = {}
     for item in args.model_opt:
         key, sep, value = item.partition("=")
@@ -223,7 +182,7 @@ def predict_proba(model, images: torch.Tensor, cfg: dict, batch_size=1024) -> to
         else:
             x = augment.center_crop(x, cfg["crop"]) if cfg["crop"] else x
             views = torch.stack([x, x.flip(-1)]) if cfg["tta"] == "flip" else x[None]
-        with autocast(x.device):
+        with training.autocast(x.device):
             logits = model(views.flatten(0, 1).contiguous(memory_format=torch.channels_last))
         out.append(logits.float().softmax(-1).unflatten(0, views.shape[:2]).mean(0))
     return torch.cat(out)
@@ -234,11 +193,6 @@ def evaluate(model, images, labels, cfg) -> tuple[float, float, torch.Tensor]:
     proba = predict_proba(model, images, cfg)
     loss = F.nll_loss(proba.clamp_min(1e-12).log(), labels).item()
     return loss, (proba.argmax(1) == labels).float().mean().item(), proba
-
-
-def autocast(device):
-    # bf16 on CUDA roughly doubles throughput and needs no loss scaling; CPU autocast is slower than fp32.
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 # ----------------------------------------------------------------------------- training
@@ -255,27 +209,6 @@ def make_model(cfg, in_channels, num_classes, image_size, device):
     return model.to(device, memory_format=torch.channels_last)
 
 
-def compiled(model, device):
-    # At these sizes the GPU waits for Python to launch kernels; CUDA graphs ("reduce-overhead") launch the whole
-    # forward and backward at once: 75k instead of 41k images/s for vgg at batch 512 on an H100.
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
-
-
-def make_optimizer(model, cfg):
-    # No weight decay on BatchNorm and bias parameters: decaying them only fights the normalisation.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg["optimizer"] == "sgd":
-        # fused: one kernel per step for all parameters instead of several per tensor; the loop is launch-bound on a GPU
-        momentum = 0.9 if cfg["momentum"] is None else cfg["momentum"]  # --momentum 0: plain SGD, as Keras' default
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=momentum, nesterov=momentum > 0,
-                               fused=next(model.parameters()).is_cuda)
-    if cfg["optimizer"] == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg["lr"])
-    return torch.optim.Adam(groups, lr=cfg["lr"])
-
-
 def train_step(step_model, optimizer, x, y, cfg, gen):
     """Mixup or cutmix (when on), forward, loss, backward and optimizer step on an augmented batch.
 
@@ -290,7 +223,7 @@ def train_step(step_model, optimizer, x, y, cfg, gen):
     x = x.contiguous(memory_format=torch.channels_last)
 
     def forward_backward():
-        with autocast(x.device):
+        with training.autocast(x.device):
             logits = step_model(x)
             if y_b is None:
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
@@ -320,38 +253,6 @@ def train_step(step_model, optimizer, x, y, cfg, gen):
     return loss, logits, y
 
 
-@torch.no_grad()
-def update_ema(ema_tensors, model_tensors, decay, done):
-    """ema = d * ema + (1 - d) * model for the weights and BatchNorm statistics, in one foreach call, after `done` steps.
-
-    d starts lower (as in TensorFlow's ExponentialMovingAverage), so that the random initial weights soon fade out.
-    """
-    d = min(decay, (1 + done) / (10 + done))
-    torch._foreach_lerp_(ema_tensors, model_tensors, 1 - d)
-
-
-def float_state(model):
-    """The floating-point tensors of model.state_dict() (weights and BatchNorm statistics), sharing their storage."""
-    return [t for t in model.state_dict().values() if t.is_floating_point()]
-
-
-def make_scheduler(optimizer, cfg, steps_per_epoch):
-    total = cfg["epochs"] * steps_per_epoch
-    if cfg["scheduler"] == "onecycle":
-        # Cycling the momentum against the lr is part of the one-cycle policy (Smith 2018); a given --momentum is kept
-        # fixed instead, and RMSprop, which has no momentum of its own here, is left without.
-        cycle = cfg["momentum"] is None and cfg["optimizer"] != "rmsprop"
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg["lr"], total_steps=total, pct_start=0.25, cycle_momentum=cycle)
-    if cfg["scheduler"] == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-    if cfg["scheduler"] == "plateau":
-        # Keras' ReduceLROnPlateau defaults (factor 0.1, patience 10, an absolute min_delta of 1e-4): the report that
-        # used it gives only the range of the lr, and its Keras code would have had these.
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg["patience"], min_lr=cfg["min_lr"],
-                                                          threshold=1e-4, threshold_mode="abs")
-    return None
-
-
 # flags that are not settings of the run (or are folded into model_options): not saved in its config
 NOT_SAVED = ("predict", "checkpoint", "resume", "model_opt", "width", "pretrained", "given")
 # what a checkpoint must hold: for --predict, and to go on training
@@ -360,47 +261,21 @@ RESUME_KEYS = PREDICT_KEYS + ("ema", "optimizer", "scheduler", "epoch", "step", 
 SAVE_EVERY = 30  # seconds of training a kill -9 may cost at most: last.pt is rewritten this often, mid-epoch too
 
 
-def resumed_config(args, cfg, ckpt, run, device) -> dict:
-    """The settings a resumed run goes on with: its saved ones (so it stays the same experiment), --epochs aside.
-
-    ckpt is None for a run stopped before its first save: it starts again from its config.json.
-    """
-    trained_on = "cpu" if ckpt is None or ckpt["rng"]["cuda"] is None else "cuda"
-    if ckpt is not None and trained_on != device.type:  # a random generator's state belongs to one kind of device
-        raise runs.RunError(f"{run} was trained on {trained_on}, this run is on {device.type}: resume it with --device {trained_on}")
-    missing = sorted(set(vars(args)) - set(cfg) - set(NOT_SAVED)) + (["sums"] if ckpt and ckpt["step"] and "sums" not in ckpt else [])
-    if missing:
-        raise runs.RunError(f"{run} was saved by an older train_emotion.py (it lacks {missing[0]!r}): start a new run")
-    given = [flag for dest, flag in args.given.items() if dest not in ("resume", "epochs", "device")]
-    if given:  # silently ignoring them would leave the user believing they took effect
-        raise runs.RunError(f"--resume goes on with the saved settings of {run}: drop {given[0]} "
-                            "(only --epochs and --device may be given)")
-    done = len(ckpt["history"]) if ckpt else 0
-    if (run / "metrics.json").is_file() and (args.epochs is None or args.epochs <= done):
-        raise runs.RunError(f"{run} has finished ({done} epochs; its results are in metrics.json): nothing to resume; "
-                            f"--epochs above {done} trains it on (none and plateau schedules), or start a new run")
-    if args.epochs is not None and args.epochs != cfg["epochs"]:
-        if cfg["scheduler"] in ("onecycle", "cosine"):
-            raise runs.RunError(f"--epochs cannot change on resume: the {cfg['scheduler']} schedule of {run} was laid out for {cfg['epochs']} epochs")
-        cfg["epochs"] = args.epochs
-    return cfg
-
-
 def train(args, command: str):
-    device = pick_device(args.device)
-    keep_freed_memory()
+    device = training.pick_device(args.device)
+    training.keep_freed_memory()
     ckpt = None
     if args.resume:
         run = runs.existing_run(args.resume)
         if (run / "last.pt").is_file():
             ckpt = runs.load_checkpoint(run / "last.pt", needs=RESUME_KEYS)
-            cfg = resumed_config(args, ckpt["config"], ckpt, run, device)
+            cfg = runs.resumed_config(run, ckpt["config"], ckpt, args, device, NOT_SAVED, "train_emotion.py")
         else:  # stopped before its first save, which comes SAVE_EVERY seconds into training: it starts again
-            cfg = resumed_config(args, runs.read_json(run / "config.json", "a run's config", "start a new run"), None, run, device)
+            saved = runs.read_json(run / "config.json", "a run's config", "start a new run")
+            cfg = runs.resumed_config(run, saved, None, args, device, NOT_SAVED, "train_emotion.py")
             print(f"{run} was stopped before its first save: starting it again from epoch 1")
     else:
         cfg = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
-        cfg["epochs"] = args.epochs or 100
         cfg["command"] = command
     torch.manual_seed(cfg["seed"])
 
@@ -429,10 +304,11 @@ def train(args, command: str):
     steps = len(x_train) // batch_size  # drop the ragged last batch; reshuffled every epoch
     if cfg["dry_run"]:
         steps = min(steps, 2)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps)
+    optimizer = training.make_optimizer(model, cfg)
+    scheduler = training.make_scheduler(optimizer, cfg, steps)
     # The averaged copy is what gets validated, tested and used by --predict; the live model is what trains.
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg["ema"] else None
+    average = training.WeightAverage(model, cfg["ema"]) if cfg["ema"] else None
+    ema = None if average is None else average.module
     tested = model if ema is None else ema
     gen = torch.Generator(device).manual_seed(cfg["seed"])  # batch order and augmentation, saved with the checkpoint
     history, best_acc, start, first_step, order, sums = [], -1.0, 0, 0, None, None
@@ -450,10 +326,7 @@ def train(args, command: str):
             if scheduler:
                 scheduler.load_state_dict(ckpt["scheduler"])
         with runs.restoring(last, "random state"):
-            gen.set_state(ckpt["rng"]["loop"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:  # dropout on the GPU draws from this one
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+            training.restore_rng(ckpt["rng"], gen, device)
         history, best_acc, start, first_step = ckpt["history"], ckpt["best_acc"], ckpt["epoch"], ckpt["step"]
         order = ckpt["order"].to(device) if first_step else None
         sums = ckpt.get("sums")  # the stopped epoch's loss, correct count and seconds so far
@@ -462,9 +335,7 @@ def train(args, command: str):
     elif args.resume:
         resumed_with = [command]
     runs.write_json(run / "config.json", cfg)
-    step_model = compiled(model, device) if cfg["compile"] else model
-    if ema is not None:
-        ema_tensors, model_tensors = float_state(ema), float_state(model)
+    step_model = training.compiled(model, device) if cfg["compile"] else model
 
     def checkpoint(epoch, step=0, sums=None):
         """Everything needed to go on exactly from here: after `step` steps of epoch `epoch` (0-based)."""
@@ -472,8 +343,7 @@ def train(args, command: str):
                 "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "step": step,
                 "order": order.cpu() if step else None, "sums": sums, "best_acc": best_acc, "history": history, "config": cfg,
                 "classes": classes, "resumed_with": resumed_with, "wall_seconds": earlier_wall + time.perf_counter() - t0,
-                "rng": {"loop": gen.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+                "rng": training.rng_state(gen, device)}
 
     def save(name, state):
         try:
@@ -481,19 +351,10 @@ def train(args, command: str):
         except runs.RunError as e:
             raise runs.RunError(f"{e}; then --resume {run} goes on from its last save") from None
 
-    # Ctrl-C (or a scheduler's SIGTERM) finishes the current step, then saves: a step cut in half would leave the
-    # weights half-updated. A second one stops at once.
-    stop_asked = []
-    def ask_to_stop(signum, frame):
-        stop_asked.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    previous_handlers = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
     train_seconds = sum(h["seconds"] for h in history)
     last_epoch = 1 if cfg["dry_run"] else cfg["epochs"]
     saved_at = time.perf_counter()
-    try:
+    with training.StopRequests() as stop:
         for epoch in range(start, last_epoch):
             model.train()
             t_epoch = time.perf_counter()
@@ -510,19 +371,19 @@ def train(args, command: str):
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 x = augment_batch(model_input(x_train[idx], cfg), cfg, gen)
                 loss, logits, y = train_step(step_model, optimizer, x, y_train[idx], cfg, gen)
-                if ema is not None:
-                    update_ema(ema_tensors, model_tensors, cfg["ema"], done=epoch * steps + step + 1)
+                if average is not None:
+                    average.update(done=epoch * steps + step + 1)
                 if cfg["scheduler"] in ("onecycle", "cosine"):
                     scheduler.step()
                 loss_sum += loss * len(idx)
                 correct += (logits.argmax(1) == y).sum()
                 # Inside an epoch (its end saves below): the exact position, on Ctrl-C or when the last save is old,
                 # so that a kill -9 or a power cut costs at most SAVE_EVERY seconds however long an epoch is.
-                if step + 1 < steps and (stop_asked or time.perf_counter() - saved_at > SAVE_EVERY):
+                if step + 1 < steps and (stop.asked or time.perf_counter() - saved_at > SAVE_EVERY):
                     sums = {"loss": loss_sum.item(), "correct": correct.item(), "seconds": time.perf_counter() - t_epoch}
                     save("last.pt", checkpoint(epoch, step + 1, sums))
                     saved_at = time.perf_counter()
-                    if stop_asked:
+                    if stop.asked:
                         print(f"\nstopped in epoch {epoch + 1} after step {step + 1}: saved {run / 'last.pt'}; continue with --resume {run}")
                         return 130
                 if (step - first_step) % 20 == 19:  # reading the loss syncs with the GPU: only now and then
@@ -560,20 +421,17 @@ def train(args, command: str):
             stopping = bool(cfg["stop_loss"]) and train_loss <= cfg["stop_loss"]
             # Saving takes ~0.1 s, a tenth of a short GPU epoch, so last.pt, the log and the plot are written at most
             # every SAVE_EVERY seconds and at the end; Ctrl-C still saves the exact position.
-            if epoch + 1 == last_epoch or stopping or stop_asked or time.perf_counter() - saved_at > SAVE_EVERY:
+            if epoch + 1 == last_epoch or stopping or stop.asked or time.perf_counter() - saved_at > SAVE_EVERY:
                 runs.write_log(run / "log.csv", history)
                 metrics.plot_curves(history, run / "curves.png")
                 save("last.pt", checkpoint(epoch + 1))
                 saved_at = time.perf_counter()
-            if stop_asked:
+            if stop.asked:
                 print(f"stopped after epoch {epoch + 1}: saved {run / 'last.pt'}; continue with --resume {run}")
                 return 130
             if stopping:
                 print(f"training loss {train_loss:.4f} <= --stop-loss {cfg['stop_loss']}: stopping")
                 break
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
     if best_acc < 0:  # no validation: nothing may peek at the test set, so the last epoch is the one tested
         runs.replace_atomically(run / "best.pt", lambda tmp: shutil.copyfile(run / "last.pt", tmp))
 
@@ -601,39 +459,15 @@ def train(args, command: str):
     result = {"test_accuracy": round(test_acc, 5), "test_loss": round(test_loss, 5), "test_accuracy_by_usage": by_usage, **extras,
               "best_epoch": best["epoch"], "best_val_accuracy": best_acc if best_acc >= 0 else None,
               "epochs_run": len(history), "train_seconds": round(train_seconds, 1),
-              "wall_seconds": round(earlier_wall + time.perf_counter() - t0, 1), "device": device_name(device),
+              "wall_seconds": round(earlier_wall + time.perf_counter() - t0, 1), "device": training.device_name(device),
               "parameters": models.count_parameters(model), "split_sizes": {k: len(v) for k, v in split.items()},
               **started_with, **metrics.summarize(cm, classes)}
     runs.write_json(run / "metrics.json", result)
     metrics.plot_confusion(cm, classes, run / "confusion.png")
     print(metrics.format_table(metrics.per_class_table(cm, classes)))
     print(f"test accuracy {test_acc:.4f} ({', '.join(f'{k} {v:.4f}' for k, v in by_usage.items())}) with the weights of epoch "
-          f"{best['epoch']}; training took {train_seconds:.0f}s on {device_name(device)}; results in {run}")
+          f"{best['epoch']}; training took {train_seconds:.0f}s on {training.device_name(device)}; results in {run}")
     return 0
-
-
-def keep_freed_memory():
-    """Stop glibc from handing large freed blocks back to the OS after every step.
-
-    Otherwise each step's activations (tens of MB) are mapped and page-faulted in anew: measured on 2 CPU cores,
-    monterrey_baseline trains 30% faster with this. No effect on GPU memory; a no-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: serve blocks up to 256 MB from the heap
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MB of freed heap
-    except (OSError, AttributeError):
-        pass
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise runs.RunError("--device cuda asked for, but PyTorch sees no CUDA GPU: use --device cpu")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 # ----------------------------------------------------------------------------- inference on photos
@@ -660,7 +494,7 @@ def annotated_names(paths: list[str]) -> list[str]:
 def predict(args):
     from PIL import ImageDraw, ImageFont
 
-    device = pick_device(args.device)
+    device = training.pick_device(args.device)
     ckpt = runs.load_checkpoint(args.checkpoint, map_location=device, needs=PREDICT_KEYS)
     where = Path(args.checkpoint)
     cfg, classes = ckpt["config"], ckpt["classes"]

@@ -16,7 +16,6 @@ PublicTest accuracy after each epoch; the training time (evaluation excluded) at
 70% and 72%, and the final accuracy. --out FILE also writes every result as JSON.
 """
 import argparse
-import copy
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from torchvision.transforms import v2
 # benchmarks/ is not a package: put the repository root on the path so that train_emotion imports from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_emotion  # noqa: E402
-from facenets import data, models, runs  # noqa: E402
+from facenets import data, models, runs, training  # noqa: E402
 
 TARGETS = (0.70, 0.72)
 # What both throughput loops do: the recipe's random 40x40 crop, flip, erasing 0.25 and mixup, plus an affine
@@ -84,7 +83,7 @@ def new_model(cfg, faces, device):
     torch.manual_seed(cfg["seed"])  # the same initial weights in every loop
     image_size = cfg["crop"] or faces.images.shape[-1]  # the recipe trains on crops: a model's head may depend on the size
     model = train_emotion.make_model(cfg, faces.images.shape[1], len(faces.classes), image_size, device)
-    return model, (train_emotion.compiled(model, device) if cfg["compile"] else model)
+    return model, (training.compiled(model, device) if cfg["compile"] else model)
 
 
 def clock(device):
@@ -139,7 +138,7 @@ def reference_batches(images, labels, cfg, workers, device):
 
 def images_per_second(batches, cfg, faces, args, device):
     model, step_model = new_model(cfg, faces, device)
-    optimizer = train_emotion.make_optimizer(model, cfg)
+    optimizer = training.make_optimizer(model, cfg)
     gen = torch.Generator(device).manual_seed(cfg["seed"])  # for mixup, the same draws in both loops
     for _ in range(args.warmup):
         train_emotion.train_step(step_model, optimizer, *next(batches), cfg, gen)
@@ -158,13 +157,11 @@ def time_to_accuracy(x, y, x_test, y_test, cfg, faces, device):
     """
     model, step_model = new_model(cfg, faces, device)
     steps = len(x) // cfg["batch_size"]
-    optimizer = train_emotion.make_optimizer(model, cfg)
-    scheduler = train_emotion.make_scheduler(optimizer, cfg, steps)
+    optimizer = training.make_optimizer(model, cfg)
+    scheduler = training.make_scheduler(optimizer, cfg, steps)
     gen = torch.Generator(device).manual_seed(cfg["seed"])
     batches = facenets_batches(x, y, cfg, gen)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg["ema"] else None
-    if ema is not None:
-        ema_tensors, model_tensors = train_emotion.float_state(ema), train_emotion.float_state(model)
+    average = training.WeightAverage(model, cfg["ema"]) if cfg["ema"] else None
     history, reached, seconds, done = [], {f"{t:.2f}": None for t in TARGETS}, 0.0, 0
     for epoch in range(1, cfg["epochs"] + 1):
         model.train()
@@ -172,11 +169,11 @@ def time_to_accuracy(x, y, x_test, y_test, cfg, faces, device):
         for _ in range(steps):
             train_emotion.train_step(step_model, optimizer, *next(batches), cfg, gen)
             done += 1
-            if ema is not None:
-                train_emotion.update_ema(ema_tensors, model_tensors, cfg["ema"], done)
+            if average is not None:
+                average.update(done)
             scheduler.step()
         seconds += clock(device) - start  # the evaluation below is not training time
-        accuracy = (train_emotion.predict_proba(model if ema is None else ema, x_test, cfg).argmax(1) == y_test).float().mean().item()
+        accuracy = (train_emotion.predict_proba(model if average is None else average.module, x_test, cfg).argmax(1) == y_test).float().mean().item()
         history.append({"epoch": epoch, "train_seconds": round(seconds, 2), "test_accuracy": round(accuracy, 5)})
         print(f"epoch {epoch:3d}/{cfg['epochs']}  training {seconds:7.1f} s  PublicTest accuracy {accuracy:.4f}")
         for target in TARGETS:
@@ -187,12 +184,12 @@ def time_to_accuracy(x, y, x_test, y_test, cfg, faces, device):
 
 
 def bench(args):
-    device = train_emotion.pick_device(args.device)
+    device = training.pick_device(args.device)
     if args.out:  # refused now, not after minutes of measuring
         if Path(args.out).is_dir():
             raise runs.RunError(f"--out {args.out} is a folder: name the JSON file to write, e.g. {Path(args.out) / 'bench.json'}")
         runs.make_folder(Path(args.out).parent)
-    train_emotion.keep_freed_memory()  # set for the whole process, so both loops run with it
+    training.keep_freed_memory()  # set for the whole process, so both loops run with it
     cfg = recipe(args, *THROUGHPUT_AUGMENT)
     faces = train_emotion.load_faces(cfg)
     train = faces.usage == data.USAGES.index("Training")
@@ -203,7 +200,7 @@ def bench(args):
     if len(x) < args.batch_size:
         raise runs.RunError(f"--batch-size {args.batch_size} is more than the {len(x)} Training images: lower it")
     x_on_device, y_on_device = x.to(device), y.to(device)  # facenets' way: the whole training set on the device
-    device_name = train_emotion.device_name(device)
+    device_name = training.device_name(device)
     model_name = " ".join([args.model, *(f"{k}={v}" for k, v in cfg["model_options"].items())])
     print(f"device {device_name}, torch {torch.__version__}; data {args.data}: "
           f"{len(x):,} Training, {int(test.sum()):,} PublicTest images")

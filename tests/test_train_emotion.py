@@ -294,22 +294,3 @@ def test_sam_steps_with_the_gradient_at_the_weights_moved_uphill():
     for p, w, g in zip(model.parameters(), start, g1):
         assert torch.allclose(p, w - 0.1 * g, atol=1e-6)
     assert not torch.allclose(g1[0], g0[0])  # the two gradients differ, so the test tells SAM from plain SGD
-
-
-@pytest.mark.parametrize("optimizer, momentum, expected", [
-    ("sgd", None, (0.95, 0.85)),  # one-cycle momentum: high at the start, lowest at the peak lr (a quarter in)
-    ("sgd", 0.5, (0.5, 0.5)),     # a given --momentum is kept
-    ("rmsprop", None, (0.0, 0.0)),  # no momentum switched on behind the user's back
-    ("sgd", 0.0, (0.0, 0.0)),     # plain SGD (Keras' default), which Nesterov would refuse
-])
-def test_onecycle_cycles_the_momentum_only_when_none_is_given(optimizer, momentum, expected):
-    args = train_emotion.parse_args(["--optimizer", optimizer, *(["--momentum", str(momentum)] if momentum is not None else [])])
-    cfg = {**vars(args), "epochs": 4}
-    optimizer = train_emotion.make_optimizer(torch.nn.Linear(2, 2), cfg)
-    scheduler = train_emotion.make_scheduler(optimizer, cfg, steps_per_epoch=10)
-    seen = []
-    for _ in range(10):
-        seen.append(optimizer.param_groups[0]["momentum"])
-        optimizer.step()
-        scheduler.step()
-    assert (seen[0], seen[-1]) == pytest.approx(expected)

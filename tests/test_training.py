@@ -1,0 +1,81 @@
+"""facenets.training: optimisation flags, optimizer and schedule, the weight average, stop requests, random states."""
+import signal
+
+import pytest
+import torch
+
+from facenets import runs, training
+
+
+def optimisation_flags(argv):
+    parser = runs.FlagParser()
+    training.add_optimizer_flags(parser, epochs=4, lr=0.1)
+    args = parser.parse_args(argv)
+    training.check_optimizer_flags(parser, args)
+    return vars(args)
+
+
+@pytest.mark.parametrize("optimizer, momentum, expected", [
+    ("sgd", None, (0.95, 0.85)),  # one-cycle momentum: high at the start, lowest at the peak lr (a quarter in)
+    ("sgd", 0.5, (0.5, 0.5)),     # a given --momentum is kept
+    ("rmsprop", None, (0.0, 0.0)),  # no momentum switched on behind the user's back
+    ("sgd", 0.0, (0.0, 0.0)),     # plain SGD (Keras' default), which Nesterov would refuse
+])
+def test_onecycle_cycles_the_momentum_only_when_none_is_given(optimizer, momentum, expected):
+    cfg = optimisation_flags(["--optimizer", optimizer, *(["--momentum", str(momentum)] if momentum is not None else [])])
+    optimizer = training.make_optimizer(torch.nn.Linear(2, 2), cfg)
+    scheduler = training.make_scheduler(optimizer, cfg, steps_per_epoch=10)
+    seen = []
+    for _ in range(10):
+        seen.append(optimizer.param_groups[0]["momentum"])
+        optimizer.step()
+        scheduler.step()
+    assert (seen[0], seen[-1]) == pytest.approx(expected)
+
+
+def test_no_weight_decay_on_biases_and_batchnorm():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    decayed, plain = training.make_optimizer(model, optimisation_flags(["--weight-decay", "0.01"])).param_groups
+    assert [p.shape for p in decayed["params"]] == [(2, 1, 3, 3)] and decayed["weight_decay"] == 0.01
+    assert len(plain["params"]) == 3 and plain["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("argv, words", [(["--lr", "0"], "--lr must be positive"), (["--ema", "1"], "--ema must be"),
+                                         (["--epochs", "0"], "--epochs and --batch-size"), (["--label-smoothing", "1"], "smoothing")])
+def test_impossible_optimisation_flags_are_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit):
+        optimisation_flags(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
+
+
+def test_the_weight_average_follows_the_live_weights_at_its_decay():
+    model = torch.nn.Linear(3, 1)
+    average = training.WeightAverage(model, decay=0.5)
+    start = average.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight += 1.0
+    average.update(done=100)  # d = min(0.5, 101 / 110) = 0.5
+    assert torch.allclose(average.module.weight, start + 0.5)
+    average.update(done=0)  # early steps weigh the live weights more: d = 1 / 10
+    assert torch.allclose(average.module.weight, start + 0.5 + 0.9 * 0.5)
+    assert not average.module.weight.requires_grad
+
+
+def test_a_stop_request_is_noted_and_the_handlers_come_back():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with training.StopRequests() as stop:
+        assert not stop.asked
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.asked
+        with pytest.raises(KeyboardInterrupt):  # a second request stops at once
+            signal.raise_signal(signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_random_states_come_back_exactly():
+    gen = torch.Generator().manual_seed(3)
+    state = training.rng_state(gen, torch.device("cpu"))
+    first = torch.rand(3, generator=gen), torch.rand(3)
+    training.restore_rng(state, gen, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(first, (torch.rand(3, generator=gen), torch.rand(3))))
