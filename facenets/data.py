@@ -5,16 +5,25 @@ Formats read:
   * the same folders straight from the Kaggle download .zip, without extracting it
   * the original fer2013.csv (emotion,pixels,Usage) and icml_face_data.csv (emotion, Usage, pixels)
   * any folder of photos root/<class>/*, cropped to the biggest face with MTCNN (facenet-pytorch)
+  * CelebA in its official layout: root/list_attr_celeba.txt, root/list_eval_partition.txt and the images in
+    root/img_align_celeba/*.jpg or root/img_align_celeba.zip (read without extracting it); also Kaggle's
+    list_attr_celeba.csv and list_eval_partition.csv in place of the .txt files
+  * UTKFace: a folder of <age>_<gender>_<race>_<datetime>.jpg[.chip.jpg] (the aligned crops, or in-the-wild
+    photos cropped to the biggest face with MTCNN), or the folder above one such folder
 
-Every reader returns FaceImages: one uint8 tensor [N, C, H, W] with the label, the FER-2013 Usage and the
-source name of each image. load_fer2013 and face_folders keep the decoded tensors in a cache, so the second
-load of the 32k FER-2013 images takes a fraction of a second instead of decoding 32k JPEGs again.
+The emotion readers return FaceImages: one uint8 tensor [N, C, H, W] with the label, the FER-2013 Usage and the
+source name of each image. The attribute readers return AttributeFaces: RGB images with several labels each
+(CelebA's 40 attributes; UTKFace's gender, age and race) and CelebA's official partition. load_fer2013,
+face_folders, load_celeba and load_utkface keep the decoded tensors in a cache, so the second load of the 32k
+FER-2013 images takes a fraction of a second instead of decoding 32k JPEGs again. CelebA is read in two steps:
+read_celeba_labels first (no image decoded), then load_celeba decodes only the sample drawn from the labels.
 Input the user can fix raises DataError (one line: the problem and what to do). Problems that cost only a
 few images (corrupt files, photos without a face) skip them and warn with a count and the first few names.
 """
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import hashlib
 import io
@@ -25,7 +34,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -75,6 +84,34 @@ class FaceImages:
         """The images at index (an int64 index tensor), in that order."""
         return FaceImages(self.images[index], self.labels[index], self.usage[index],
                           [self.files[i] for i in index.tolist()], self.classes)
+
+
+@dataclass
+class AttributeFaces:
+    """Decoded face images with several labels each (one column per attribute or per target)."""
+
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    targets: torch.Tensor  # int64 [N, K], one column per name in columns
+    columns: tuple[str, ...]  # CelebA: attribute names, values 0/1; UTKFace: ("gender", "age", "race")
+    partition: torch.Tensor  # int8 [N]: 0 train, 1 val, 2 test as in CelebA's list_eval_partition; -1 where none
+    files: list[str]  # source name of each image, for messages
+
+    def __post_init__(self):
+        # Catches a damaged cache as well as a reader bug: every field must describe the same N images.
+        if not len(self.images) == len(self.targets) == len(self.partition) == len(self.files):
+            raise ValueError(f"AttributeFaces fields differ in length: {len(self.images)} images, "
+                             f"{len(self.targets)} targets, {len(self.partition)} partitions, {len(self.files)} files")
+        if self.targets.dim() != 2 or self.targets.shape[1] != len(self.columns):
+            raise ValueError(f"AttributeFaces targets have shape {tuple(self.targets.shape)}, expected "
+                             f"[N, {len(self.columns)}]: one column per name in columns")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, index: torch.Tensor) -> AttributeFaces:
+        """The images at index (an int64 index tensor), in that order."""
+        return AttributeFaces(self.images[index], self.targets[index], self.columns, self.partition[index],
+                              [self.files[i] for i in index.tolist()])
 
 
 def _first_few(names: list[str], shown: int = 5) -> str:
@@ -174,15 +211,18 @@ def fer2013_folders(root: str | Path) -> FaceImages:
     return _read_fer_layout(names, lambda name: Image.open(root / name), root)
 
 
+def _open_zip(path: Path, or_else: str) -> zipfile.ZipFile:
+    """path as an open ZipFile; a damaged or foreign file is a DataError ending with or_else (what else to do)."""
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        raise DataError(f"{path} is not a readable zip file: download it again, or {or_else}") from None
+
+
 def fer2013_zip(path: str | Path) -> FaceImages:
     """Read the FER-2013 image folders straight from the Kaggle .zip (optionally under one top-level folder)."""
     path = _existing(path, GET_FER2013)
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
-        raise DataError(f"{path} is not a readable zip file: download it again, or unzip it and pass the "
-                        f"folder") from None
-    with archive:
+    with _open_zip(path, "unzip it and pass the folder") as archive:
         names = _fer_layout(archive.namelist())
         return _read_fer_layout(names, lambda name: Image.open(io.BytesIO(archive.read(name))), path)
 
@@ -269,15 +309,19 @@ def _fingerprint(path: Path) -> list:
 
 
 def _cached(kind: str, path: Path, settings: tuple, cache_dir: str | Path | None,
-            read: Callable[[], FaceImages]) -> FaceImages:
-    """read() once; later calls load its result from cache_dir while path and settings are unchanged."""
+            read: Callable[[], FaceImages | AttributeFaces],
+            container: type[FaceImages | AttributeFaces] = FaceImages) -> FaceImages | AttributeFaces:
+    """read() once; later calls load its result from cache_dir while path and settings are unchanged.
+
+    container is the class read() returns, which the cache rebuilds; kind keeps the caches of the classes apart.
+    """
     path = path.resolve()
     key = repr((CACHE_VERSION, kind, str(path), settings, _fingerprint(path)))
     cache_dir = Path(cache_dir or os.environ.get("FACENETS_CACHE") or Path.home() / ".cache" / "facenets").expanduser()
     cache = cache_dir / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if cache.exists():
         try:
-            return FaceImages(**torch.load(cache, weights_only=True))
+            return container(**torch.load(cache, weights_only=True))
         except Exception as error:  # any damage (truncated, foreign or hand-edited file) only means: decode again
             warnings.warn(f"ignoring the damaged cache {cache} ({type(error).__name__}); decoding the data again")
     data = read()
@@ -507,6 +551,28 @@ def crop_face(image: Image.Image, box: tuple[float, float, float, float], size: 
     return pixels.unsqueeze(0) if grayscale else pixels.permute(2, 0, 1).contiguous()
 
 
+def _crop_biggest_faces(paths: list[Path], names: list[str], size: int, grayscale: bool,
+                        device: str) -> tuple[list[torch.Tensor], list[int]]:
+    """The biggest face of each photo, cropped to uint8 [C, size, size], and the positions of the photos they come
+    from. Photos that cannot be read or show no face are skipped with a warning naming them (names[i])."""
+    crops, kept, unreadable, faceless = [], [], [], []
+    for i, (path, name) in enumerate(zip(paths, names)):
+        try:
+            photo = open_photo(path)
+        except UNREADABLE:
+            unreadable.append(name)
+            continue
+        boxes = detect_faces(photo, device)
+        if not boxes:
+            faceless.append(name)
+            continue
+        crops.append(crop_face(photo, boxes[0], size, grayscale))
+        kept.append(i)
+    _warn_skipped(unreadable, "unreadable photos")
+    _warn_skipped(faceless, "photos where no face was found")
+    return crops, kept
+
+
 def _crop_face_folders(root: Path, size: int, grayscale: bool, classes: tuple[str, ...] | None,
                        device: str) -> FaceImages:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -523,28 +589,14 @@ def _crop_face_folders(root: Path, size: int, grayscale: bool, classes: tuple[st
                    if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")]
     if not photos:
         raise DataError(f"no photos (.jpg, .jpeg, .png) in {root}/<class>/: put each class's photos in its own folder")
-    crops, labels, files, unreadable, faceless = [], [], [], [], []
-    for label, path in photos:
-        name = path.relative_to(root).as_posix()
-        try:
-            photo = open_photo(path)
-        except UNREADABLE:
-            unreadable.append(name)
-            continue
-        boxes = detect_faces(photo, device)
-        if not boxes:
-            faceless.append(name)
-            continue
-        crops.append(crop_face(photo, boxes[0], size, grayscale))
-        labels.append(label)
-        files.append(name)
-    _warn_skipped(unreadable, "unreadable photos")
-    _warn_skipped(faceless, "photos where no face was found")
+    names = [path.relative_to(root).as_posix() for _, path in photos]
+    crops, kept = _crop_biggest_faces([path for _, path in photos], names, size, grayscale, device)
     if not crops:
         raise DataError(f"no face found in any of the {len(photos)} photos in {root}: use photos where a face is "
                         f"clearly visible")
     usage = torch.full((len(crops),), USAGES.index("Training"), dtype=torch.int8)
-    return FaceImages(torch.stack(crops), torch.tensor(labels), usage, files, classes)
+    return FaceImages(torch.stack(crops), torch.tensor([photos[i][0] for i in kept]), usage,
+                      [names[i] for i in kept], classes)
 
 
 def face_folders(root: str | Path, size: int = 48, grayscale: bool = True, classes: tuple[str, ...] | None = None,
@@ -561,3 +613,556 @@ def face_folders(root: str | Path, size: int = 48, grayscale: bool = True, class
     classes = None if classes is None else tuple(classes)
     return _cached("faces", root, (size, grayscale, classes), cache_dir,
                    lambda: _crop_face_folders(root, size, grayscale, classes, str(device)))
+
+
+# ---------------------------------------------------------------- RGB decoding shared by the attribute readers
+
+def _image_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) from an int (a square) or a (height, width) pair of positive ints."""
+    pair = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise DataError(f"the image size must be a positive int or a (height, width) pair of them, got {size!r}")
+    return pair
+
+
+def _resized_rgb(image: Image.Image, height: int, width: int, square: bool) -> torch.Tensor:
+    """image as uint8 [3, height, width]; square first cuts the centre square, so that nothing is stretched."""
+    image = image.convert("RGB")
+    if square and image.width != image.height:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def _decode_rgb(names: list[str], open_image: Callable[[str], Image.Image], height: int, width: int,
+                square: bool) -> tuple[torch.Tensor, list[int]]:
+    """Decode one image at a time into a preallocated uint8 [N, 3, height, width], so that memory never holds
+    more than the result. Returns the images and the positions in names that could be read."""
+    images = torch.empty(len(names), 3, height, width, dtype=torch.uint8)
+    kept, unreadable = [], []
+    for i, name in enumerate(names):
+        try:
+            with open_image(name) as image:
+                images[len(kept)] = _resized_rgb(image, height, width, square)
+        except UNREADABLE:
+            unreadable.append(name)
+            continue
+        kept.append(i)
+    _warn_skipped(unreadable, "missing or unreadable images")
+    # A slice would keep the whole preallocated storage alive, and torch.save would write all of it to the cache.
+    return (images if len(kept) == len(names) else images[:len(kept)].clone()), kept
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory a new allocation can take (Linux: MemAvailable in /proc/meminfo); None where unknown."""
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _bytes_text(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
+# ---------------------------------------------------------------- CelebA attributes
+
+CELEBA_PARTS = ("train", "val", "test")  # list_eval_partition's 0, 1, 2
+CELEBA_CROPS = ("none", "square")
+GET_CELEBA = ("download CelebA's list_attr_celeba.txt, list_eval_partition.txt and img_align_celeba.zip (or "
+              "Kaggle's CelebA csv files and zip) into one folder")
+
+
+def _celeba_list(root: Path, stem: str) -> Path | None:
+    """root/stem.txt (the official file), else root/stem.csv (Kaggle's); None when neither is there."""
+    for suffix in (".txt", ".csv"):
+        if (root / (stem + suffix)).is_file():
+            return root / (stem + suffix)
+    return None
+
+
+def _table_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank line: split at commas in a .csv, at runs of spaces in a .txt."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet may have added a BOM
+            if path.suffix == ".csv":
+                rows = csv.reader(file)
+                for row in rows:
+                    if row:
+                        yield rows.line_num, row
+            else:
+                for number, line in enumerate(file, 1):
+                    fields = line.split()
+                    if fields:
+                        yield number, fields
+    except (UnicodeDecodeError, csv.Error) as e:  # e.g. a binary file under the list's name
+        raise DataError(f"{path.name} is not a readable text file ({textwrap.shorten(str(e), 60)}): "
+                        f"{GET_CELEBA}") from None
+
+
+def _celeba_rows(path: Path, lines: Iterator[tuple[int, list[str]]], width: int, codes: dict[str, str],
+                 meaning: str, allowed: str) -> tuple[list[str], str]:
+    """Check the rows of a CelebA list (width fields: a file name, then values that are keys of codes; no file
+    twice). Returns the file names and every value's code, one character each, in one string: a string holds
+    list_attr_celeba's 8 million values in 8 MB, where a list of them would take hundreds."""
+    files, values, seen = [], [], set()
+    for number, fields in lines:
+        if len(fields) != width:
+            raise DataError(f"{path.name} line {number} has {len(fields)} fields, expected {width} ({meaning}): "
+                            f"fix or delete it")
+        try:
+            values.append("".join(map(codes.__getitem__, fields[1:])))
+        except KeyError as bad:
+            raise DataError(f"{path.name} line {number}: {bad.args[0]!r} is not {allowed}: fix or delete it") from None
+        if fields[0] in seen:
+            raise DataError(f"{path.name} line {number} lists {fields[0]} a second time: delete one of the two lines")
+        seen.add(fields[0])
+        files.append(fields[0])
+    return files, "".join(values)
+
+
+def _digits(codes: str) -> np.ndarray:
+    return np.frombuffer(codes.encode("ascii"), np.uint8) - ord("0")
+
+
+def _read_celeba_attributes(path: Path) -> tuple[list[str], torch.Tensor, tuple[str, ...]]:
+    """list_attr_celeba.txt (line 1: the count, line 2: the names) or .csv (header image_id,<names>)."""
+    lines = _table_lines(path)
+    first = next(lines, None)
+    if first is None:
+        raise DataError(f"{path.name} is empty: {GET_CELEBA}")
+    number, fields = first
+    if path.suffix == ".csv":
+        if fields[0] != "image_id" or len(fields) < 2:
+            raise DataError(f"{path.name} has the header {textwrap.shorten(','.join(fields), 60)!r}, expected "
+                            f"image_id and the attribute names: pass Kaggle's list_attr_celeba.csv")
+        count, names = None, tuple(fields[1:])
+    else:
+        if len(fields) != 1 or not fields[0].isdigit():
+            raise DataError(f"{path.name} line {number} is {textwrap.shorten(' '.join(fields), 40)!r}, expected the "
+                            f"image count: pass CelebA's list_attr_celeba.txt (line 1 the count, line 2 the names)")
+        second = next(lines, None)
+        if second is None:
+            raise DataError(f"{path.name} has no attribute names after line {number}: {GET_CELEBA}")
+        count, names = int(fields[0]), tuple(second[1])
+    files, codes = _celeba_rows(path, lines, len(names) + 1, {"-1": "0", "1": "1"},
+                                f"a file name and {len(names)} attribute values", "-1 or 1")
+    if count is not None and count != len(files):
+        raise DataError(f"{path.name} line {number} says {count:,} images but {len(files):,} are listed: the file "
+                        f"is cut off or edited, download it again")
+    if not files:
+        raise DataError(f"{path.name} lists no images: {GET_CELEBA}")
+    attributes = torch.from_numpy(_digits(codes).astype(np.int64).reshape(len(files), len(names)))
+    return files, attributes, names
+
+
+def _read_celeba_partition(path: Path) -> dict[str, str]:
+    """list_eval_partition.txt (no header) or .csv (header image_id,partition): file name -> "0", "1" or "2"."""
+    lines = _table_lines(path)
+    if path.suffix == ".csv":
+        header = next(lines, (1, []))[1]
+        if header != ["image_id", "partition"]:
+            raise DataError(f"{path.name} has the header {textwrap.shorten(','.join(header), 60)!r}, expected "
+                            f"image_id,partition: pass Kaggle's list_eval_partition.csv")
+    files, codes = _celeba_rows(path, lines, 2, {"0": "0", "1": "1", "2": "2"}, "a file name and its partition",
+                                "0 (train), 1 (val) or 2 (test)")
+    return dict(zip(files, codes))
+
+
+def read_celeba_labels(root: str | Path) -> tuple[list[str], torch.Tensor, tuple[str, ...], torch.Tensor]:
+    """CelebA's labels without decoding any image: (file names, int64 [N, 40] attributes 0/1, attribute names,
+    int8 [N] official partition 0 train, 1 val, 2 test), in list_attr_celeba's order.
+
+    A sample is drawn from these first (concepcion_sample), so that load_celeba decodes only what it needs.
+    Without list_eval_partition the partition is -1 everywhere, with a warning.
+    """
+    root = _existing(root, GET_CELEBA)
+    attributes_path = _celeba_list(root, "list_attr_celeba")
+    if attributes_path is None:
+        raise DataError(f"no list_attr_celeba.txt or list_attr_celeba.csv in {root}: {GET_CELEBA}")
+    files, attributes, names = _read_celeba_attributes(attributes_path)
+    partition_path = _celeba_list(root, "list_eval_partition")
+    if partition_path is None:
+        warnings.warn(f"no list_eval_partition.txt or list_eval_partition.csv in {root}: every image gets the "
+                      f"partition -1 (none), so the official train/val/test split cannot be used")
+        return files, attributes, names, torch.full((len(files),), -1, dtype=torch.int8)
+    partition = _read_celeba_partition(partition_path)
+    unpartitioned = next((name for name in files if name not in partition), None)
+    if unpartitioned is not None:
+        raise DataError(f"{unpartitioned} is in {attributes_path.name} but not in {partition_path.name}: use the "
+                        f"two lists of one CelebA download")
+    if len(partition) != len(files):  # every listed file is in partition, so partition has more
+        listed = set(files)
+        extra = next(name for name in partition if name not in listed)
+        raise DataError(f"{extra} is in {partition_path.name} but not in {attributes_path.name}: use the two lists "
+                        f"of one CelebA download")
+    codes = "".join(partition[name] for name in files)
+    return files, attributes, names, torch.from_numpy(_digits(codes).astype(np.int8))
+
+
+def select_attributes(names_available: Sequence[str], wanted: Sequence[str]) -> list[int]:
+    """Positions in names_available of the wanted names (case-sensitive, as CelebA spells them: Male, Eyeglasses,
+    Smiling), in the order wanted, each once; ["all"] means every attribute."""
+    names_available = list(names_available)
+    if list(wanted) == ["all"]:
+        return list(range(len(names_available)))
+    if not wanted:
+        raise DataError(f"no attribute chosen: name one or more of {', '.join(names_available)}, or all")
+    by_lower_case = {name.lower(): name for name in names_available}
+    for name in wanted:
+        if name not in names_available:
+            # Compared in lower case, so that "smiling" suggests Smiling.
+            close = [by_lower_case[match] for match in difflib.get_close_matches(name.lower(), list(by_lower_case))]
+            hint = (f"did you mean {' or '.join(close)}? (names are case-sensitive)" if close
+                    else f"choose from {', '.join(names_available)}, or all")
+            raise DataError(f"unknown attribute {name!r}: {hint}")
+    return [names_available.index(name) for name in dict.fromkeys(wanted)]
+
+
+def concepcion_sample(attributes: torch.Tensor, partition: torch.Tensor, column: int,
+                      sizes: tuple[int, int, int] = (10_000, 2_000, 1_000), seed: int = 0) -> dict[str, torch.Tensor]:
+    """The Concepción report's balanced sample for one attribute: "train", "val" and "test" indices.
+
+    Part i is a seeded draw of sizes[i] images from the official partition i (0 train, 1 val, 2 test), exactly
+    half with the attribute (attributes[:, column] == 1) and half without (an odd size gives the extra one to
+    "without"), so that accuracy is not inflated by the attribute's frequency. Each part is sorted.
+    """
+    if len(sizes) != 3 or not all(isinstance(size, int) and size >= 0 for size in sizes):
+        raise ValueError(f"sizes must be three ints >= 0 (train, val, test), got {sizes!r}")
+    generator = torch.Generator().manual_seed(seed)
+    having = attributes[:, column].cpu() == 1
+    partition = partition.cpu()
+    sample = {}
+    for part, (name, size) in enumerate(zip(CELEBA_PARTS, sizes)):
+        inside = partition == part
+        pools = [(inside & having).nonzero().flatten(), (inside & ~having).nonzero().flatten()]
+        wanted = [size // 2, size - size // 2]
+        if len(pools[0]) < wanted[0] or len(pools[1]) < wanted[1]:
+            if not (partition >= 0).any():
+                raise DataError("the data has no official partition (list_eval_partition.txt is missing): put it "
+                                "next to list_attr_celeba.txt")
+            raise DataError(f"the official {name} partition has {len(pools[0]):,} images with attribute column "
+                            f"{column} and {len(pools[1]):,} without, too few for a balanced {size:,} ({wanted[0]:,} "
+                            f"with, {wanted[1]:,} without): make the sample sizes smaller")
+        drawn = [pool[torch.randperm(len(pool), generator=generator)[:count]] for pool, count in zip(pools, wanted)]
+        sample[name] = torch.cat(drawn).sort().values
+    return sample
+
+
+def _celeba_images_and_decode(root: Path, names: list[str], height: int, width: int,
+                              square: bool) -> tuple[torch.Tensor, list[int]]:
+    """_decode_rgb of the CelebA images names, from root/img_align_celeba/ or else root/img_align_celeba.zip."""
+    folder = root / "img_align_celeba"
+    if (folder / "img_align_celeba").is_dir():  # Kaggle's zip, extracted, nests the folder one level deeper
+        folder = folder / "img_align_celeba"
+    if folder.is_dir():
+        return _decode_rgb(names, lambda name: Image.open(folder / name), height, width, square)
+    path = root / "img_align_celeba.zip"
+    if not path.is_file():
+        raise DataError(f"no img_align_celeba/ folder or img_align_celeba.zip in {root}: {GET_CELEBA}")
+    with _open_zip(path, f"extract it into {folder}") as archive:
+        # The official zip holds img_align_celeba/<name>; Kaggle's nests that folder once more.
+        folders = ("img_align_celeba", "img_align_celeba/img_align_celeba")
+        members = {PurePosixPath(member).name: member for member in archive.namelist()
+                   if PurePosixPath(member).parent.as_posix() in folders}
+        if not members:
+            raise DataError(f"{path} holds no img_align_celeba/*.jpg: download it again")
+
+        def open_member(name: str) -> Image.Image:
+            if name not in members:
+                raise FileNotFoundError(name)
+            return Image.open(io.BytesIO(archive.read(members[name])))
+        return _decode_rgb(names, open_member, height, width, square)
+
+
+def _decode_celeba(root: Path, index: torch.Tensor, height: int, width: int, crop: str) -> AttributeFaces:
+    files, attributes, names, partition = read_celeba_labels(root)
+    if len(index) and not (0 <= int(index.min()) and int(index.max()) < len(files)):
+        raise DataError(f"the sample holds positions up to {int(index.max()):,} but {root} lists {len(files):,} "
+                        f"images: draw the sample from read_celeba_labels of this folder")
+    chosen = [files[i] for i in index.tolist()]
+    images, kept = _celeba_images_and_decode(root, chosen, height, width, crop == "square")
+    if chosen and not kept:
+        raise DataError(f"none of the {len(chosen):,} sampled images in {root} could be read: download "
+                        f"img_align_celeba.zip again")
+    kept_index = index[kept]
+    return AttributeFaces(images, attributes[kept_index], names, partition[kept_index], [chosen[i] for i in kept])
+
+
+def load_celeba(root: str | Path, index: torch.Tensor | Sequence[int], size: int | tuple[int, int] = (218, 178),
+                crop: str = "none", cache_dir: str | Path | None = None) -> AttributeFaces:
+    """The CelebA images at index (positions in read_celeba_labels' order, kept in that order) as uint8
+    [len(index), 3, height, width], with all 40 attributes and the partition; cached like load_fer2013.
+
+    Only these images are decoded, one at a time, so that a 13,000-image sample of the 202,599 never needs the
+    whole set in memory. size is (height, width) or an int for a square. crop "none" resizes the whole
+    178x218 image (as the Concepción report did, at 218x178); "square" takes its centre 178x178 square first,
+    the usual face crop for 64-128 px models. Unreadable images are skipped with a warning.
+    """
+    root = _existing(root, GET_CELEBA)
+    height, width = _image_size(size)
+    if crop not in CELEBA_CROPS:
+        raise DataError(f"unknown CelebA crop {crop!r}: choose one of {', '.join(CELEBA_CROPS)}")
+    index = torch.as_tensor(index, dtype=torch.int64).flatten().cpu()
+    need, available = len(index) * 3 * height * width, _available_memory()
+    if available is not None and need > available:
+        raise DataError(f"celeba: {len(index):,} images at {height}x{width} need {_bytes_text(need)} but only "
+                        f"{_bytes_text(available)} of memory is available: lower the sample sizes or the image size")
+    # A list edited in place leaves the folder's fingerprint unchanged: the files' own sizes and times join the key.
+    sources = [root / name for name in ("list_attr_celeba.txt", "list_attr_celeba.csv", "list_eval_partition.txt",
+                                        "list_eval_partition.csv", "img_align_celeba.zip")]
+    settings = (hashlib.sha256(index.numpy().tobytes()).hexdigest(), (height, width), crop,
+                [(path.name, *_fingerprint(path)) for path in sources if path.is_file()])
+
+    def decode() -> AttributeFaces:
+        print(f"celeba: decoding {len(index):,} images at {height}x{width} into {_bytes_text(need)}", flush=True)
+        return _decode_celeba(root, index, height, width, crop)
+    return _cached("celeba", root, settings, cache_dir, decode, AttributeFaces)
+
+
+# ---------------------------------------------------------------- UTKFace
+
+UTKFACE_COLUMNS = ("gender", "age", "race")
+UTKFACE_GENDERS = ("male", "female")  # the gender ids 0, 1 in the file names
+UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")  # the race ids 0..4 in the file names
+UTKFACE_SPLITS = ("stratified", "utec")
+AGE_GROUPS = (12, 19, 39, 59)  # upper bounds: 0-12, 13-19, 20-39, 40-59, 60+
+GET_UTKFACE = ("download UTKFace and pass the folder of its <age>_<gender>_<race>_<datetime>.jpg images "
+               "(UTKFace/, crop_part1/) or the folder above it")
+
+
+def _utkface_targets(file_name: str) -> tuple[int, int, int] | None:
+    """(gender, age, race) from <age>_<gender>_<race>_<datetime>.jpg[.chip.jpg]; None when the name is not that."""
+    stem = file_name[:-len(".chip.jpg")] if file_name.lower().endswith(".chip.jpg") else file_name
+    fields = PurePosixPath(stem).stem.split("_")
+    if len(fields) != 4 or not all(field.isascii() and field.isdigit() for field in fields):
+        return None
+    age, gender, race = (int(field) for field in fields[:3])
+    if not (0 <= age <= 120 and gender in (0, 1) and 0 <= race < len(UTKFACE_RACES)):
+        return None
+    return gender, age, race
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The images in folder, sorted; hidden files (macOS's ._<name> copies) and other files left out."""
+    return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES
+                  and not path.name.startswith(".") and path.is_file())
+
+
+def _utkface_folder(root: Path) -> tuple[Path, list[Path]]:
+    """root and its images, or root's one subfolder of images (the folder above crop_part1/) and its images."""
+    photos = _image_files(root)
+    if photos:
+        return root, photos
+    holding = [(folder, _image_files(folder)) for folder in sorted(root.iterdir())
+               if folder.is_dir() and not folder.name.startswith(".")]
+    holding = [(folder, photos) for folder, photos in holding if photos]
+    if len(holding) > 1:
+        raise DataError(f"{root} holds several folders of images ({_first_few([f.name for f, _ in holding])}): "
+                        f"pass the one to read")
+    if not holding:
+        raise DataError(f"no images (.jpg, .jpeg, .png) in {root} or in a folder inside it: {GET_UTKFACE}")
+    return holding[0]
+
+
+def _read_utkface(folder: Path, photos: list[Path], targets: list[tuple[int, int, int]], size: int,
+                  crop_faces: bool, device: str) -> AttributeFaces:
+    names = [path.name for path in photos]
+    if crop_faces:
+        crops, kept = _crop_biggest_faces(photos, names, size, False, device)
+        if not crops:
+            raise DataError(f"no face found in any of the {len(photos):,} photos in {folder}: pass photos where a "
+                            f"face is clearly visible, or the aligned crops without crop_faces")
+        images = torch.stack(crops)
+    else:
+        images, kept = _decode_rgb(names, lambda name: Image.open(folder / name), size, size, square=True)
+        if not kept:
+            raise DataError(f"none of the {len(photos):,} images in {folder} could be read: {GET_UTKFACE}")
+    partition = torch.full((len(kept),), -1, dtype=torch.int8)
+    return AttributeFaces(images, torch.tensor([targets[i] for i in kept], dtype=torch.int64), UTKFACE_COLUMNS,
+                          partition, [names[i] for i in kept])
+
+
+def load_utkface(root: str | Path, size: int = 64, cache_dir: str | Path | None = None, crop_faces: bool = False,
+                 device: str = "cpu") -> AttributeFaces:
+    """UTKFace as RGB size x size images with the columns gender (0 male, 1 female), age and race (0-4), partition
+    -1; cached like load_fer2013.
+
+    root is a folder of <age>_<gender>_<race>_<datetime>.jpg[.chip.jpg] images, or the folder above exactly one
+    such folder. Images that are not square lose their edges rather than being stretched. crop_faces: the
+    images are in-the-wild photos; the biggest face of each is cropped with MTCNN first and photos without one
+    are skipped with a warning. Names that do not parse (a field missing, an age over 120) are skipped with one
+    warning, on every load.
+    """
+    root = _existing(root, GET_UTKFACE)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder: {GET_UTKFACE}")
+    if not isinstance(size, int) or size <= 0:
+        raise DataError(f"the UTKFace image size must be a positive int (the side of a square), got {size!r}")
+    folder, photos = _utkface_folder(root)
+    parsed = [(path, _utkface_targets(path.name)) for path in photos]
+    named = [(path, targets) for path, targets in parsed if targets is not None]
+    if not named:
+        raise DataError(f"none of the {len(photos):,} images in {folder} is named <age>_<gender>_<race>_<datetime>"
+                        f".jpg: {GET_UTKFACE}")
+    _warn_skipped([path.name for path, targets in parsed if targets is None],
+                  "UTKFace files whose names are not <age>_<gender>_<race>_<date>")
+    photos, targets = [path for path, _ in named], [targets for _, targets in named]
+    return _cached("utkface", folder, (size, crop_faces), cache_dir,
+                   lambda: _read_utkface(folder, photos, targets, size, crop_faces, str(device)), AttributeFaces)
+
+
+def _check_age_bounds(bounds: Sequence[int]) -> None:
+    if not (len(bounds) > 0 and all(isinstance(b, int) and b > 0 for b in bounds)
+            and all(a < b for a, b in zip(bounds, bounds[1:]))):
+        raise ValueError(f"age group bounds must be increasing positive ints, got {tuple(bounds)!r}")
+
+
+def age_group(ages: torch.Tensor, bounds: Sequence[int] = AGE_GROUPS) -> torch.Tensor:
+    """The age group of each age: 0 up to bounds[0] (inclusive), 1 up to bounds[1], ..., len(bounds) above."""
+    _check_age_bounds(bounds)
+    ages = torch.as_tensor(ages).contiguous()
+    return torch.bucketize(ages, torch.tensor(bounds, dtype=ages.dtype, device=ages.device))
+
+
+def age_group_names(bounds: Sequence[int] = AGE_GROUPS) -> tuple[str, ...]:
+    """("0-12", "13-19", "20-39", "40-59", "60+") for AGE_GROUPS."""
+    _check_age_bounds(bounds)
+    lows = [0] + [bound + 1 for bound in bounds]
+    return tuple(f"{low}-{high}" for low, high in zip(lows, bounds)) + (f"{lows[-1]}+",)
+
+
+def utkface_split(targets: torch.Tensor, protocol: str = "stratified", seed: int = 0,
+                  bounds: Sequence[int] = AGE_GROUPS) -> dict[str, torch.Tensor]:
+    """Indices "train", "val" (empty) and "test" of UTKFace targets (columns gender, age, race).
+
+    stratified  seeded 80% train, 20% test, each gender x age group in proportion
+    utec        the UTEC report's 70% train, 30% test, with at least min(50, n // 2) of each gender x age group
+                of n images in train
+    """
+    if protocol not in UTKFACE_SPLITS:
+        raise DataError(f"unknown UTKFace split protocol {protocol!r}: choose one of {', '.join(UTKFACE_SPLITS)}")
+    groups = age_group(targets[:, UTKFACE_COLUMNS.index("age")].cpu(), bounds)
+    strata = targets[:, UTKFACE_COLUMNS.index("gender")].cpu() * (len(bounds) + 1) + groups
+    if protocol == "stratified":
+        train, test = stratified_split(strata, [0.8, 0.2], seed)
+    else:
+        train, test = stratified_split(strata, [0.7, 0.3], seed, min_per_class=50)
+    return {"train": train, "val": torch.zeros(0, dtype=torch.int64), "test": test}
+
+
+# ---------------------------------------------------------------- synthetic attribute faces
+
+SYNTHETIC_TASKS = ("celeba", "utkface")
+# Skin colours (RGB) for the race ids 0..4 of UTKFace (White, Black, Asian, Indian, Others): a cue to learn.
+_SKIN_TONES = torch.tensor([[0.93, 0.80, 0.70], [0.40, 0.27, 0.19], [0.91, 0.76, 0.56], [0.66, 0.48, 0.36],
+                            [0.80, 0.62, 0.50]])
+
+
+def _draw_attribute_faces(male: torch.Tensor, glasses: torch.Tensor, smiling: torch.Tensor, age: torch.Tensor,
+                          race: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Colour cartoon faces as floats in [0, 1] of shape [n, 3, size, size], one per row of the labels.
+
+    male: short hair, a wider jaw and a beard shade (women: long hair down the sides); glasses: two rings and a bridge;
+    smiling: mouth corners up (else flat); age: grey hair from 25 to 75, a forehead line at 35, 50 and 65,
+    big eyes and a small head below 18; race: the skin colour. Position, scale, hair and background colours,
+    brightness, contrast and noise vary per face, so a classifier must learn the cues.
+    """
+    n = len(male)
+
+    def uniform(low: float, high: float, channels: int = 1) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, channels, 1, 1, generator=generator)
+
+    def per_face(values: torch.Tensor) -> torch.Tensor:
+        return values.float().view(n, 1, 1)
+
+    male, glasses, smiling, age = (per_face(v) for v in (male, glasses, smiling, age))
+    young = ((18 - age) / 18).clamp(0, 1)  # 1 for a newborn, 0 from 18 on
+    # Face coordinates as in _draw_faces: the face is an oval about 1.25 wide and 1.6 tall around (0, 0.05).
+    axis = torch.linspace(-1, 1, size)
+    scale = uniform(0.72, 0.86).view(n, 1, 1) * (1 - 0.15 * young)
+    x = (axis.view(1, 1, size) - uniform(-0.06, 0.06).view(n, 1, 1)) / scale
+    y = (axis.view(1, size, 1) - uniform(-0.06, 0.06).view(n, 1, 1)) / scale - 0.05
+    pixel = 2 / size / scale
+    side = x.abs()  # both eyes and both glasses' rings at once: mirror the left half onto the right
+    # A man's jaw is wider: his face widens below the eyes, towards the chin.
+    jaw = 1 + 0.22 * male * (y / 0.8).clamp(0, 1)
+    face = _inside((torch.sqrt((side / (0.62 * jaw)) ** 2 + (y / 0.8) ** 2) - 1) * 0.62, pixel)
+    head = _inside((torch.sqrt((x / 0.72) ** 2 + ((y + 0.12) / 0.92) ** 2) - 1) * 0.72, pixel)
+    # Boxes are products of a row mask [n, size, 1] and a column mask [n, 1, size]: one full-size operation each.
+    cap = head * _inside(y + 0.42, pixel)  # everyone's hair above the forehead
+    long = _inside(side - 0.86, pixel) * _inside((y - 0.35).abs() - 0.45, pixel)  # down the sides to the shoulders
+    hair = torch.maximum(cap, torch.maximum(head, long) * (1 - male))
+    beard = male * face * _inside(0.12 - y, pixel)  # a stubble shade that stays visible when the hair turns grey
+    eye_height = 0.07 * (1 + 0.6 * young)
+    eye = _inside((torch.sqrt(((side - 0.26) / 0.1) ** 2 + ((y + 0.12) / eye_height) ** 2) - 1) * 0.07, pixel)
+    ring = _inside((torch.sqrt((side - 0.26) ** 2 + (y + 0.12) ** 2) - 0.17).abs() - 0.03, pixel)
+    bridge = _inside((y + 0.12).abs() - 0.025, pixel) * _inside(side - 0.1, pixel)
+    frame = torch.maximum(ring, bridge) * glasses
+    curve = smiling * uniform(0.09, 0.15).view(n, 1, 1) + uniform(-0.015, 0.015).view(n, 1, 1)
+    along = (x / 0.24).clamp(-1, 1)  # -1..1 from one mouth corner to the other
+    mouth = _inside((y - 0.4 - curve * (1 - 2 * along ** 2)).abs() - 0.04, pixel) * _inside(side - 0.24, pixel)
+    lines = sum(((age - start) / 10).clamp(0, 1) * _inside((y - at).abs() - 0.018, pixel)
+                for start, at in ((35, -0.36), (50, -0.28), (65, -0.2))) * _inside(side - 0.28, pixel)
+    grey = ((age - 25) / 50).clamp(0, 1).unsqueeze(1)
+    hair_colour = uniform(0.05, 0.45) * torch.tensor([1.0, 0.8, 0.6]).view(1, 3, 1, 1) * (1 - grey) + 0.75 * grey
+    skin = _SKIN_TONES[race].view(n, 3, 1, 1) * uniform(0.9, 1.1)
+    image = uniform(0.3, 1.0, 3)  # background
+    # Eyes, mouth, forehead lines and glasses lie inside the face: painted over it, they need no face mask.
+    for mask, colour in ((hair, hair_colour), (face, skin), (0.5 * beard, 0.6 * skin), (eye, 0.1), (mouth, 0.25),
+                         (0.4 * lines, 0.2), (frame, 0.05)):
+        image = torch.lerp(image, torch.as_tensor(colour), mask.unsqueeze(1))
+    contrast = uniform(0.8, 1.2)
+    image = image * contrast + (0.5 - 0.5 * contrast + uniform(-0.08, 0.08))  # contrast, brightness
+    image = image + 0.04 * torch.randn(image.shape, generator=generator)
+    return image.clamp(0, 1)
+
+
+def synthetic_attribute_faces(n: int = 2000, task: str = "celeba", size: int = 64, seed: int = 0) -> AttributeFaces:
+    """Deterministic colour cartoon faces with learnable attributes, for demos and tests (no download).
+
+    task "celeba": columns ("Male", "Eyeglasses", "Smiling"), each exactly half 1, drawn independently; partition
+    0 (train) for the first 80%, 1 (val) for the next 10%, 2 (test) for the last 10%.
+    task "utkface": columns ("gender", "age", "race"): gender exactly half 1 (female), age uniform 1-90, race
+    uniform 0-4; partition -1. See _draw_attribute_faces for how each label shows.
+    """
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}: choose one of {', '.join(SYNTHETIC_TASKS)}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def half_ones() -> torch.Tensor:
+        return (torch.randperm(n, generator=generator) < n // 2).long()
+
+    if task == "celeba":
+        columns = ("Male", "Eyeglasses", "Smiling")
+        targets = torch.stack([half_ones() for _ in columns], 1)
+        male, glasses, smiling = targets.T
+        age = torch.randint(20, 46, (n,), generator=generator)  # not a label here: adults, some grey hair
+        race = torch.randint(0, len(_SKIN_TONES), (n,), generator=generator)
+        partition = torch.full((n,), 2, dtype=torch.int8)
+        partition[:round(0.9 * n)] = 1
+        partition[:round(0.8 * n)] = 0
+    else:
+        columns = UTKFACE_COLUMNS
+        female = half_ones()
+        age = torch.randint(1, 91, (n,), generator=generator)
+        race = torch.randint(0, len(_SKIN_TONES), (n,), generator=generator)
+        targets = torch.stack([female, age, race], 1)
+        male, glasses = 1 - female, torch.zeros(n, dtype=torch.int64)
+        smiling = torch.randint(0, 2, (n,), generator=generator)  # not a label here: a nuisance to ignore
+        partition = torch.full((n,), -1, dtype=torch.int8)
+    # A few hundred faces at a time: the tensors then stay in the CPU cache, which is several times faster.
+    image = torch.cat([_draw_attribute_faces(*labels, size, generator) for labels in
+                       zip(*(v.split(256) for v in (male, glasses, smiling, age, race)))])
+    images = (image * 255).round().to(torch.uint8)
+    return AttributeFaces(images, targets, columns, partition, [f"synthetic {i}" for i in range(n)])
