@@ -1,10 +1,13 @@
 # facenets: every command a user needs. `make install test` first, then `make demo`.
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DATA   ?= data/fer2013
 ARGS   ?=
+# DATA names the data set; each target has its own default
+FER    = $(or $(DATA),data/fer2013)
+UTK    = $(or $(DATA),data/UTKFace)
+CELEBA = $(or $(DATA),data/celeba)
 
-.PHONY: install test demo emotion emotion-cpu monterrey bench ablation clean
+.PHONY: install test demo emotion emotion-cpu monterrey bench ablation utkface utec concepcion attributes clean
 
 install:  ## create .venv and install facenets with its test extra
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,22 +21,36 @@ demo:  ## half-minute emotion run on built-in synthetic faces: a complete run fo
 	$(PY) train_emotion.py --data synthetic --model vgg --width 16 --epochs 4 --batch-size 64 --lr 0.05 $(ARGS)
 
 emotion:  ## the recipe on FER2013 (DATA=image folders, .zip or fer2013.csv): 71.1% PublicTest, 36 s training on an H100
-	$(PY) train_emotion.py --data $(DATA) --compile $(ARGS)
+	$(PY) train_emotion.py --data $(FER) --compile $(ARGS)
 
 emotion-cpu:  ## a recipe sized for a 2-core CPU: 64.4% PublicTest in 24-25 minutes
-	$(PY) train_emotion.py --data $(DATA) --width 16 --epochs 30 --batch-size 128 --lr 0.1 --rotate 10 --zoom 0.1 \
+	$(PY) train_emotion.py --data $(FER) --width 16 --epochs 30 --batch-size 128 --lr 0.1 --rotate 10 --zoom 0.1 \
 		--translate 0.1 --erasing 0 --mixup 0 --ema 0 $(ARGS)
 
 monterrey:  ## Tec de Monterrey baseline, 10 epochs, its 20,099 / 2,151 split
-	$(PY) train_emotion.py --data $(DATA) --model monterrey_baseline --split monterrey --optimizer adam --lr 1e-3 \
+	$(PY) train_emotion.py --data $(FER) --model monterrey_baseline --split monterrey --optimizer adam --lr 1e-3 \
 		--scheduler none --epochs 10 --batch-size 64 --no-augment --crop 0 --tta none --ema 0 --label-smoothing 0 \
 		--weight-decay 0 $(ARGS)
 
 bench:  ## facenets' loop vs a DataLoader loop (images/s), then time to 70%/72% (ARGS=--compile on a GPU; --small: CPU smoke)
-	$(PY) benchmarks/bench_emotion.py --data $(DATA) $(ARGS)
+	$(PY) benchmarks/bench_emotion.py --data $(FER) $(ARGS)
 
 ablation:  ## what each part of the recipe is worth: 6 variants x 2 seeds, 4 at a time (H100, ARGS="-- --compile": 11 min)
-	$(PY) benchmarks/ablate_emotion.py --data $(DATA) --parallel 4 $(ARGS)
+	$(PY) benchmarks/ablate_emotion.py --data $(FER) --parallel 4 $(ARGS)
+
+utkface:  ## facenets' multi-head net on UTKFace (DATA=its folder): gender, age group and age in years
+	$(PY) train_attributes.py --data $(UTK) $(ARGS)
+
+utec:  ## the UTEC report's Arch 2 on UTKFace: gender and age group, Adam 1e-3
+	$(PY) train_attributes.py --data $(UTK) --preset utec $(ARGS)
+
+concepcion:  ## the Concepción classifier on CelebA (DATA=its folder), one model per attribute as the report did
+	for attribute in Male Eyeglasses Smiling; do \
+		$(PY) train_attributes.py --data $(CELEBA) --preset concepcion --attrs $$attribute --name concepcion-$$attribute $(ARGS) || exit 1; \
+	done
+
+attributes:  ## facenets' net on all forty CelebA attributes at once, on CelebA's official partitions
+	$(PY) train_attributes.py --data $(CELEBA) --image-size 64 $(ARGS)
 
 clean:  ## remove the virtual environment and caches (run folders stay)
 	rm -rf $(VENV) *.egg-info .pytest_cache

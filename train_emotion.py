@@ -15,8 +15,6 @@ sits on the training device as uint8 and is augmented there in batches: no DataL
 REPRODUCING.md has every report's experiment (exact command, what it reaches, how long it takes) and how the
 recipe was chosen.
 """
-import argparse
-import ast
 import shlex
 import shutil
 import sys
@@ -27,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from facenets import augment, data, metrics, models, runs, training
@@ -36,8 +33,7 @@ from facenets import augment, data, metrics, models, runs, training
 
 
 def build_parser():
-    p = runs.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="models: " + ", ".join(models.MODELS))
+    p = runs.FlagParser(__doc__, epilog="models: " + ", ".join(models.MODELS))
     g = p.add_argument_group("data")
     g.add_argument("--data", default="data/fer2013", help="FER2013 image folders, the Kaggle .zip, fer2013.csv / icml_face_data.csv, "
                    "a folder of photos per class (with --crop-faces), or 'synthetic'")
@@ -112,20 +108,12 @@ def parse_args(argv=None):
         p.error("--cutmix replaces mixup: add --mixup 0")
     if args.synthetic_count < 70:
         p.error("--synthetic-count must be at least 70")
-    args.model_options = {}
-    for item in args.model_opt:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--model-opt {item!r} is not KEY=VALUE")
-        try:
-            args.model_options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            args.model_options[key] = value  # a bare word such as downsample=stride
-    if args.width is not None:
-        args.model_options["width"] = args.width
-    if args.pretrained:
-        args.model_options["pretrained"] = True
     try:
+        args.model_options = runs.key_values(args.model_opt, "--model-opt")  # a bare word such as downsample=stride too
+        if args.width is not None:
+            args.model_options["width"] = args.width
+        if args.pretrained:
+            args.model_options["pretrained"] = True
         args.model_options = models.check_options(args.model, args.model_options)
     except ValueError as e:
         p.error(str(e))
@@ -253,30 +241,15 @@ def train_step(step_model, optimizer, x, y, cfg, gen):
     return loss, logits, y
 
 
-# flags that are not settings of the run (or are folded into model_options): not saved in its config
-NOT_SAVED = ("predict", "checkpoint", "resume", "model_opt", "width", "pretrained", "given")
-# what a checkpoint must hold: for --predict, and to go on training
-PREDICT_KEYS = ("model", "config", "classes")
-RESUME_KEYS = PREDICT_KEYS + ("ema", "optimizer", "scheduler", "epoch", "step", "order", "best_acc", "history", "rng")
-SAVE_EVERY = 30  # seconds of training a kill -9 may cost at most: last.pt is rewritten this often, mid-epoch too
+NOT_SAVED = runs.NOT_SETTINGS + ("pretrained",)  # folded into model_options
+PREDICT_KEYS = ("model", "config", "classes")  # what --predict needs of a checkpoint; to go on training, also:
+RESUME_KEYS = runs.TRAINING_STATE + ("classes", "best_acc")
 
 
 def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
-    ckpt = None
-    if args.resume:
-        run = runs.existing_run(args.resume)
-        if (run / "last.pt").is_file():
-            ckpt = runs.load_checkpoint(run / "last.pt", needs=RESUME_KEYS)
-            cfg = runs.resumed_config(run, ckpt["config"], ckpt, args, device, NOT_SAVED, "train_emotion.py")
-        else:  # stopped before its first save, which comes SAVE_EVERY seconds into training: it starts again
-            saved = runs.read_json(run / "config.json", "a run's config", "start a new run")
-            cfg = runs.resumed_config(run, saved, None, args, device, NOT_SAVED, "train_emotion.py")
-            print(f"{run} was stopped before its first save: starting it again from epoch 1")
-    else:
-        cfg = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
-        cfg["command"] = command
+    run, ckpt, cfg = runs.settings(args, command, device, RESUME_KEYS, NOT_SAVED, "train_emotion.py")
     torch.manual_seed(cfg["seed"])
 
     t0 = time.perf_counter()
@@ -314,26 +287,15 @@ def train(args, command: str):
     history, best_acc, start, first_step, order, sums = [], -1.0, 0, 0, None, None
     resumed_with, earlier_wall = [], 0.0  # the commands that continued this run, and the wall time before them
     if ckpt:
-        last = run / "last.pt"
-        if ckpt["classes"] != classes or (ckpt["step"] and len(ckpt["order"]) != len(x_train)):
-            raise runs.RunError(f"{last} was trained on other data than {cfg['data']} holds now: start a new run")
-        with runs.restoring(last, "weights"):
-            model.load_state_dict(ckpt["model"])
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])
-        with runs.restoring(last, "optimizer state"):
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scheduler:
-                scheduler.load_state_dict(ckpt["scheduler"])
-        with runs.restoring(last, "random state"):
-            training.restore_rng(ckpt["rng"], gen, device)
-        history, best_acc, start, first_step = ckpt["history"], ckpt["best_acc"], ckpt["epoch"], ckpt["step"]
-        order = ckpt["order"].to(device) if first_step else None
-        sums = ckpt.get("sums")  # the stopped epoch's loss, correct count and seconds so far
-        resumed_with, earlier_wall = ckpt.get("resumed_with", []) + [command], ckpt.get("wall_seconds", 0.0)
+        if ckpt["classes"] != classes:
+            raise runs.RunError(f"{run} was trained on other classes than {cfg['data']} holds now: start a new run")
+        # sums: the stopped epoch's loss, correct count and seconds so far
+        history, start, first_step, order, sums = runs.restore(run / "last.pt", ckpt, model, ema, optimizer, scheduler,
+                                                               gen, device, len(x_train))
+        best_acc, earlier_wall = ckpt["best_acc"], ckpt.get("wall_seconds", 0.0)
         print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
-    elif args.resume:
-        resumed_with = [command]
+    if args.resume:
+        resumed_with = (ckpt or {}).get("resumed_with", []) + [command]
     runs.write_json(run / "config.json", cfg)
     step_model = training.compiled(model, device) if cfg["compile"] else model
 
@@ -343,17 +305,11 @@ def train(args, command: str):
                 "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "step": step,
                 "order": order.cpu() if step else None, "sums": sums, "best_acc": best_acc, "history": history, "config": cfg,
                 "classes": classes, "resumed_with": resumed_with, "wall_seconds": earlier_wall + time.perf_counter() - t0,
-                "rng": training.rng_state(gen, device)}
+                "rng": runs.rng_state(gen, device)}
 
-    def save(name, state):
-        try:
-            runs.save_checkpoint(run / name, state)
-        except runs.RunError as e:
-            raise runs.RunError(f"{e}; then --resume {run} goes on from its last save") from None
-
+    saver = runs.Saver(run)
     train_seconds = sum(h["seconds"] for h in history)
     last_epoch = 1 if cfg["dry_run"] else cfg["epochs"]
-    saved_at = time.perf_counter()
     with training.StopRequests() as stop:
         for epoch in range(start, last_epoch):
             model.train()
@@ -378,14 +334,12 @@ def train(args, command: str):
                 loss_sum += loss * len(idx)
                 correct += (logits.argmax(1) == y).sum()
                 # Inside an epoch (its end saves below): the exact position, on Ctrl-C or when the last save is old,
-                # so that a kill -9 or a power cut costs at most SAVE_EVERY seconds however long an epoch is.
-                if step + 1 < steps and (stop.asked or time.perf_counter() - saved_at > SAVE_EVERY):
+                # so that a kill -9 or a power cut costs at most runs.SAVE_EVERY seconds however long an epoch is.
+                if step + 1 < steps and saver.due(stop.asked):
                     sums = {"loss": loss_sum.item(), "correct": correct.item(), "seconds": time.perf_counter() - t_epoch}
-                    save("last.pt", checkpoint(epoch, step + 1, sums))
-                    saved_at = time.perf_counter()
+                    saver.save("last.pt", checkpoint(epoch, step + 1, sums))
                     if stop.asked:
-                        print(f"\nstopped in epoch {epoch + 1} after step {step + 1}: saved {run / 'last.pt'}; continue with --resume {run}")
-                        return 130
+                        return saver.stopped(f"in epoch {epoch + 1} after step {step + 1}")
                 if (step - first_step) % 20 == 19:  # reading the loss syncs with the GPU: only now and then
                     seen = (step + 1) * batch_size
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
@@ -417,18 +371,16 @@ def train(args, command: str):
                               "loss diverged or its ReLUs died); start again with a lower --lr or another --seed")
             if val_acc is not None and val_acc > best_acc:  # before last.pt, so that a resumed run knows this best
                 best_acc = val_acc
-                save("best.pt", checkpoint(epoch + 1))
+                saver.save("best.pt", checkpoint(epoch + 1))
             stopping = bool(cfg["stop_loss"]) and train_loss <= cfg["stop_loss"]
             # Saving takes ~0.1 s, a tenth of a short GPU epoch, so last.pt, the log and the plot are written at most
-            # every SAVE_EVERY seconds and at the end; Ctrl-C still saves the exact position.
-            if epoch + 1 == last_epoch or stopping or stop.asked or time.perf_counter() - saved_at > SAVE_EVERY:
+            # every runs.SAVE_EVERY seconds and at the end; Ctrl-C still saves the exact position.
+            if epoch + 1 == last_epoch or stopping or saver.due(stop.asked):
                 runs.write_log(run / "log.csv", history)
                 metrics.plot_curves(history, run / "curves.png")
-                save("last.pt", checkpoint(epoch + 1))
-                saved_at = time.perf_counter()
+                saver.save("last.pt", checkpoint(epoch + 1))
             if stop.asked:
-                print(f"stopped after epoch {epoch + 1}: saved {run / 'last.pt'}; continue with --resume {run}")
-                return 130
+                return saver.stopped(f"after epoch {epoch + 1}")
             if stopping:
                 print(f"training loss {train_loss:.4f} <= --stop-loss {cfg['stop_loss']}: stopping")
                 break
@@ -473,27 +425,7 @@ def train(args, command: str):
 # ----------------------------------------------------------------------------- inference on photos
 
 
-def why_unreadable(path: Path, error: Exception) -> str:
-    if isinstance(error, FileNotFoundError):
-        return "no such file"
-    if isinstance(error, IsADirectoryError):
-        return "a folder, not a photo"
-    if isinstance(error, Image.DecompressionBombError):  # Pillow refuses such images: decoding one could fill memory
-        return f"over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: shrink it first"
-    return f"not a readable image ({runs.first_line(error, 80)})"
-
-
-def annotated_names(paths: list[str]) -> list[str]:
-    """A file name per photo for its annotated copy, never the same twice: a/x.jpg and b/x.jpg give a_x, b_x."""
-    stems = [Path(p).stem for p in paths]
-    names = [stem if stems.count(stem) == 1 else f"{Path(p).resolve().parent.name}_{stem}" for p, stem in zip(paths, stems)]
-    unique = [name if names[:i].count(name) == 0 else f"{name}_{names[:i].count(name) + 1}" for i, name in enumerate(names)]
-    return [f"{name}_emotions.jpg" for name in unique]
-
-
 def predict(args):
-    from PIL import ImageDraw, ImageFont
-
     device = training.pick_device(args.device)
     ckpt = runs.load_checkpoint(args.checkpoint, map_location=device, needs=PREDICT_KEYS)
     where = Path(args.checkpoint)
@@ -506,54 +438,23 @@ def predict(args):
     model = make_model(cfg, in_channels, len(classes), cfg["crop"] or 48, device)
     with runs.restoring(where, "weights"):
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights when the run kept them
-    out_dir = Path(args.out) if "out" in args.given else (where if where.is_dir() else where.parent) / "predictions"
-    font = ImageFont.load_default(size=16)
-    read = 0
-    for path, name in zip(args.predict, annotated_names(args.predict)):
-        try:
-            photo = data.open_photo(path)
-        except data.UNREADABLE as e:
-            print(f"{path}: skipped, {why_unreadable(Path(path), e)}")
-            continue
-        read += 1
-        boxes = data.detect_faces(photo, device=str(device))
-        if not boxes:
-            print(f"{path}: no face found")
-            continue
-        crops = torch.stack([data.crop_face(photo, box, size=48, grayscale=True) for box in boxes]).to(device)
-        proba = predict_proba(model, crops, cfg).cpu()
-        draw = ImageDraw.Draw(photo)
-        for i, (box, p) in enumerate(zip(boxes, proba)):
-            ranked = p.argsort(descending=True)
-            print(f"{path} face {i + 1} at ({box[0]:.0f}, {box[1]:.0f}, {box[2]:.0f}, {box[3]:.0f}): "
-                  + ", ".join(f"{classes[k]} {p[k]:.2f}" for k in ranked))
-            label = f"{classes[ranked[0]]} {p[ranked[0]]:.0%}"
-            draw.rectangle(box, outline=(255, 64, 64), width=max(2, photo.width // 300))
-            draw.text((box[0], max(0, box[1] - 20)), label, fill=(255, 64, 64), font=font)
-        saved = runs.replace_atomically(out_dir / name, lambda tmp: photo.save(tmp, format="JPEG"))
-        print(f"{path}: annotated copy in {saved}")
-    if not read:
-        raise runs.RunError(f"none of the {len(args.predict)} photos could be read: check the paths")
+
+    def describe(crops):
+        proba = predict_proba(model, crops.to(device), cfg).cpu()
+        ranked = proba.argsort(1, descending=True)
+        return [(", ".join(f"{classes[k]} {p[k]:.2f}" for k in order), f"{classes[order[0]]} {p[order[0]]:.0%}")
+                for p, order in zip(proba, ranked)]
+
+    data.predict_photos(args.predict, runs.predictions_folder(args), "emotions", describe, size=48, grayscale=True,
+                        device=str(device))
     return 0
 
 
 def main(argv=None):
-    # Warnings (skipped images, photos without a face) are for the user: one line each, not a source listing.
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        return predict(args) if args.predict else train(args, shlex.join(["train_emotion.py", *argv]))
-    except (data.DataError, runs.RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file the package does not write itself, e.g. a plot: still one line
-        print(f"error: {e.strerror or e} ({e.filename}): free some space or make the folder writable", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C outside the training steps (those save and stop by themselves)
-        print("\nstopped (Ctrl-C): nothing half-written is kept; a started run goes on with --resume <its run folder>",
-              file=sys.stderr)
-        return 130
+    return runs.one_line_errors(lambda: predict(args) if args.predict else train(args, shlex.join(["train_emotion.py", *argv])),
+                                data.DataError)
 
 
 if __name__ == "__main__":

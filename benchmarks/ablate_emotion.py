@@ -14,7 +14,6 @@ accuracy without the test-time augmentation and without the weight average. Run 
 REPRODUCING.md. The same command again continues an ablation that was stopped (Ctrl-C) or cut short: finished runs
 are kept, stopped ones resume.
 """
-import argparse
 import json
 import shlex
 import shutil
@@ -54,7 +53,7 @@ SMALL = dict(data="synthetic", seeds=[0], epochs=1, variants=["recipe", "no mixu
 
 
 def build_parser():
-    p = runs.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.FlagParser(__doc__)
     p.add_argument("--data", default="data/fer2013", help="FER2013 (image folders, .zip or .csv), or 'synthetic'")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME", help="which variants: " + "; ".join(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per variant and seed")

@@ -15,7 +15,6 @@ It prints the device, torch version and settings; images/s of each loop and the 
 PublicTest accuracy after each epoch; the training time (evaluation excluded) at which accuracy first reached
 70% and 72%, and the final accuracy. --out FILE also writes every result as JSON.
 """
-import argparse
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ SMALL = dict(data="synthetic", synthetic_count=1000, batch_size=64, steps=10, wa
 
 
 def build_parser():
-    p = runs.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.FlagParser(__doc__)
     p.add_argument("--data", default="data/fer2013", help="FER2013 (image folders, .zip or .csv), or 'synthetic'")
     p.add_argument("--synthetic-count", type=int, default=4000, help="faces for --data synthetic (80%% Training)")
     p.add_argument("--model", default="vgg", choices=models.MODELS, metavar="NAME", help="as in train_emotion.py")

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # fer2013.csv's label ids 0..6
 USAGES = ("Training", "PublicTest", "PrivateTest", "Test")  # "Test": from test/ with no Usage prefix in its name
@@ -536,17 +536,20 @@ def detect_faces(image: Image.Image, device: str = "cpu") -> list[tuple[float, f
     return sorted(found, key=lambda box: (box[2] - box[0]) * (box[3] - box[1]), reverse=True)
 
 
-def crop_face(image: Image.Image, box: tuple[float, float, float, float], size: int = 48, grayscale: bool = True,
-              margin: float = 0.1) -> torch.Tensor:
-    """The square around box, widened by margin (a fraction of the box) on each side, as uint8 [C, size, size].
+def crop_face(image: Image.Image, box: tuple[float, float, float, float], size: int | tuple[int, int] = 48,
+              grayscale: bool = True, margin: float = 0.1) -> torch.Tensor:
+    """The region around box, widened by margin (a fraction of the box) on each side, as uint8 [C, height, width].
 
-    Square, so the face is not stretched; parts beyond the photo's edge are black.
+    size is one int for a square, or (height, width); the region has that shape, so the face is not stretched.
+    Parts beyond the photo's edge are black.
     """
+    height, width = (size, size) if isinstance(size, int) else size
     x0, y0, x1, y1 = box
-    half = max(x1 - x0, y1 - y0) * (0.5 + margin)
+    half_width = max(x1 - x0, (y1 - y0) * width / height) * (0.5 + margin)
+    half_height = half_width * height / width
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    square = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
-    crop = image.convert("L" if grayscale else "RGB").crop(square).resize((size, size), Image.BILINEAR)
+    region = (round(cx - half_width), round(cy - half_height), round(cx + half_width), round(cy + half_height))
+    crop = image.convert("L" if grayscale else "RGB").crop(region).resize((width, height), Image.BILINEAR)
     pixels = torch.from_numpy(np.array(crop))
     return pixels.unsqueeze(0) if grayscale else pixels.permute(2, 0, 1).contiguous()
 
@@ -613,6 +616,94 @@ def face_folders(root: str | Path, size: int = 48, grayscale: bool = True, class
     classes = None if classes is None else tuple(classes)
     return _cached("faces", root, (size, grayscale, classes), cache_dir,
                    lambda: _crop_face_folders(root, size, grayscale, classes, str(device)))
+
+
+# ---------------------------------------------------------------- labels on photos
+
+
+def why_unreadable(error: Exception) -> str:
+    """What a user should hear about a photo open_photo could not open (one of UNREADABLE, or a missing file)."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "a folder, not a photo"
+    if isinstance(error, Image.DecompressionBombError):  # Pillow refuses such images: decoding one could fill memory
+        return f"over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: shrink it first"
+    return f"not a readable image ({str(error).strip().splitlines()[0][:80] if str(error).strip() else type(error).__name__})"
+
+
+def draw_labels(photo: Image.Image, boxes, labels: list[str]) -> Image.Image:
+    """A copy of photo with each box outlined and its label on a filled strip, readable whatever the photo's size.
+
+    A small photo (a face crop of 80x80, say) is enlarged first, so a label never needs a font too small to read;
+    the font grows with the photo; each label sits above its box, or inside it at the top when the box touches the
+    photo's top edge, and is shifted left or shrunk to stay inside the picture.
+    """
+    scale = max(1.0, 480 / min(photo.size))
+    out = photo.convert("RGB").resize((round(photo.width * scale), round(photo.height * scale)), Image.BILINEAR)
+    draw = ImageDraw.Draw(out)
+    red, pad = (220, 40, 40), max(2, min(out.size) // 160)
+    for box, label in zip(boxes, labels):
+        x0, y0, x1, y1 = (v * scale for v in box)
+        draw.rectangle((x0, y0, x1, y1), outline=red, width=max(2, min(out.size) // 200))
+        size = max(14, min(out.size) // 28)
+        font = ImageFont.load_default(size=size)
+        while size > 10 and draw.textlength(label, font=font) + 2 * pad > out.width:
+            size -= 1
+            font = ImageFont.load_default(size=size)
+        text_width, text_height = draw.textlength(label, font=font) + 2 * pad, size + 2 * pad
+        left = min(max(0, x0), out.width - text_width)
+        top = y0 - text_height if y0 >= text_height else max(0, y0)
+        draw.rectangle((left, top, left + text_width, top + text_height), fill=red)
+        draw.text((left + pad, top + pad), label, fill="white", font=font)
+    return out
+
+
+def _distinct_names(paths: list[str]) -> list[str]:
+    """A name per photo, never the same twice: a/x.jpg and b/x.jpg give a_x and b_x, x.jpg given twice x and x_2."""
+    stems = [Path(p).stem for p in paths]
+    names = [stem if stems.count(stem) == 1 else f"{Path(p).resolve().parent.name}_{stem}" for p, stem in zip(paths, stems)]
+    return [name if names[:i].count(name) == 0 else f"{name}_{names[:i].count(name) + 1}" for i, name in enumerate(names)]
+
+
+def predict_photos(paths: list[str], out_dir: str | Path, suffix: str, describe: Callable[[torch.Tensor], list],
+                   size: int | tuple[int, int], grayscale: bool, margin: float = 0.1, device: str = "cpu") -> int:
+    """Find every face in each photo (MTCNN), crop it, and let describe(crops) name it; returns the photos read.
+
+    describe takes the uint8 crops [F, C, H, W] of one photo and returns, per face, (line, label): line is printed
+    after "<photo> face <i> at (<box>): ", label goes on the annotated copy, out_dir/<photo name>_<suffix>.jpg.
+    Photos that cannot be read are skipped with a line saying why; none readable at all is a DataError.
+    """
+    read = 0
+    for path, name in zip(paths, _distinct_names(paths)):
+        try:
+            photo = open_photo(path)
+        except UNREADABLE as e:
+            print(f"{path}: skipped, {why_unreadable(e)}")
+            continue
+        read += 1
+        boxes = detect_faces(photo, device=str(device))
+        if not boxes:
+            print(f"{path}: no face found")
+            continue
+        crops = torch.stack([crop_face(photo, box, size, grayscale, margin) for box in boxes])
+        described = describe(crops)
+        for i, (box, (line, _)) in enumerate(zip(boxes, described)):
+            print(f"{path} face {i + 1} at ({box[0]:.0f}, {box[1]:.0f}, {box[2]:.0f}, {box[3]:.0f}): {line}")
+        annotated = draw_labels(photo, boxes, [label for _, label in described])
+        target = Path(out_dir) / f"{name}_{suffix}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.tmp")
+        try:  # a temporary name, then a rename: an earlier copy is never left half-overwritten
+            annotated.save(temporary, format="JPEG", quality=92)
+            os.replace(temporary, target)
+        finally:
+            if temporary.exists():
+                temporary.unlink()
+        print(f"{path}: annotated copy in {target}")
+    if not read:
+        raise DataError(f"none of the {len(paths)} photos could be read: check the paths")
+    return read
 
 
 # ---------------------------------------------------------------- RGB decoding shared by the attribute readers

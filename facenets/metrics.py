@@ -4,8 +4,11 @@
     accuracy, per_class_accuracy, mean_per_class_accuracy, precision_recall_f1
     per_class_table, format_table   the Udine report's per-class table, for the console
     summarize                 everything above as a JSON-ready dict
+    error_summary             mean absolute error of a regression (age in years), its spread and per group
     plot_curves               loss and accuracy per epoch, train and validation
     plot_confusion            the confusion matrix as a heat map with counts and percentages
+    plot_error_histogram      how many predictions are off by 0, 1, 2, ... (e.g. years of age)
+    plot_bars                 one horizontal bar per name (e.g. the accuracy of each of forty attributes)
 
 Everything takes the confusion matrix, so scores are computed once from predictions and the
 matrix is all a run needs to store. The drawing needs Pillow >= 10.1 for sized fonts.
@@ -110,6 +113,21 @@ def summarize(cm, classes):
             "per_class": [{k: clean(v) for k, v in row.items()}
                           for row in per_class_table(cm, classes)],
             "classes": list(classes), "confusion_matrix": torch.as_tensor(cm).tolist()}
+
+
+def error_summary(predicted, target, groups=None, group_names=()):
+    """Mean absolute error, its median, 90th percentile and the share within 5, and the MAE within each group.
+
+    predicted and target are numbers (e.g. ages in years); groups, when given, the group index of each target.
+    """
+    errors = (torch.as_tensor(predicted, dtype=torch.float64) - torch.as_tensor(target, dtype=torch.float64)).abs()
+    summary = {"mae": errors.mean().item(), "median_error": errors.median().item(),
+               "p90_error": errors.quantile(0.9).item(), "within_5": (errors <= 5).double().mean().item()}
+    if groups is not None:
+        groups = torch.as_tensor(groups)
+        summary["mae_by_group"] = {name: errors[groups == g].mean().item() if (groups == g).any() else None
+                                   for g, name in enumerate(group_names)}
+    return summary
 
 
 # ---------------------------------------------------------------- pictures
@@ -260,4 +278,42 @@ def plot_confusion(cm, classes, path, normalize=True):
                   font=font, anchor="mt")
     draw.text((left + k * cell / 2, image.height - 12), "predicted", fill=INK, font=font,
               anchor="ms")
+    return _save(image, path)
+
+
+def plot_error_histogram(errors, path, unit="years", size=(700, 360)):
+    """Bars counting the absolute errors rounded to whole units (the last bar: that many or more); returns path."""
+    raw = torch.as_tensor(errors, dtype=torch.float64).abs()
+    errors = raw.round().long()
+    top = min(int(errors.max()) if len(errors) else 0, 30)
+    counts = torch.bincount(errors.clamp(max=top), minlength=top + 1).tolist()
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)
+    box = (70, 40, size[0] - 20, size[1] - 45)
+    to_pixel = _axes(draw, box, (-0.5, top + 0.5), (0, max(counts) * 1.08 or 1),
+                     f"absolute error ({len(raw)} predictions, mean {raw.mean():.2f})", font)
+    for value, count in enumerate(counts):
+        (x0, y0), (x1, y1) = to_pixel(value - 0.4, count), to_pixel(value + 0.4, 0)
+        draw.rectangle([x0, y0, x1, y1], fill=TRAIN_COLOUR)
+    draw.text(((box[0] + box[2]) / 2, size[1] - 10), f"{unit} off (the last bar: {top} or more)", fill=INK,
+              font=font, anchor="ms")
+    return _save(image, path)
+
+
+def plot_bars(names, values, path, title, row=18, width=800):
+    """One horizontal bar per name, values in [0, 1] shown as percentages, in the order given; returns path."""
+    font = ImageFont.load_default(size=13)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = int(max(measure.textlength(str(name), font=font) for name in names)) + 16
+    image = Image.new("RGB", (width, 40 + row * len(names) + 10), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 20), title, fill=INK, font=font, anchor="lm")
+    span = width - left - 70
+    for i, (name, value) in enumerate(zip(names, values)):
+        y = 40 + i * row
+        draw.text((left - 8, y + row / 2), str(name), fill=INK, font=font, anchor="rm")
+        draw.rectangle([left, y + 2, left + max(1.0, span * min(max(value, 0.0), 1.0)), y + row - 2], fill=TRAIN_COLOUR)
+        draw.text((left + span * min(max(value, 0.0), 1.0) + 6, y + row / 2), f"{100 * value:.1f}%", fill=INK,
+                  font=font, anchor="lm")
     return _save(image, path)

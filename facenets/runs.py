@@ -8,11 +8,15 @@ never runs code from it. A checkpoint that loads but does not fit (another netwo
 missing) is one line too, never a traceback: see load_checkpoint and restoring.
 """
 import argparse
+import ast
 import csv
 import json
 import os
 import shutil
+import sys
 import textwrap
+import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -95,6 +99,38 @@ def save_checkpoint(path, state: dict):
     return replace_atomically(path, write)
 
 
+SAVE_EVERY = 30  # seconds of training a kill -9 may cost at most: last.pt is rewritten this often, mid-epoch too
+
+
+class Saver:
+    """Checkpoints of one run folder, and when the next is due: a kill -9 must never cost more than `every` seconds.
+
+        saver = runs.Saver(run)
+        if saver.due(stop.asked):         # a stop was asked, or last.pt is older than SAVE_EVERY seconds
+            saver.save("last.pt", state)  # a failed write says how to go on: --resume from the last good save
+    """
+
+    def __init__(self, run: Path, every: float | None = None):
+        self.run, self.every, self.saved_at = Path(run), SAVE_EVERY if every is None else every, time.perf_counter()
+
+    def due(self, stop_asked: bool = False) -> bool:
+        return stop_asked or time.perf_counter() - self.saved_at > self.every
+
+    def save(self, name: str, state: dict) -> Path:
+        try:
+            path = save_checkpoint(self.run / name, state)
+        except RunError as e:
+            raise RunError(f"{e}; then --resume {self.run} goes on from its last save") from None
+        if name == "last.pt":  # the one a resumed run starts from: its age is what a kill would cost
+            self.saved_at = time.perf_counter()
+        return path
+
+    def stopped(self, where: str) -> int:
+        """Say where a run stopped (after saving there) and how to go on; the exit status of a stopped run."""
+        print(f"\nstopped {where}: saved {self.run / 'last.pt'}; continue with --resume {self.run}")
+        return 130
+
+
 def write_log(path, history: list[dict]):
     """Rewrite the whole csv log from history, so a resumed run never holds rows twice."""
     def write(tmp):
@@ -153,6 +189,35 @@ def restoring(path, what: str):
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise RunError(f"{path} does not fit this run: its {what} cannot be loaded ({first_line(e, 120)}); "
                        "use a checkpoint of the same model and data") from None
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    """Every random state a run draws from, for its checkpoint: the loop's generator, torch's, and CUDA's."""
+    return {"loop": generator.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore(path: Path, ckpt: dict, model, ema, optimizer, scheduler, generator: torch.Generator, device: torch.device,
+            train_size: int) -> tuple[list, int, int, torch.Tensor | None, dict | None]:
+    """Load checkpoint path's training state into the run's objects (ema and scheduler may be None); a part that does
+    not fit is one RunError naming it. Returns (history, epoch, step, the epoch's batch order, its sums so far)."""
+    if ckpt["step"] and len(ckpt["order"]) != train_size:
+        raise RunError(f"{path} was trained on other data than its run's data holds now: start a new run")
+    with restoring(path, "weights"):
+        model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+    with restoring(path, "optimizer state"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler:
+            scheduler.load_state_dict(ckpt["scheduler"])
+    with restoring(path, "random state"):
+        generator.set_state(ckpt["rng"]["loop"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:  # dropout on the GPU draws from this one
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    order = ckpt["order"].to(device) if ckpt["step"] else None
+    return ckpt["history"], ckpt["epoch"], ckpt["step"], order, ckpt.get("sums")
 
 
 # ---------------------------------------------------------------- run folders
@@ -226,11 +291,61 @@ def resumed_config(run: Path, cfg: dict, ckpt, args, device: torch.device, not_s
     return cfg
 
 
+# ---------------------------------------------------------------- a script's main
+
+
+def one_line_errors(body, *errors) -> int:
+    """body()'s exit status; what a user can fix (RunError, `errors`, a file that cannot be written) and Ctrl-C
+    become one line on stderr and status 2 or 130, never a traceback. Warnings print as one line each too."""
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    try:
+        return body()
+    except (RunError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file written outside this module's writer, e.g. a plot or an annotated photo
+        print(f"error: could not write {e.filename} ({e.strerror or e}): free some space or make its folder writable",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (those save and stop by themselves)
+        print("\nstopped (Ctrl-C): nothing half-written is kept; a started run goes on with --resume <its run folder>",
+              file=sys.stderr)
+        return 130
+
+
+# Flags that are not settings of a run (what to do, not how to train, or folded into model_options): not saved.
+NOT_SETTINGS = ("predict", "checkpoint", "resume", "given", "model_opt", "width")
+# What every checkpoint holds to go on exactly where it was saved; a script adds its own (its labels, its best score).
+TRAINING_STATE = ("model", "config", "ema", "optimizer", "scheduler", "epoch", "step", "order", "history", "rng")
+
+
+def settings(args, command: str, device: torch.device, needs, not_saved, script: str) -> tuple[Path | None, dict | None, dict]:
+    """What a run goes on with: (its folder, its last.pt, its settings) under --resume, else (None, None, the flags).
+
+    A new run's settings are the flags but not_saved, and the command; a resumed one's come from resumed_config, its
+    checkpoint being None when it was stopped before its first save (it starts again from its config.json).
+    """
+    if not args.resume:
+        return None, None, {**{k: v for k, v in vars(args).items() if k not in not_saved}, "command": command}
+    run = existing_run(args.resume)
+    if (run / "last.pt").is_file():
+        ckpt = load_checkpoint(run / "last.pt", needs=needs)
+        return run, ckpt, resumed_config(run, ckpt["config"], ckpt, args, device, not_saved, script)
+    saved = read_json(run / "config.json", "a run's config", "start a new run")
+    print(f"{run} was stopped before its first save: starting it again from epoch 1")
+    return run, None, resumed_config(run, saved, None, args, device, not_saved, script)
+
+
 # ---------------------------------------------------------------- flags
 
 
 class FlagParser(argparse.ArgumentParser):
-    """argparse that answers a wrong flag in one line (the usage of a script with 40 flags runs to 24)."""
+    """argparse that answers a wrong flag in one line (the usage of a script with 40 flags runs to 24), describes the
+    script by the first paragraph of its docstring, and shows every flag's default in --help."""
+
+    def __init__(self, docstring: str = "", **kwargs):
+        super().__init__(description=docstring.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
@@ -262,6 +377,29 @@ def check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, a
         parser.error("--device cuda asked for, but PyTorch sees no CUDA GPU: use --device cpu")
     if args.predict and not args.checkpoint:
         parser.error(f"--predict needs --checkpoint {parser.get_default('out')}/<run>/best.pt")
+
+
+def key_values(items: list[str], flag: str) -> dict:
+    """{"width": 16, "hidden": (64, 32), "downsample": "stride"} from ["width=16", "hidden=(64, 32)", "downsample=stride"].
+
+    Values are Python literals where they parse as one, else the bare word; an item without = is a ValueError.
+    """
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r} is not KEY=VALUE")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
+def predictions_folder(args) -> Path:
+    """Where --predict writes its annotated copies: --out when typed, else predictions/ beside the checkpoint."""
+    checkpoint = Path(args.checkpoint)
+    return Path(args.out) if "out" in args.given else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "predictions"
 
 
 def given_flags(parser: argparse.ArgumentParser, argv) -> dict:

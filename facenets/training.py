@@ -1,5 +1,6 @@
 """What every facenets training loop needs around it, once: device, bf16, compile, optimizer and schedule, the
-weight average, Ctrl-C, random states and the optimisation flags. The loops themselves stay in the scripts.
+weight average, Ctrl-C and the optimisation flags. The loops themselves stay in the scripts; checkpoints and
+resuming are runs.py's.
 
     device = training.pick_device("auto")
     optimizer = training.make_optimizer(model, cfg)          # cfg: the flags of add_optimizer_flags, as a dict
@@ -160,7 +161,7 @@ class WeightAverage:
         torch._foreach_lerp_(self._average, self._live, 1 - d)
 
 
-# ----------------------------------------------------------------------------- stopping and resuming
+# ----------------------------------------------------------------------------- stopping
 
 
 class StopRequests:
@@ -183,16 +184,3 @@ class StopRequests:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
-
-
-def rng_state(generator: torch.Generator, device: torch.device) -> dict:
-    """Every random state a run draws from, for its checkpoint: the loop's generator, torch's, and CUDA's."""
-    return {"loop": generator.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def restore_rng(state: dict, generator: torch.Generator, device: torch.device) -> None:
-    generator.set_state(state["loop"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:  # dropout on the GPU draws from this one
-        torch.cuda.set_rng_state(state["cuda"], device)

@@ -56,7 +56,8 @@ CHILD = """
 import os, signal, sys, torch
 sys.path.insert(0, os.environ["ROOT"])
 import train_emotion
-train_emotion.SAVE_EVERY = float(os.environ["SAVE_EVERY"])
+from facenets import runs
+runs.SAVE_EVERY = float(os.environ["SAVE_EVERY"])
 real_save, saves = torch.save, [0]
 def save(state, f, *args, **kwargs):
     saves[0] += 1
@@ -185,7 +186,7 @@ def test_predict_with_a_checkpoint_that_does_not_fit_is_one_line(finished, tmp_p
 @pytest.mark.parametrize("change, words", [
     (other_width, "does not fit this run: its weights"),
     (other_model, "does not fit this run: its weights"),
-    (five_classes, "trained on other data"),
+    (five_classes, "trained on other classes"),
     (lambda ckpt: ckpt.pop("rng"), "lacks 'rng'"),
     (lambda ckpt: ckpt["rng"].update(loop=torch.zeros(3)), "its random state cannot be loaded"),
     (lambda ckpt: ckpt["optimizer"]["param_groups"].pop(), "its optimizer state cannot be loaded"),

@@ -1,0 +1,174 @@
+"""train_attributes.py end to end: synthetic UTKFace and CelebA runs that learn, the Concepción protocol on a CelebA
+fixture in the exact format, resume, --predict, and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train_attributes
+from facenets import data
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--data", "synthetic", "--synthetic-count", "600", "--image-size", "32", "--model", "vgg", "--width", "8",
+         "--batch-size", "32"]
+
+
+def run(tmp_path, *args):
+    return train_attributes.main([*SMALL, "--out", str(tmp_path), *args])
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_synthetic_utkface_run_learns_every_head_and_writes_a_complete_run_folder(tmp_path):
+    assert run(tmp_path, "--name", "u", "--epochs", "8", "--lr", "0.05") == 0
+    folder = tmp_path / "u"
+    for name in ("config.json", "log.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "confusion-gender.png",
+                 "confusion-age_group.png", "age-errors.png"):
+        assert (folder / name).is_file(), name
+    result = json.loads((folder / "metrics.json").read_text())
+    assert result["test_accuracy"]["gender"] > 0.85  # chance: 0.5
+    assert result["test_accuracy"]["age_group"] > 0.5  # chance: the biggest of five groups, about 0.3
+    assert result["heads"]["age"]["mae"] < 12  # ages 1-90: always guessing the mean is off by about 22
+    assert set(result["heads"]["age"]["mae_by_group"]) == set(data.age_group_names())
+    assert result["split_sizes"] == {"train": 480, "val": 0, "test": 120} and result["best_epoch"] == 8
+
+
+def test_synthetic_celeba_run_learns_its_attributes_as_sigmoid_heads(tmp_path):
+    # smiling is the subtle one (the mouth's corners): it needs more faces and pixels than the other two
+    assert run(tmp_path, "--name", "c", "--task", "celeba", "--synthetic-count", "1000", "--image-size", "48",
+               "--epochs", "10", "--lr", "0.05") == 0
+    result = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert min(result["test_accuracy"].values()) > 0.75, result["test_accuracy"]  # chance: 0.5 each (seen: 0.85-1.0)
+    assert result["best_val_score"] is not None  # CelebA's validation partition chose the epoch
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["split"] == "official" and config["task"] == "celeba"
+
+
+def write_celeba_fixture(root: Path, count=48) -> Path:
+    """CelebA in its official layout, full-sized 178x218 images: Smiling images have a light mouth band."""
+    names = [f"{i:06d}.jpg" for i in range(1, count + 1)]
+    attribute_names = ["5_o_Clock_Shadow", "Eyeglasses", "Male", "Smiling"] + [f"Other_{k}" for k in range(36)]
+    (root / "img_align_celeba").mkdir(parents=True)
+    rows = []
+    for i, name in enumerate(names):
+        smiling = i % 2
+        image = Image.new("RGB", (178, 218), (90 + 3 * i, 80, 70))
+        if smiling:
+            image.paste((250, 250, 250), (50, 150, 128, 170))
+        image.save(root / "img_align_celeba" / name, quality=90)
+        values = [1 if (i + k) % 3 == 0 else -1 for k in range(40)]
+        values[3] = 1 if smiling else -1
+        rows.append(f"{name} " + " ".join(f"{v:2d}" for v in values))
+    (root / "list_attr_celeba.txt").write_text(f"{count}\n" + " ".join(attribute_names) + "\n" + "\n".join(rows) + "\n")
+    parts = [0] * (count * 2 // 3) + [1] * (count // 6) + [2] * (count - count * 2 // 3 - count // 6)
+    (root / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, parts)))
+    return root
+
+
+def test_the_concepcion_classifier_and_its_protocol_run_end_to_end_on_a_celeba_fixture(tmp_path):
+    celeba = write_celeba_fixture(tmp_path / "celeba")
+    argv = ["--data", str(celeba), "--preset", "concepcion", "--attrs", "Smiling", "--sample-sizes", "20", "6", "6",
+            "--epochs", "2", "--out", str(tmp_path / "runs"), "--name", "smiling", "--cache", str(tmp_path / "cache")]
+    assert train_attributes.main(argv) == 0
+    result = json.loads((tmp_path / "runs" / "smiling" / "metrics.json").read_text())
+    assert result["parameters"] == 623_490  # the report's count, at its 218x178 input
+    assert result["split_sizes"] == {"train": 20, "val": 6, "test": 6}
+    assert set(result["test_accuracy"]) == {"Smiling"} and result["heads"]["Smiling"]["classes"] == ["no", "yes"]
+    config = json.loads((tmp_path / "runs" / "smiling" / "config.json").read_text())
+    assert (config["optimizer"], config["batch_size"], config["image_size"]) == ("rmsprop", 50, [218, 178])
+    # 32 training images hold 16 smiling faces: a sample of 40 would need 20
+    assert train_attributes.main([*argv[:6], "--sample-sizes", "40", "6", "6", "--dry-run", "--out", str(tmp_path / "runs"),
+                                  "--cache", str(tmp_path / "cache")]) == 2
+
+
+def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
+    common = ["--epochs", "2", "--scheduler", "none", "--optimizer", "adam", "--lr", "1e-3", "--erasing", "0.3"]
+    assert run(tmp_path, "--name", "straight", *common) == 0
+    calls, real = {"n": 0}, train_attributes.augment_batch
+
+    def ctrl_c_on_the_fourth_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_attributes, "augment_batch", ctrl_c_on_the_fourth_batch)
+    assert run(tmp_path, "--name", "c", *common) == 130
+    assert torch.load(tmp_path / "c" / "last.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(train_attributes, "augment_batch", real)
+    assert train_attributes.main(["--resume", str(tmp_path / "c")]) == 0
+    a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True)["model"] for n in ("straight", "c"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_predict_prints_every_head_and_annotates_the_photo(tmp_path, monkeypatch, capsys):
+    assert run(tmp_path, "--name", "p", "--dry-run") == 0
+    capsys.readouterr()
+    photo = tmp_path / "two.jpg"
+    Image.new("RGB", (160, 100), (120, 100, 90)).save(photo)
+    monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": [(10, 0, 70, 60), (90, 20, 150, 90)])
+    assert train_attributes.main(["--predict", str(photo), "--checkpoint", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" face ") == 2 and "gender " in out and "age_group " in out and " years" in out
+    annotated = Image.open(tmp_path / "p" / "predictions" / "two_attributes.jpg")
+    assert annotated.width / annotated.height == 1.6 and min(annotated.size) >= 480  # enlarged so its labels can be read
+
+
+@pytest.mark.skipif(not os.environ.get("FACENETS_DATA"), reason="FACENETS_DATA not set")
+def test_predict_finds_a_real_face_with_mtcnn(tmp_path, capsys):
+    photos = sorted((Path(os.environ["FACENETS_DATA"]) / "utkface" / "crop_part1").glob("2*_1_*.jpg"))[:1]
+    assert run(tmp_path, "--name", "m", "--dry-run") == 0
+    assert train_attributes.main(["--predict", str(photos[0]), "--checkpoint", str(tmp_path / "m" / "best.pt")]) == 0
+    assert "face 1 at" in capsys.readouterr().out and (tmp_path / "m" / "predictions").is_dir()
+
+
+def test_the_utec_preset_trains_arch2_on_two_heads_and_its_joint_classifier(tmp_path):
+    assert run(tmp_path, "--name", "two", "--preset", "utec", "--dry-run") == 0
+    result = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert set(result["test_accuracy"]) == {"gender", "age_group"}
+    assert run(tmp_path, "--name", "joint", "--preset", "utec", "--targets", "joint", "--dry-run") == 0
+    result = json.loads((tmp_path / "joint" / "metrics.json").read_text())
+    assert len(result["heads"]["joint"]["classes"]) == 10
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--preset", "concepcion", "--attrs", "Male", "Smiling"], "one model per attribute"),
+    (["--targets", "joint", "gender"], "give it alone"),
+    (["--image-size", "64", "64", "64"], "--image-size takes one size"),
+    (["--age-groups", "19", "12"], "--age-groups must be increasing"),
+    (["--model-opt", "width=-1"], "width=-1 must be a whole number"),
+])
+def test_impossible_flags_are_one_line(flags, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_attributes.parse_args(flags)
+    assert exit_.value.code == 2 and words in one_line_error(capsys)
+
+
+def test_an_emotion_checkpoint_is_not_taken_for_an_attributes_one(tmp_path, capsys):
+    import train_emotion
+    assert train_emotion.main(["--data", "synthetic", "--synthetic-count", "280", "--width", "8", "--dry-run",
+                               "--out", str(tmp_path), "--name", "e"]) == 0
+    assert train_attributes.main(["--predict", "x.jpg", "--checkpoint", str(tmp_path / "e" / "best.pt")]) == 2
+    assert "lacks 'heads'" in one_line_error(capsys)
+
+
+def test_a_split_of_the_other_task_is_one_line(tmp_path, capsys):
+    assert run(tmp_path, "--split", "official", "--dry-run") == 2
+    assert "--split official is not a utkface protocol" in one_line_error(capsys) and not any(tmp_path.iterdir())
+
+
+def test_help_documents_every_flag():
+    assert not [a.option_strings for a in train_attributes.build_parser()._actions if not a.help]
+    shown = subprocess.run([sys.executable, str(ROOT / "train_attributes.py"), "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "--preset" in shown and "concepcion_classifier" in shown
