@@ -127,3 +127,16 @@ def test_plot_confusion(tmp_path):
     (tmp_path / "plain.txt").write_text("")  # a plot gets the permissions any new file of the run gets
     assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "plain.txt").st_mode & 0o777
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.png", "plain.txt"]  # no temporary file left
+
+
+def test_error_summary_by_hand():
+    summary = metrics.error_summary([10.0, 20.0, 36.0], [12, 20, 30], groups=[0, 1, 1], group_names=("kids", "adults"))
+    assert summary["mae"] == pytest.approx(8 / 3) and summary["median_error"] == 2 and summary["within_5"] == pytest.approx(2 / 3)
+    assert summary["mae_by_group"] == {"kids": 2.0, "adults": 3.0}
+
+
+def test_plot_error_histogram_and_bars(tmp_path):
+    assert metrics.plot_error_histogram(torch.tensor([0.2, -1.4, 3.0, 40.0]), tmp_path / "e.png") == tmp_path / "e.png"
+    assert Image.open(tmp_path / "e.png").size == (700, 360)
+    metrics.plot_bars([f"attribute {i}" for i in range(40)], [i / 40 for i in range(40)], tmp_path / "b.png", "accuracy")
+    assert Image.open(tmp_path / "b.png").height == 40 + 18 * 40 + 10

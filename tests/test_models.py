@@ -174,3 +174,17 @@ def test_resnet18_keeps_full_resolution_in_its_first_stage():
     reference = torchvision.models.resnet18(weights=None)
     expected = count_parameters(reference) - 7 * 7 * 3 * 64 - (512 * 1000 + 1000) + 3 * 3 * 64 + (512 * 7 + 7)
     assert count_parameters(model) == expected
+
+
+def test_the_concepcion_classifier_has_the_reports_623490_parameters_and_keras_same_padding():
+    model = build_model("concepcion_classifier", in_channels=3, num_classes=2, image_size=(218, 178))
+    assert count_parameters(model) == 623_490  # convs 29,248 + dense 585,792 + 4,160 + 4,160 + 130
+    assert model.classifier[1].in_features == 13 * 11 * 64
+    assert model(torch.zeros(2, 3, 218, 178)).shape == (2, 2)
+    first = model.features[:2].eval()  # Keras 'same' with kernel 2 pads one row and column at the bottom and right
+    with torch.no_grad():
+        first[1].weight.fill_(1)
+        first[1].bias.zero_()
+        x = torch.zeros(1, 3, 4, 4)
+        x[0, :, 3, 3] = 1
+        assert first(x)[0, 0, 3, 3] == 3 and first(x)[0, 0, 2, 2] == 3 and first(x)[0, 0, 0, 0] == 0
