@@ -1,8 +1,13 @@
 """
-Every emotion architecture of the reports, and facenets' own (vgg, resnet18), by name, in plain PyTorch.
+Every architecture of the reports (emotion; CelebA attributes; gender and age), and facenets' own (vgg,
+resnet18), by name, in plain PyTorch.
 
     model = build_model("monterrey_baseline", in_channels=1, num_classes=7, image_size=48)
     logits = model(images)  # images [B, in_channels, image_size, image_size] float -> logits [B, num_classes]
+    build_model("concepcion_classifier", in_channels=3, num_classes=2, image_size=(218, 178))  # (height, width)
+
+A network with several heads (gender, age group, age) is one model with num_classes = the heads' outputs side by
+side; the training script slices them apart.
 
 Models return raw logits. The Keras reports end their models with a softmax; here it lives in the loss
 (nn.CrossEntropyLoss applies log-softmax itself, more stably), so call logits.softmax(-1) for probabilities.

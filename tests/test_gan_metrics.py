@@ -1,0 +1,223 @@
+"""Tests of the GAN scores in facenets.metrics: the distances on point sets with known answers, ONet's features
+on small made-up images, and their behaviour on real CelebA faces (those need FACENETS_DATA)."""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from facenets import metrics
+
+needs_onet = pytest.mark.skipif(importlib.util.find_spec("facenet_pytorch") is None,
+                                reason="face features need facenet-pytorch")
+
+
+def gaussian_sample(n, mean, std, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.as_tensor(mean, dtype=torch.float64) + torch.randn(n, len(std), generator=generator,
+                                                                     dtype=torch.float64) * torch.as_tensor(std)
+
+
+def random_images(n, size=64, seed=0):
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------- Fréchet distance
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    features = gaussian_sample(500, torch.zeros(32), torch.logspace(0, -3, 32), seed=0)
+    scale = torch.cov(features.T).trace().item()
+    threads = torch.get_num_threads()
+    assert 0 <= metrics.frechet_distance(features, features) < 1e-6 * scale
+    assert 0 <= metrics.frechet_distance(features[:20], features[:20]) < 1e-6 * scale  # fewer points than dimensions
+    assert torch.get_num_threads() == threads  # the eigensolver's single thread is given back
+
+
+def test_gaussian_frechet_distance_by_closed_form():
+    mu_a, mu_b = torch.tensor([0.0, 1.0, -2.0, 0.5]), torch.tensor([1.0, 1.0, 0.0, -0.5])
+    var_a, var_b = torch.tensor([1.0, 4.0, 0.25, 2.0]), torch.tensor([9.0, 1.0, 0.25, 0.5])
+    expected = ((mu_a - mu_b).square().sum() + (var_a.sqrt() - var_b.sqrt()).square().sum()).item()
+    assert metrics.gaussian_frechet_distance(mu_a, var_a.diag(), mu_b, var_b.diag()) == pytest.approx(expected)
+    # Rotating both Gaussians alike leaves the distance, and makes the covariances full matrices.
+    rotation = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))[0]
+    assert metrics.gaussian_frechet_distance(rotation @ mu_a, rotation @ var_a.diag() @ rotation.T, rotation @ mu_b,
+                                             rotation @ var_b.diag() @ rotation.T) == pytest.approx(expected)
+    # cov_b = c^2 cov_a: tr sqrtm(cov_a cov_b) = c tr(cov_a), so the covariance part is (1 - c)^2 tr(cov_a).
+    cov_a = rotation @ var_a.diag() @ rotation.T + 0.3
+    assert metrics.gaussian_frechet_distance(mu_a, cov_a, mu_b, 9 * cov_a) == pytest.approx(
+        (mu_a - mu_b).square().sum().item() + 4 * cov_a.trace().item())
+
+
+def test_frechet_distance_of_samples_approaches_the_closed_form():
+    mu_a, mu_b = [0.0, 1.0, -2.0, 0.5], [1.0, 1.0, 0.0, -0.5]
+    std_a, std_b = torch.tensor([1.0, 2.0, 0.5, 1.5]), torch.tensor([3.0, 1.0, 0.5, 0.7])
+    expected = metrics.gaussian_frechet_distance(mu_a, std_a.square().diag(), mu_b, std_b.square().diag())
+    distance = metrics.frechet_distance(gaussian_sample(40_000, mu_a, std_a, seed=2),
+                                        gaussian_sample(40_000, mu_b, std_b, seed=3))
+    assert distance == pytest.approx(expected, rel=0.02)
+
+
+# ---------------------------------------------------------------- precision, recall, density, coverage
+
+def all_scores(real, fake):
+    return {**metrics.precision_recall(real, fake), **metrics.density_coverage(real, fake)}
+
+
+def test_identical_sets_score_one():
+    real = gaussian_sample(300, torch.zeros(8), torch.ones(8), seed=4)
+    scores = all_scores(real, real.clone())
+    assert scores["precision"] == scores["recall"] == scores["coverage"] == 1.0
+    # Each real ball holds its own centre and its k = 5 nearest neighbours, so density = (k + 1) / k.
+    assert scores["density"] == pytest.approx(6 / 5, abs=0.01)
+
+
+def test_two_samples_of_one_distribution():
+    real = gaussian_sample(2000, torch.zeros(4), torch.ones(4), seed=5)
+    fake = gaussian_sample(2000, torch.zeros(4), torch.ones(4), seed=6)
+    scores = all_scores(real, fake)
+    assert scores["precision"] > 0.9 and scores["recall"] > 0.9
+    assert scores["density"] == pytest.approx(1.0, abs=0.1)
+    assert scores["coverage"] == pytest.approx(1 - 2 ** -5, abs=0.02)  # Naeem et al.'s expected value for k = 5
+
+
+def test_fake_far_from_real_scores_zero():
+    real = gaussian_sample(200, torch.zeros(8), torch.ones(8), seed=7)
+    scores = all_scores(real, real + 100)
+    assert scores == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
+def test_collapsed_fakes_are_precise_but_recall_and_coverage_little():
+    real = gaussian_sample(500, torch.zeros(8), torch.ones(8), seed=8)
+    scores = all_scores(real, real[:1].repeat(100, 1))
+    assert scores["precision"] == 1.0
+    assert scores["recall"] <= 1 / 500 and scores["coverage"] < 0.05
+
+
+def test_scores_in_chunks_equal_scores_at_once():
+    real = gaussian_sample(300, torch.zeros(6), torch.ones(6), seed=9)
+    fake = gaussian_sample(250, torch.full((6,), 0.3), torch.ones(6), seed=10)
+    assert torch.equal(metrics._kth_nearest(real, k=3, rows=7), metrics._kth_nearest(real, k=3))
+    radii = metrics._kth_nearest(real, k=3)
+    assert torch.equal(metrics._balls_holding(fake, real, radii, rows=7), metrics._balls_holding(fake, real, radii))
+
+
+def test_too_few_points_for_k_is_an_error():
+    with pytest.raises(ValueError, match="k = 3"):
+        metrics.precision_recall(torch.zeros(3, 2), torch.zeros(5, 2))
+
+
+# ---------------------------------------------------------------- near duplicates
+
+def test_copies_of_one_image_are_all_near_duplicates():
+    real = gaussian_sample(100, torch.zeros(8), torch.ones(8), seed=11)
+    assert metrics.near_duplicate_rate(real[:1].repeat(50, 1), real) == 1.0
+
+
+def test_spread_fakes_have_no_near_duplicates():
+    grid = torch.cartesian_prod(torch.arange(10.0), torch.arange(10.0))  # closest pair: 1 apart
+    assert metrics.near_duplicate_rate(grid + 0.5, grid) == 0.0
+    assert metrics.near_duplicate_rate(grid, grid) == 0.0  # a copy of the real set: memorised, not collapsed
+    # Exact duplicates in the real set do not lower the bar to 0.
+    assert metrics.near_duplicate_rate(grid[:1].repeat(5, 1), torch.cat([grid, grid[:10]])) == 1.0
+
+
+def test_independent_samples_rarely_have_near_duplicates():
+    real = gaussian_sample(1000, torch.zeros(8), torch.ones(8), seed=12)
+    fake = gaussian_sample(1000, torch.zeros(8), torch.ones(8), seed=13)
+    assert metrics.near_duplicate_rate(fake, real) <= 0.01
+
+
+# ---------------------------------------------------------------- ONet features (facenet-pytorch)
+
+@needs_onet
+def test_face_features_shape_determinism_and_input_types():
+    images = random_images(6)
+    features = metrics.face_features(images)
+    assert features.shape == (6, 256) and features.dtype == torch.float32
+    assert torch.equal(metrics.face_features(images), features)
+    torch.testing.assert_close(metrics.face_features(images.float() / 255), features, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(metrics.face_features(images, batch_size=4), features, atol=1e-5, rtol=1e-5)
+    gray = images[:, :1]
+    torch.testing.assert_close(metrics.face_features(gray), metrics.face_features(gray.repeat(1, 3, 1, 1)))
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        metrics.face_features(images[0])
+
+
+@needs_onet
+def test_face_features_are_the_layer_under_onets_face_head():
+    images = random_images(8, size=80, seed=1)
+    features, face_probability = metrics._onet_outputs(images, "cpu", 256, metrics.FACE_CROP)
+    onet = metrics._onet("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(onet.softmax6_1(onet.dense6_1(features))[:, 1], face_probability)
+    assert not onet.prelu5._forward_hooks  # the hook is gone after the pass
+
+
+def test_missing_facenet_pytorch_names_the_fix(monkeypatch):
+    metrics._onet.cache_clear()
+    monkeypatch.setitem(sys.modules, "facenet_pytorch", None)  # makes the import fail
+    try:
+        with pytest.raises(ImportError, match="pip install facenet-pytorch"):
+            metrics.face_features(random_images(1))
+    finally:
+        metrics._onet.cache_clear()
+
+
+@needs_onet
+def test_gan_quality_keys_and_ranges():
+    quality = metrics.gan_quality(random_images(40, seed=2), random_images(30, seed=3),
+                                  train_images=random_images(30, seed=4))
+    assert set(quality) == {"frechet_distance", "precision", "recall", "density", "coverage", "face_rate",
+                            "real_face_rate", "near_duplicates", "fake_count", "real_count", "real_vs_real_frechet"}
+    assert quality["fake_count"] == 40 and quality["real_count"] == 30
+    assert all(0 <= quality[key] <= 1 for key in ("precision", "recall", "coverage", "face_rate", "near_duplicates"))
+    assert quality["face_rate"] == quality["real_face_rate"] == 0.0  # noise is no face
+
+
+# ---------------------------------------------------------------- real CelebA faces (FACENETS_DATA)
+
+@pytest.fixture(scope="module")
+def celeba_halves():
+    """The first 400 CelebA crops as two halves of PIL images."""
+    root = Path(os.environ.get("FACENETS_DATA", "/nonexistent")) / "celeba-faces"
+    if not root.is_dir():
+        pytest.skip("set FACENETS_DATA to the folder holding celeba-faces/ to test on the real data")
+    photos = []
+    for path in sorted(root.glob("*.jpg"))[:400]:
+        with Image.open(path) as image:
+            photos.append(image.convert("RGB"))
+    return photos[:200], photos[200:]
+
+
+def as_tensor(photos):
+    return torch.from_numpy(np.stack([np.asarray(photo) for photo in photos])).permute(0, 3, 1, 2).contiguous()
+
+
+@needs_onet
+def test_frechet_distance_grows_with_blur_and_noise(celeba_halves):
+    first, second = celeba_halves
+    reference = metrics.face_features(as_tensor(first))
+    blurred = [metrics.frechet_distance(reference, metrics.face_features(
+        as_tensor([photo.filter(ImageFilter.GaussianBlur(radius)) for photo in second]))) for radius in (0, 1, 2, 4)]
+    generator = torch.Generator().manual_seed(0)
+    clean = as_tensor(second).float() / 255
+    noisy = [metrics.frechet_distance(reference, metrics.face_features(
+        (clean + sigma * torch.randn(clean.shape, generator=generator)).clamp(0, 1))) for sigma in (0, 0.05, 0.1, 0.2)]
+    print(f"\nFréchet distance of two halves of 200 CelebA faces: blur radius 0, 1, 2, 4: {blurred}; "
+          f"noise sigma 0, 0.05, 0.1, 0.2: {noisy}")
+    assert blurred == sorted(blurred) and noisy == sorted(noisy)
+    assert noisy[0] == pytest.approx(blurred[0], rel=1e-3)
+    assert blurred[0] < 0.2 * min(blurred[-1], noisy[-1])  # the real halves are close
+
+
+@needs_onet
+def test_face_rate_tells_faces_from_noise(celeba_halves):
+    faces = as_tensor(celeba_halves[0] + celeba_halves[1])
+    real_rate, noise_rate = metrics.face_rate(faces), metrics.face_rate(random_images(200, size=80))
+    print(f"\nface rate: real CelebA crops {real_rate}, uniform noise {noise_rate}")
+    assert real_rate >= 0.9 and noise_rate <= 0.1
