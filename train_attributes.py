@@ -197,11 +197,11 @@ def head_loss(head: dict, logits: torch.Tensor, y: torch.Tensor, cfg: dict) -> t
         return F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
     if head["kind"] == "binary":
         return F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
-    # DLDL (Gao et al. 2018): match a normal distribution around the true age, and its mean to the age, in years/10
+    # DLDL-v2 (Gao et al. 2018): match a normal distribution around the true age, and (weight 0.05) its mean to the age
     ages = torch.arange(AGE_BINS, device=y.device, dtype=logits.dtype)
     target = torch.softmax(-0.5 * ((ages - y[:, None]) / cfg["age_sigma"]) ** 2, 1)
     log_p = logits.float().log_softmax(1)
-    return -(target * log_p).sum(1).mean() + (log_p.exp() @ ages.float() - y).abs().mean() / 10
+    return -(target * log_p).sum(1).mean() + 0.05 * (log_p.exp() @ ages.float() - y).abs().mean()
 
 
 def model_input(images: torch.Tensor) -> torch.Tensor:
@@ -228,16 +228,21 @@ def predict(model, images: torch.Tensor, heads: list[dict], cfg: dict, batch_siz
         views = [x, x.flip(-1)] if cfg["tta"] == "flip" else [x]
         with training.autocast(x.device):
             logits = [model(v.contiguous(memory_format=torch.channels_last)).float() for v in views]
-        start = 0
-        for h, head in enumerate(heads):
+        start, probabilities = 0, {}
+        for head in heads:
             part = [lg[:, start:start + width(head)] for lg in logits]
             start += width(head)
-            if head["kind"] == "binary":
-                out[h].append(torch.stack([p[:, 0].sigmoid() for p in part]).mean(0))
-            else:
-                probabilities = torch.stack([p.softmax(1) for p in part]).mean(0)
-                ages = torch.arange(AGE_BINS, device=x.device, dtype=torch.float32)
-                out[h].append(probabilities @ ages if head["kind"] == "age" else probabilities)
+            probabilities[head["name"]] = torch.stack([p[:, 0].sigmoid() if head["kind"] == "binary" else p.softmax(1)
+                                                       for p in part]).mean(0)
+        if "age" in probabilities and "age_group" in probabilities:
+            # the age distribution's share in each group is a second opinion on the group: they are averaged
+            edges = [0] + [bound + 1 for bound in cfg["age_groups"]] + [AGE_BINS]
+            shares = torch.stack([probabilities["age"][:, a:b].sum(1) for a, b in zip(edges, edges[1:])], 1)
+            probabilities["age_group"] = (probabilities["age_group"] + shares) / 2
+        ages = torch.arange(AGE_BINS, device=x.device, dtype=torch.float32)
+        for h, head in enumerate(heads):
+            p = probabilities[head["name"]]
+            out[h].append(p @ ages if head["kind"] == "age" else p)
     return [torch.cat(parts) for parts in out]
 
 
