@@ -10,11 +10,14 @@ Formats read:
     list_attr_celeba.csv and list_eval_partition.csv in place of the .txt files
   * UTKFace: a folder of <age>_<gender>_<race>_<datetime>.jpg[.chip.jpg] (the aligned crops, or in-the-wild
     photos cropped to the biggest face with MTCNN), or the folder above one such folder
+  * face images without labels, for GANs: any folder of images, read with its subfolders (CelebA's
+    img_align_celeba/ among them), or a .zip of them; non-square images lose their edges to a centre square
 
 The emotion readers return FaceImages: one uint8 tensor [N, C, H, W] with the label, the FER-2013 Usage and the
 source name of each image. The attribute readers return AttributeFaces: RGB images with several labels each
-(CelebA's 40 attributes; UTKFace's gender, age and race) and CelebA's official partition. load_fer2013,
-face_folders, load_celeba and load_utkface keep the decoded tensors in a cache, so the second load of the 32k
+(CelebA's 40 attributes; UTKFace's gender, age and race) and CelebA's official partition. load_face_images returns
+UnlabelledFaces: RGB images and their file names, for a GAN. load_fer2013,
+face_folders, load_celeba, load_utkface and load_face_images keep the decoded tensors in a cache, so the second load of the 32k
 FER-2013 images takes a fraction of a second instead of decoding 32k JPEGs again. CelebA is read in two steps:
 read_celeba_labels first (no image decoded), then load_celeba decodes only the sample drawn from the labels.
 Input the user can fix raises DataError (one line: the problem and what to do). Problems that cost only a
@@ -766,6 +769,15 @@ def _bytes_text(count: int) -> str:
     return f"{count} bytes"
 
 
+def _decoded_bytes(what: str, count: int, height: int, width: int, fix: str) -> int:
+    """Bytes of count RGB images decoded at height x width; DataError saying `fix` when memory cannot hold them."""
+    need, available = count * 3 * height * width, _available_memory()
+    if available is not None and need > available:
+        raise DataError(f"{what}: {count:,} images at {height}x{width} need {_bytes_text(need)} but only "
+                        f"{_bytes_text(available)} of memory is available: {fix}")
+    return need
+
+
 # ---------------------------------------------------------------- CelebA attributes
 
 CELEBA_PARTS = ("train", "val", "test")  # list_eval_partition's 0, 1, 2
@@ -1005,10 +1017,7 @@ def load_celeba(root: str | Path, index: torch.Tensor | Sequence[int], size: int
     if crop not in CELEBA_CROPS:
         raise DataError(f"unknown CelebA crop {crop!r}: choose one of {', '.join(CELEBA_CROPS)}")
     index = torch.as_tensor(index, dtype=torch.int64).flatten().cpu()
-    need, available = len(index) * 3 * height * width, _available_memory()
-    if available is not None and need > available:
-        raise DataError(f"celeba: {len(index):,} images at {height}x{width} need {_bytes_text(need)} but only "
-                        f"{_bytes_text(available)} of memory is available: lower the sample sizes or the image size")
+    need = _decoded_bytes("celeba", len(index), height, width, "lower the sample sizes or the image size")
     # A list edited in place leaves the folder's fingerprint unchanged: the files' own sizes and times join the key.
     sources = [root / name for name in ("list_attr_celeba.txt", "list_attr_celeba.csv", "list_eval_partition.txt",
                                         "list_eval_partition.csv", "img_align_celeba.zip")]
@@ -1257,3 +1266,92 @@ def synthetic_attribute_faces(n: int = 2000, task: str = "celeba", size: int = 6
                        zip(*(v.split(256) for v in (male, glasses, smiling, age, race)))])
     images = (image * 255).round().to(torch.uint8)
     return AttributeFaces(images, targets, columns, partition, [f"synthetic {i}" for i in range(n)])
+
+
+# ---------------------------------------------------------------- face images without labels (GANs)
+
+GET_FACES = ("pass a folder of face images (.jpg, .jpeg, .png; its subfolders are read too), such as CelebA's "
+             "img_align_celeba/, or a .zip of them")
+
+
+@dataclass
+class UnlabelledFaces:
+    """Decoded RGB face images and the name of each (its path inside the folder or zip), for messages."""
+
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    files: list[str]
+
+    def __post_init__(self):
+        if len(self.images) != len(self.files):  # a damaged cache as well as a reader bug
+            raise ValueError(f"UnlabelledFaces fields differ in length: {len(self.images)} images, {len(self.files)} files")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, index: torch.Tensor) -> UnlabelledFaces:
+        """The images at index (an int64 index tensor), in that order."""
+        return UnlabelledFaces(self.images[index], [self.files[i] for i in index.tolist()])
+
+
+def _is_image_name(name: str) -> bool:
+    """An image by its ending, outside hidden files and folders (macOS's ._<name> copies, __MACOSX/ in zips)."""
+    parts = PurePosixPath(name).parts
+    return (bool(parts) and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith((".", "__MACOSX")) for part in parts))
+
+
+def _face_image_names(path: Path) -> list[str]:
+    """The images of a folder (with its subfolders) or of a zip, as sorted posix paths inside it."""
+    if path.is_dir():
+        names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    elif path.suffix.lower() == ".zip":
+        with _open_zip(path, "unzip it and pass the folder") as archive:
+            names = [member.filename for member in archive.infolist() if not member.is_dir()]
+    else:
+        raise DataError(f"{path} is neither a folder nor a .zip: {GET_FACES}")
+    names = sorted(name for name in names if _is_image_name(name))
+    if not names:
+        raise DataError(f"no images (.jpg, .jpeg, .png) in {path}{' or its subfolders' if path.is_dir() else ''}: {GET_FACES}")
+    return names
+
+
+def _read_face_images(path: Path, names: list[str], size: int) -> UnlabelledFaces:
+    need = _decoded_bytes("faces", len(names), size, size, "lower --image-size or pass fewer images")
+    print(f"faces: decoding {len(names):,} images from {path} at {size}x{size} into {_bytes_text(need)}", flush=True)
+    if path.is_dir():
+        images, kept = _decode_rgb(names, lambda name: Image.open(path / name), size, size, square=True)
+    else:
+        with _open_zip(path, "unzip it and pass the folder") as archive:
+            images, kept = _decode_rgb(names, lambda name: Image.open(io.BytesIO(archive.read(name))), size, size, square=True)
+    if not kept:
+        raise DataError(f"none of the {len(names):,} images in {path} could be read (damaged, or not images): {GET_FACES}")
+    return UnlabelledFaces(images, [names[i] for i in kept])
+
+
+def load_face_images(path: str | Path, size: int = 64, cache_dir: str | Path | None = None) -> UnlabelledFaces:
+    """Every image in a folder (subfolders included) or a .zip, as RGB size x size uint8 [N, 3, size, size] with
+    its name; decoded once, then loaded from cache_dir like load_fer2013.
+
+    Images that are not square are cut to their centre square first (CelebA's 178x218 img_align_celeba: its
+    centre 178x178, the crop of pytorch/examples' DCGAN), then resized (bilinear, antialiased). Files are taken by
+    their ending (.jpg, .jpeg, .png) in sorted order; hidden files and folders are left out. Unreadable images
+    are skipped with a warning naming them; a path that is missing, empty of images, not a folder or zip, or a
+    damaged zip is a DataError.
+    """
+    path = _existing(path, GET_FACES)
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise DataError(f"the image size must be a positive int (the side of a square), got {size!r}")
+    names = _face_image_names(path)
+    # The folder's fingerprint sees two levels down; the names themselves join the key for deeper trees.
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
+    return _cached("faces", path, (size, digest), cache_dir, lambda: _read_face_images(path, names, size), UnlabelledFaces)
+
+
+def holdout_split(count: int, holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held_out): int64 positions in range(count), a seeded random `holdout` of them and the rest, each
+    sorted; disjoint and together all of range(count). The same count, holdout and seed give the same split."""
+    if not 0 < holdout < count:
+        raise ValueError(f"a held-out part of {holdout} images needs between 1 and {count - 1} of {count}")
+    chosen = torch.zeros(count, dtype=torch.bool)
+    chosen[torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:holdout]] = True
+    return (~chosen).nonzero().flatten(), chosen.nonzero().flatten()

@@ -9,6 +9,8 @@
     plot_confusion            the confusion matrix as a heat map with counts and percentages
     plot_error_histogram      how many predictions are off by 0, 1, 2, ... (e.g. years of age)
     plot_bars                 one horizontal bar per name (e.g. the accuracy of each of forty attributes)
+    plot_lines                named series against one x axis, in panels side by side (e.g. a GAN's losses)
+    save_image_grid           images as one picture, in rows (e.g. a GAN's samples)
 
 GAN quality, offline (no Inception weights to download: features from MTCNN's ONet, so NOT the FID of papers):
     face_features             ONet's 256-d penultimate layer for each image (facenet-pytorch, imported only here)
@@ -328,6 +330,56 @@ def plot_bars(names, values, path, title, row=18, width=800):
         draw.text((left + span * min(max(value, 0.0), 1.0) + 6, y + row / 2), f"{100 * value:.1f}%", fill=INK,
                   font=font, anchor="lm")
     return _save(image, path)
+
+
+SERIES_COLOURS = (TRAIN_COLOUR, VAL_COLOUR, (44, 160, 44), (214, 39, 40), (148, 103, 189))
+
+
+def plot_lines(panels, path, xlabel="epoch", panel_size=(450, 400)):
+    """Panels side by side, each a dict {series name: [(x, y), ...]} under its title; returns path.
+
+    panels: list of (title, series). Non-finite values are left out; with 30 points or fewer each also gets a dot.
+    """
+    image = Image.new("RGB", (panel_size[0] * len(panels), panel_size[1]), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)
+    for panel, (title, series) in enumerate(panels):
+        kept = {name: [(float(x), float(y)) for x, y in points if y is not None and math.isfinite(y)]
+                for name, points in series.items()}
+        xs = [x for points in kept.values() for x, _ in points] or [0.0, 1.0]
+        ys = [y for points in kept.values() for _, y in points] or [0.0, 1.0]
+        xlim = (min(xs), max(xs)) if max(xs) > min(xs) else (min(xs) - 1, min(xs) + 1)
+        pad = (max(ys) - min(ys)) * 0.08 or max(abs(max(ys)) * 0.1, 0.05)
+        left = panel * panel_size[0]
+        box = (left + 70, 40, left + panel_size[0] - 20, panel_size[1] - 45)
+        to_pixel = _axes(draw, box, xlim, (min(ys) - pad, max(ys) + pad), title, font)
+        draw.text(((box[0] + box[2]) / 2, panel_size[1] - 10), xlabel, fill=INK, font=font, anchor="ms")
+        legend_x = box[2]
+        for (name, points), colour in reversed(list(zip(kept.items(), SERIES_COLOURS))):
+            legend_x -= draw.textlength(name, font=font) + 30
+            draw.line([(legend_x, box[1] - 13), (legend_x + 18, box[1] - 13)], fill=colour, width=3)
+            draw.text((legend_x + 22, box[1] - 8), name, fill=INK, font=font, anchor="ls")
+            pixels = [to_pixel(x, y) for x, y in points]
+            if len(pixels) > 1:
+                draw.line(pixels, fill=colour, width=2, joint="curve")
+            for px, py in pixels if len(pixels) <= 30 else []:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+    return _save(image, path)
+
+
+def save_image_grid(images, path, columns=8, padding=2):
+    """uint8 images [N, C, H, W] (C = 1 or 3) as one PNG, `columns` to a row, white between them; returns path."""
+    images = torch.as_tensor(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or images.dtype != torch.uint8 or not len(images):
+        raise ValueError(f"images must be uint8 [N, 1 or 3, H, W] with N > 0, not {images.dtype} {list(images.shape)}")
+    count, _, height, width = images.shape
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    grid = torch.full((3, padding + rows * (height + padding), padding + columns * (width + padding)), 255, dtype=torch.uint8)
+    for i, picture in enumerate(images.expand(-1, 3, -1, -1).cpu()):
+        top, left = padding + (i // columns) * (height + padding), padding + (i % columns) * (width + padding)
+        grid[:, top:top + height, left:left + width] = picture
+    return _save(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
 
 
 # ---------------------------------------------------------------- GAN quality

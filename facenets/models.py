@@ -6,6 +6,9 @@ resnet18), by name, in plain PyTorch.
     logits = model(images)  # images [B, in_channels, image_size, image_size] float -> logits [B, num_classes]
     build_model("concepcion_classifier", in_channels=3, num_classes=2, image_size=(218, 178))  # (height, width)
 
+GANs (generator and discriminator) have their own registry: build_gan("dcgan", image_size=64) (section "GANs" at
+the end).
+
 A network with several heads (gender, age group, age) is one model with num_classes = the heads' outputs side by
 side; the training script slices them apart.
 
@@ -30,9 +33,13 @@ KERAS_BN = dict(eps=1e-3, momentum=0.01)
 
 
 def keras_init_(module: nn.Module) -> nn.Module:
-    """Keras' default initialization (glorot-uniform weights, zero biases), for the networks built in Keras."""
+    """Keras' default initialization (glorot-uniform weights, zero biases), for the networks built in Keras.
+
+    Transposed convolutions too: glorot's bound depends only on fan_in + fan_out, the same in Keras' kernel layout
+    (kh, kw, out, in) as in PyTorch's (in, out, kh, kw).
+    """
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -502,3 +509,165 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 7, image_siz
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (Keras' "Trainable params": BatchNorm running statistics excluded)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- GANs
+#
+# A generator maps latent vectors [B, latent] to images [B, 3, S, S] and knows its latent size (.latent) and the
+# low end of its output range (.low: 0.0 for a sigmoid output, images in [0, 1]; -1.0 for tanh, [-1, 1]); real
+# images are scaled to the same range before the discriminator sees them. Discriminators return one raw logit per
+# image: where a source ends in a sigmoid, it lives in the loss (BCE on the logit), as the classifiers' softmax does.
+
+
+def _generator(latent: int, low: float, **parts: nn.Module) -> nn.Sequential:
+    net = sequential(**parts)
+    net.latent, net.low = latent, low
+    return net
+
+
+def _spectral_norm_(module: nn.Module) -> nn.Module:
+    """Spectral normalisation (Miyato et al. 2018) of every conv and linear weight: each layer 1-Lipschitz."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.Conv2d, nn.Linear)):
+            setattr(module, name, nn.utils.parametrizations.spectral_norm(child))
+        else:
+            _spectral_norm_(child)
+    return module
+
+
+def _check_gan_size(image_size, multiple: int, power_of_two: bool, name: str, paper: str) -> int:
+    if isinstance(image_size, (tuple, list)):
+        if len(set(image_size)) != 1:
+            raise ValueError(f"the {name} draws square images: give one image size, not {tuple(image_size)}")
+        image_size = image_size[0]
+    fits = image_size >= 16 and image_size % multiple == 0 and (not power_of_two or image_size & (image_size - 1) == 0)
+    if not fits:
+        kind = "a power of two" if power_of_two else f"a multiple of {multiple}"
+        raise ValueError(f"the {name} needs an image size that is {kind} of at least 16 ({paper}), not {image_size}")
+    return image_size
+
+
+def concepcion_generator(latent=64, image_size=64):
+    """Report 004 §3.2.3, the generator of its DCGAN (Keras, after keras.io's "DCGAN to generate face images"):
+    1,006,787 parameters at 64x64.
+
+    Dense latent -> 8x8x64 (no activation), reshape, three Conv2DTranspose of 64, 128 and 256 filters (kernel 4,
+    stride 2, 'same': each doubles the size, which is padding 1 in PyTorch), each with LeakyReLU 0.2, then Conv2D
+    of 3 filters, kernel 5, 'same', sigmoid: images in [0, 1]. Keras' glorot-uniform weights. Other image sizes
+    (multiples of 16) start from (size / 8)^2 instead of 8x8.
+    """
+    side = _check_gan_size(image_size, 16, False, "Concepción DCGAN", "64 in the report") // 8
+    up, c_in = [], 64
+    for c_out in (64, 128, 256):
+        up += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        c_in = c_out
+    return keras_init_(_generator(latent, 0.0, dense=nn.Linear(latent, 64 * side * side),
+                                  reshape=nn.Unflatten(1, (64, side, side)), up=nn.Sequential(*up),
+                                  out=nn.Sequential(nn.Conv2d(c_in, 3, 5, padding=2), nn.Sigmoid())))
+
+
+def concepcion_discriminator(image_size=64, spectral_norm=False):
+    """Report 004 §3.2.3, the discriminator of its DCGAN (Keras): 794,241 parameters at 64x64.
+
+    Conv2D of 64, 128, 128 and 128 filters (kernel 4, stride 2, 'same': padding 1 here), each with LeakyReLU 0.2:
+    64x64 -> 4x4x128; Flatten, Dropout 0.2, Dense 64 and Dense 64 with ReLU, Dense 1 (the report's sigmoid is in
+    the loss). Keras' glorot-uniform weights. spectral_norm (not in the report) normalises every weight.
+    """
+    _check_gan_size(image_size, 16, False, "Concepción DCGAN", "64 in the report")
+    layers, c_in = [], 3
+    for c_out in (64, 128, 128, 128):
+        layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        c_in = c_out
+    features = nn.Sequential(*layers)
+    classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(flat_size(features, 3, image_size), 64),
+                               nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    net = keras_init_(sequential(features=features, classifier=classifier))
+    return _spectral_norm_(net) if spectral_norm else net
+
+
+def _radford_init_(module: nn.Module) -> nn.Module:
+    """DCGAN's initialization (Radford et al. 2016): conv weights N(0, 0.02), BatchNorm weights N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def dcgan_generator(latent=100, width=64, image_size=64):
+    """The DCGAN generator of Radford et al. (2016) as pytorch/examples' dcgan/main.py builds it: 3,576,704
+    parameters at 64x64 (latent nz = 100, ngf = width = 64).
+
+    ConvTranspose 4x4 from the latent vector to a 4x4 map of 8 * width channels, then stride-2 ConvTranspose 4x4
+    (padding 1) halving the channels and doubling the size up to 32x32 x width, each with BatchNorm and ReLU, and
+    a last one to 3 channels with tanh: images in [-1, 1]. No biases (BatchNorm follows); N(0, 0.02) weights.
+    Other sizes (powers of two from 16) add or drop a stage: 4x4 has width * size / 8 channels.
+    """
+    stages = _check_gan_size(image_size, 16, True, "DCGAN", "64 in Radford et al.").bit_length() - 3  # 64: 4
+    c = width * 2 ** (stages - 1)
+    layers = [nn.ConvTranspose2d(latent, c, 4, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+    for _ in range(stages - 1):
+        layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU()]
+        c //= 2
+    return _radford_init_(_generator(latent, -1.0, reshape=nn.Unflatten(1, (latent, 1, 1)), up=nn.Sequential(*layers),
+                                     out=nn.Sequential(nn.ConvTranspose2d(c, 3, 4, 2, 1, bias=False), nn.Tanh())))
+
+
+def dcgan_discriminator(width=64, image_size=64, spectral_norm=False):
+    """The DCGAN discriminator of Radford et al. (2016) as pytorch/examples' dcgan/main.py builds it: 2,765,568
+    parameters at 64x64 (ndf = width = 64).
+
+    Stride-2 Conv 4x4 (padding 1) from 3 channels to width, then doubling the channels and halving the size down
+    to 4x4 x 8 * width, LeakyReLU 0.2 after each and BatchNorm on all but the first; a 4x4 Conv to one logit (the
+    example's sigmoid is in the loss). No biases, N(0, 0.02) weights. spectral_norm=True is the SN-GAN form of
+    this network (Miyato et al. 2018): spectral normalisation on every conv in place of BatchNorm, with biases.
+    """
+    stages = _check_gan_size(image_size, 16, True, "DCGAN", "64 in Radford et al.").bit_length() - 3
+    bias, layers, c = spectral_norm, [nn.Conv2d(3, width, 4, 2, 1, bias=spectral_norm), nn.LeakyReLU(0.2)], width
+    for _ in range(stages - 1):
+        layers.append(nn.Conv2d(c, 2 * c, 4, 2, 1, bias=bias))
+        layers += [nn.LeakyReLU(0.2)] if spectral_norm else [nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2)]
+        c *= 2
+    net = _radford_init_(sequential(features=nn.Sequential(*layers),
+                                    classifier=nn.Sequential(nn.Conv2d(c, 1, 4, 1, 0, bias=bias), nn.Flatten())))
+    return _spectral_norm_(net) if spectral_norm else net
+
+
+GANS = {
+    "dcgan": (dcgan_generator, dcgan_discriminator),
+    "concepcion": (concepcion_generator, concepcion_discriminator),
+}
+
+
+def gan_options(name: str) -> dict:
+    """{option: default} of the GAN name's generator and discriminator together (image_size aside)."""
+    if name not in GANS:
+        raise ValueError(f"unknown GAN {name!r}; choose from: {', '.join(GANS)}")
+    return {option: parameter.default for part in GANS[name] for option, parameter in inspect.signature(part).parameters.items()
+            if option != "image_size"}
+
+
+def check_gan_options(name: str, options: dict) -> dict:
+    """options for the GAN name, each checked against the kind of its default; else ValueError (one line)."""
+    defaults = gan_options(name)
+    for option in options:
+        if option not in defaults:
+            raise ValueError(f"GAN {name!r} has no option {option}; its options: {', '.join(defaults)}")
+    return {option: _checked_option(name, option, value, defaults[option]) for option, value in options.items()}
+
+
+def build_gan(name: str, image_size: int = 64, **options) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) of the GAN registered as name, for image_size x image_size images.
+
+    Each option goes to the part(s) that take it (width to both halves of dcgan, latent to the generator,
+    spectral_norm to the discriminator), checked by check_gan_options; a wrong one or size is a ValueError.
+    """
+    options = check_gan_options(name, options)
+    parts = []
+    for part in GANS[name]:
+        taken = inspect.signature(part).parameters
+        parts.append(part(image_size=image_size, **{k: v for k, v in options.items() if k in taken}))
+    return tuple(parts)

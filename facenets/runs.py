@@ -201,16 +201,25 @@ def restore(path: Path, ckpt: dict, model, ema, optimizer, scheduler, generator:
             train_size: int) -> tuple[list, int, int, torch.Tensor | None, dict | None]:
     """Load checkpoint path's training state into the run's objects (ema and scheduler may be None); a part that does
     not fit is one RunError naming it. Returns (history, epoch, step, the epoch's batch order, its sums so far)."""
+    return restore_parts(path, ckpt, {"model": model, "ema": ema}, {"optimizer": optimizer, "scheduler": scheduler},
+                         generator, device, train_size)
+
+
+def restore_parts(path: Path, ckpt: dict, networks: dict, optimizers: dict, generator: torch.Generator,
+                  device: torch.device, train_size: int) -> tuple[list, int, int, torch.Tensor | None, dict | None]:
+    """restore for a run of several networks and optimizers (a GAN's generator, discriminator, average and their two
+    optimizers): networks and optimizers map checkpoint keys to the objects their states load into, None for none.
+    Returns what restore returns."""
     if ckpt["step"] and len(ckpt["order"]) != train_size:
         raise RunError(f"{path} was trained on other data than its run's data holds now: start a new run")
     with restoring(path, "weights"):
-        model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
+        for key, network in networks.items():
+            if network is not None:
+                network.load_state_dict(ckpt[key])
     with restoring(path, "optimizer state"):
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler:
-            scheduler.load_state_dict(ckpt["scheduler"])
+        for key, optimizer in optimizers.items():
+            if optimizer is not None:
+                optimizer.load_state_dict(ckpt[key])
     with restoring(path, "random state"):
         generator.set_state(ckpt["rng"]["loop"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -351,23 +360,45 @@ class FlagParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
 
 
-def add_run_flags(parser: argparse.ArgumentParser, out: str, task: str) -> argparse._ArgumentGroup:
-    """The "run" and "inference" flag groups every script has; check_run_flags checks them."""
+def add_run_flags(parser: argparse.ArgumentParser, out: str, task: str | None) -> argparse._ArgumentGroup:
+    """The "run" and "inference" flag groups every script has; check_run_flags checks them.
+
+    task: what --predict prints for each face; None for a generator, whose inference is --sample N instead (N
+    generated images written as PNG files).
+    """
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: the GPU when there is one")
     g.add_argument("--compile", action="store_true", help="torch.compile the model; on a GPU also with CUDA graphs: 1.6x the "
                    "images/s at batch 512 on an H100, after ~15 s of compiling")
-    g.add_argument("--out", default=out, help="parent folder of run folders; with --predict, the folder for the annotated "
-                   "copies (default: predictions/ beside the checkpoint)")
+    inference = "--predict" if task else "--sample"
+    written = "the annotated copies (default: predictions/" if task else "the PNG files (default: samples/"
+    g.add_argument("--out", default=out, help=f"parent folder of run folders; with {inference}, the folder for {written} "
+                   "beside the checkpoint)")
     g.add_argument("--name", default=None, help="run folder name (default: model and time)")
     g.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR (or RUN_DIR/last.pt) from its "
                    "last save, with its saved settings; --epochs may raise the total")
     g.add_argument("--dry-run", action="store_true", help="one epoch of two batches and a short evaluation: checks the whole "
                    "pipeline in seconds")
     i = parser.add_argument_group("inference")
-    i.add_argument("--predict", nargs="+", metavar="PHOTO", help=f"find the faces in these photos (MTCNN) and print each face's {task}")
-    i.add_argument("--checkpoint", default=None, help="with --predict: the best.pt or last.pt to use (a run folder: its best.pt)")
+    if task:
+        i.add_argument("--predict", nargs="+", metavar="PHOTO", help=f"find the faces in these photos (MTCNN) and print each face's {task}")
+    else:
+        i.add_argument("--sample", type=int, metavar="N", default=None, help="write N generated images as PNG files into --out "
+                       "(to score them elsewhere, e.g. with pytorch-fid or torch-fidelity), then stop")
+    i.add_argument("--checkpoint", default=None, help=f"with {inference}: the best.pt or last.pt to use (a run folder: its best.pt)")
     return g
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv=None, presets: dict | None = None) -> argparse.Namespace:
+    """The flags of argv (default sys.argv[1:]), checked by check_run_flags; with --preset NAME, on the defaults of
+    presets[NAME] (the flags a report used), so that flags typed on the command line still win."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if presets and getattr(args, "preset", None):
+        parser.set_defaults(**presets[args.preset])
+        args = parser.parse_args(argv)
+    check_run_flags(parser, args, argv)
+    return args
 
 
 def check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> None:
@@ -375,8 +406,9 @@ def check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, a
     args.given = given_flags(parser, argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but PyTorch sees no CUDA GPU: use --device cpu")
-    if args.predict and not args.checkpoint:
-        parser.error(f"--predict needs --checkpoint {parser.get_default('out')}/<run>/best.pt")
+    inference = "--predict" if "predict" in vars(args) else "--sample"
+    if vars(args).get("predict", vars(args).get("sample")) is not None and not args.checkpoint:
+        parser.error(f"{inference} needs --checkpoint {parser.get_default('out')}/<run>/best.pt")
 
 
 def key_values(items: list[str], flag: str) -> dict:
@@ -396,10 +428,10 @@ def key_values(items: list[str], flag: str) -> dict:
     return options
 
 
-def predictions_folder(args) -> Path:
-    """Where --predict writes its annotated copies: --out when typed, else predictions/ beside the checkpoint."""
+def predictions_folder(args, name: str = "predictions") -> Path:
+    """Where --predict (or --sample) writes its files: --out when typed, else the folder name beside the checkpoint."""
     checkpoint = Path(args.checkpoint)
-    return Path(args.out) if "out" in args.given else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "predictions"
+    return Path(args.out) if "out" in args.given else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / name
 
 
 def given_flags(parser: argparse.ArgumentParser, argv) -> dict:

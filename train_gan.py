@@ -1,0 +1,502 @@
+"""Train a GAN that draws faces: facenets' recipe (the defaults), the Concepción report's DCGAN or Radford et al.'s
+DCGAN, on face crops (CelebA's, or any folder or .zip of face images) or built-in synthetic faces; or write a trained
+generator's images as PNG files.
+
+    python train_gan.py --data synthetic --epochs 1     # a complete run folder with a grid of faces, under a minute on 2 CPU cores
+    make gan DATA=data/celeba-faces                     # the recipe: DCGAN generator with its weight average, a spectral-norm
+                                                        # discriminator, hinge loss, two learning rates, DiffAugment
+    make dcgan-concepcion DATA=data/celeba-faces        # the Concepción report's Keras DCGAN: BCE, Adam 1e-4, batch 32, 30 epochs
+    python train_gan.py --preset radford --data data/celeba-faces     # pytorch/examples' DCGAN, 25 epochs
+    python train_gan.py --sample 5000 --checkpoint runs/gan/<run>/best.pt --out fakes/   # PNGs for pytorch-fid or torch-fidelity
+
+What each reaches and how long it takes: see REPRODUCING.md. Every run writes runs/gan/<name>/: config.json, log.csv,
+a grid of the same 64 latent vectors after every epoch (grid-epoch-001.png, ...: the report's "monitor"), last.pt,
+best.pt, and at the end grid.png, interpolation.png, losses.png (G, D, D(real), D(fake)) and metrics.json. Quality is
+measured against held-out images that are never trained on (--holdout): a Fréchet distance, precision, recall, density
+and coverage in the features of MTCNN's ONet (offline, so NOT the Inception FID of papers: --sample writes images for
+that), the share of faces and of near-duplicates; best.pt is the check with the lowest Fréchet distance. last.pt is
+rewritten every 30 s: --resume RUN_DIR continues a stopped or killed run exactly. Images are decoded once into a cached
+uint8 tensor that sits on the training device. Exit status: 0 done, 2 bad input, 3 diverged (stopped, the last good
+checkpoints kept), 130 stopped by Ctrl-C or SIGTERM (saved: --resume goes on).
+"""
+import copy
+import math
+import shlex
+import shutil
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from facenets import augment, data, metrics, models, runs, training
+
+# Each preset is the flags its source used; flags given on the command line still win.
+PRESETS = {
+    # Report 004 §3.2.4: its Keras models, binary cross-entropy, Adam lr 1e-4 for both (Keras' betas), batch 32, 30
+    # epochs, images in [0, 1] (the generator's sigmoid), nothing else.
+    "concepcion": dict(model="concepcion", loss="bce", lr_g=1e-4, lr_d=1e-4, betas=[0.9, 0.999], batch_size=32,
+                       epochs=30, ema=0.0, diffaugment="none", flip=False, spectral_norm=False),
+    # pytorch/examples dcgan/main.py: BatchNorm in D, BCE, Adam 2e-4 with beta1 0.5, batch 64, 25 epochs, [-1, 1].
+    "radford": dict(model="dcgan", loss="bce", lr_g=2e-4, lr_d=2e-4, betas=[0.5, 0.999], batch_size=64, epochs=25,
+                    ema=0.0, diffaugment="none", flip=False, spectral_norm=False),
+}
+HOLDOUT_SEED = 0  # the held-out images are the same for every --seed, so that runs compare on the same images
+QUALITY_KEYS = ("frechet_distance", "precision", "recall", "density", "coverage", "face_rate", "near_duplicates")
+TRACE_EVERY = 20  # steps per point of losses.png (and per look at the losses, which waits for the GPU)
+GRID_SEED, QUALITY_SEED, STATS_SEED = 1, 2, 3  # noise of the monitor grid, the quality checks, BatchNorm statistics
+DIVERGED = 3  # exit status of a run stopped because it diverged
+
+# ----------------------------------------------------------------------------- flags
+
+
+def build_parser():
+    p = runs.FlagParser(__doc__, epilog="GANs: " + ", ".join(models.GANS) + f"; exit status {DIVERGED}: the run diverged "
+                        "(NaN losses, or D certain of every image for --diverge-steps steps) and stopped, keeping its last "
+                        "good last.pt and best.pt")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="data/celeba-faces", help="a folder of face images (subfolders are read too), e.g. "
+                   "celeba-faces/ or CelebA's img_align_celeba/ (centre square crop), a .zip of them, or 'synthetic'")
+    g.add_argument("--image-size", type=int, default=64, help="side of the square images the GAN draws: 64 (the reports); "
+                   "dcgan takes powers of two from 16, concepcion multiples of 16")
+    g.add_argument("--holdout", type=int, default=5000, help="images held out and never trained on; quality is measured "
+                   "against them. The same images for every --seed; at most half of the images")
+    g.add_argument("--synthetic-count", type=int, default=1000, help="number of faces for --data synthetic (held-out part "
+                   "included)")
+    g.add_argument("--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)")
+    g.add_argument("--preset", default=None, choices=PRESETS, help="a source's setup: concepcion (the report's Keras DCGAN, "
+                   "BCE, Adam 1e-4 with Keras' betas, batch 32, 30 epochs, images in [0, 1]) or radford (pytorch/examples' "
+                   "DCGAN: BCE, Adam 2e-4 with beta1 0.5, batch 64, 25 epochs); flags given explicitly still win")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="dcgan", choices=models.GANS, help="dcgan: Radford et al.'s generator and "
+                   "discriminator (pytorch/examples); concepcion: the report's Keras DCGAN, exactly")
+    g.add_argument("--latent", type=int, default=None, help="size of the latent vector (default: the model's, dcgan 100, "
+                   "concepcion 64)")
+    g.add_argument("--width", type=int, default=None, help="dcgan: channels of the generator's last and the discriminator's "
+                   "first layer (ngf = ndf, 64); 32 is 4x less compute")
+    g.add_argument("--no-spectral-norm", dest="spectral_norm", action="store_false", help="no spectral normalisation "
+                   "in D (Miyato et al. 2018; it bounds how fast D's output can change, the usual cure for a D that "
+                   "overpowers G); dcgan's D then has Radford's BatchNorm")
+
+    g = p.add_argument_group("augmentation (what the discriminator sees, real and generated)")
+    g.add_argument("--diffaugment", default="color,translation,cutout", metavar="POLICY", help="DiffAugment (Zhao et "
+                   "al. 2020): the same kind of random colour, shift and cutout on every image D sees, real or generated, "
+                   "kept differentiable for G; it keeps D from memorising a data set of thousands. 'none': off")
+    g.add_argument("--no-flip", dest="flip", action="store_false", help="no random mirroring of the real images "
+                   "(faces are near-symmetric, so mirroring doubles the data; StyleGAN's --mirror)")
+
+    g = p.add_argument_group("optimisation (Adam for both networks)")
+    g.add_argument("--epochs", type=int, default=100, help="passes over the training images; on --resume, a new total")
+    g.add_argument("--batch-size", type=int, default=64, help="real (and as many generated) images per step")
+    g.add_argument("--loss", default="hinge", choices=("hinge", "bce"), help="hinge: D pushes real logits above 1 and "
+                   "generated ones below -1, G raises D's logit of its images (SN-GAN, SAGAN, BigGAN); bce: the original "
+                   "GAN loss, cross-entropy on D's sigmoid with G trained to be called real (DCGAN, the Concepción report)")
+    g.add_argument("--lr-g", type=float, default=1e-4, help="generator learning rate")
+    g.add_argument("--lr-d", type=float, default=4e-4, help="discriminator learning rate: 4x G's is the two time-scale "
+                   "update rule (TTUR, Heusel et al. 2017) at SAGAN's values")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.9], metavar=("B1", "B2"), help="Adam's betas for both "
+                   "(SAGAN's; DCGAN: 0.5 0.999, Keras' default: 0.9 0.999)")
+    g.add_argument("--ema", type=float, default=0.999, help="also keep a moving average of the generator's weights with "
+                   "this decay per step; it draws the grids, the samples and is scored (Yazici et al. 2019); 0 = off")
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, the batch order, the noise and the augmentation")
+    g.add_argument("--time-budget", type=float, default=None, metavar="MINUTES", help="end training after this many "
+                   "minutes of training steps, in the middle of an epoch if need be, then the final pictures and quality "
+                   "as after the last epoch: compares recipes at equal compute (default: none, --epochs decides)")
+
+    g = p.add_argument_group("quality and divergence")
+    g.add_argument("--quality-every", type=int, default=5, help="measure quality every this many epochs and after the "
+                   "last (0: only at the end, best.pt is then the last epoch); needs facenet-pytorch")
+    g.add_argument("--quality-count", type=int, nargs=2, default=[1000, 5000], metavar=("DURING", "END"),
+                   help="generated images per quality check during training, and at the end (each against as many "
+                   "held-out images, at most --holdout): the Fréchet distance depends on the count")
+    g.add_argument("--diverge-steps", type=int, default=1000, help=f"stop with exit status {DIVERGED} when D tells every "
+                   "real from every generated image with certainty (99%%; beyond the hinge margin) for this many steps "
+                   "in a row; NaN losses stop at once")
+    runs.add_run_flags(p, out="runs/gan", task=None)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = runs.parse_flags(p, argv, PRESETS)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr_g <= 0 or args.lr_d <= 0:
+        p.error("--epochs and --batch-size must be positive, --lr-g and --lr-d too")
+    if not (0 <= args.betas[0] < 1 and 0 <= args.betas[1] < 1 and 0 <= args.ema < 1):
+        p.error("--betas and --ema must each be in [0, 1)")
+    if args.holdout < 10 or args.synthetic_count < 40 or min(args.quality_count) < 10 or args.quality_every < 0:
+        p.error("--holdout and --quality-count need at least 10 images each, --synthetic-count 40; --quality-every 0 or more")
+    if args.time_budget is not None and args.time_budget <= 0:
+        p.error("--time-budget must be a positive number of minutes")
+    if args.diverge_steps < 1 or (args.sample is not None and args.sample < 1):
+        p.error("--diverge-steps and --sample must be at least 1")
+    try:
+        augment.diff_augment(torch.zeros(1, 3, 16, 16), args.diffaugment)
+        given = {"latent": args.latent, "width": args.width}
+        args.gan_options = models.check_gan_options(args.model, {"spectral_norm": args.spectral_norm,
+                                                                **{k: v for k, v in given.items() if v is not None}})
+    except ValueError as e:
+        p.error(str(e).replace("option width", "option width (--width)").replace("option latent", "option latent (--latent)"))
+    return args
+
+
+# ----------------------------------------------------------------------------- data, images and losses
+
+
+def load_faces(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [N, 3, S, S] training images and the held-out ones, disjoint; the held-out part is seeded apart from --seed."""
+    if cfg["data"] == "synthetic":
+        images = data.synthetic_attribute_faces(cfg["synthetic_count"], "celeba", cfg["image_size"], seed=cfg["seed"]).images
+    else:
+        images = data.load_face_images(cfg["data"], cfg["image_size"], cfg["cache"]).images
+    if len(images) < 40:
+        raise data.DataError(f"{cfg['data']} holds {len(images)} readable images: a GAN needs thousands to learn faces "
+                             "(at least 40 to run)")
+    train, held_out = data.holdout_split(len(images), min(cfg["holdout"], len(images) // 2), HOLDOUT_SEED)
+    return images[train], images[held_out]
+
+
+def real_batch(images: torch.Tensor, cfg: dict, low: float, gen: torch.Generator) -> torch.Tensor:
+    """uint8 images -> floats in the generator's range [low, 1], mirrored at random with --flip."""
+    x = images.float().div_(255)
+    x = x * (1 - low) + low if low else x
+    return augment.random_hflip(x, generator=gen) if cfg["flip"] else x
+
+
+def pixels(x: torch.Tensor, low: float) -> torch.Tensor:
+    """The generator's floats in [low, 1] -> uint8 images."""
+    return ((x.float() - low) * (255 / (1 - low))).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def seen_by_d(x: torch.Tensor, cfg: dict, low: float, gen: torch.Generator) -> torch.Tensor:
+    """What the discriminator sees of real or generated images: DiffAugment's draw, in the paper's [-1, 1]."""
+    if cfg["diffaugment"] == "none":
+        return x
+    if low == 0:
+        return augment.diff_augment(x * 2 - 1, cfg["diffaugment"], generator=gen) * 0.5 + 0.5
+    return augment.diff_augment(x, cfg["diffaugment"], generator=gen)
+
+
+def d_loss(real: torch.Tensor, fake: torch.Tensor, loss: str) -> torch.Tensor:
+    """D's loss on its float logits of real and of generated images."""
+    if loss == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()  # BCE of sigmoid(logit) with label 1 for real, 0 for fake
+
+
+def g_loss(fake: torch.Tensor, loss: str) -> torch.Tensor:
+    """G's loss on D's logits of its images: the non-saturating form of each (BCE with label 1)."""
+    return -fake.mean() if loss == "hinge" else F.softplus(-fake).mean()
+
+
+def certain(real: torch.Tensor, fake: torch.Tensor, loss: str) -> torch.Tensor:
+    """True (a 0-dim tensor, no wait for the GPU) when D tells every real from every generated image with certainty:
+    beyond the hinge margin, or 99% probability on its sigmoid."""
+    margin = 1.0 if loss == "hinge" else math.log(99)
+    return (real.min() > margin) & (fake.max() < -margin)
+
+
+def make_gan(cfg: dict, device: torch.device):
+    try:
+        g, d = models.build_gan(cfg["model"], cfg["image_size"], **cfg["gan_options"])
+    except (TypeError, ValueError) as e:
+        raise runs.RunError(f"model {cfg['model']}: {e}") from None
+    return g.to(device), d.to(device)
+
+
+@torch.no_grad()
+def drawing_copy(generator: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A copy of generator in eval mode to draw images with, its BatchNorm statistics measured anew on 256 latent
+    vectors: an average of weights needs the statistics of its own activations, not an average of statistics
+    ("standing statistics", Brock et al. 2019). The training generator and its state stay untouched."""
+    g = copy.deepcopy(generator)
+    norms = [m for m in g.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a plain mean over the batches below
+        g.train()
+        noise = torch.Generator().manual_seed(STATS_SEED)
+        for _ in range(2):
+            with training.autocast(device):
+                g(torch.randn(128, g.latent, generator=noise).to(device))
+    return g.eval()
+
+
+@torch.no_grad()
+def draw(g: torch.nn.Module, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """uint8 images [N, 3, S, S] on the CPU from latent vectors z [N, latent], in batches."""
+    out = []
+    for part in z.split(batch_size):
+        with training.autocast(part.device):
+            out.append(pixels(g(part), g.low).cpu())
+    return torch.cat(out)
+
+
+def noise(count: int, latent: int, seed: int, device: torch.device) -> torch.Tensor:
+    """count latent vectors, the same for a seed on every device (drawn on the CPU)."""
+    return torch.randn(count, latent, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def interpolation(latent: int, seed: int, device: torch.device, rows: int = 8, columns: int = 10) -> torch.Tensor:
+    """rows x columns latent vectors: each row walks from one random vector to another along the great circle
+    (slerp, White 2016), which keeps the norm that Gaussian latent vectors have, unlike a straight line."""
+    a, b = noise(2 * rows, latent, seed, device).chunk(2)
+    angle = torch.arccos((F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1, keepdim=True).clamp(-1, 1))[:, None]
+    t = torch.linspace(0, 1, columns, device=device)[None, :, None]
+    walk = (torch.sin((1 - t) * angle) * a[:, None] + torch.sin(t * angle) * b[:, None]) / torch.sin(angle).clamp_min(1e-6)
+    return walk.flatten(0, 1)
+
+
+def quality(g: torch.nn.Module, held_out: torch.Tensor, count: int, device: torch.device,
+            train_images: torch.Tensor | None = None) -> dict | None:
+    """metrics.gan_quality of count generated images against as many held-out ones; None (with a warning) where
+    facenet-pytorch, which holds ONet's weights, is missing."""
+    count = min(count, len(held_out))
+    fakes = draw(g, noise(count, g.latent, QUALITY_SEED, device))
+    try:
+        return metrics.gan_quality(fakes, held_out[:count], device=str(device), train_images=train_images)
+    except ImportError as e:
+        warnings.warn(f"quality not measured: {e}")
+        return None
+
+
+def plot_losses(trace: list[dict], path: Path):
+    points = {key: [(t["epoch"], t[key]) for t in trace] for key in ("g_loss", "d_loss", "d_real", "d_fake")}
+    metrics.plot_lines([("loss", {"G": points["g_loss"], "D": points["d_loss"]}),
+                        ("D's probability of real", {"D(real)": points["d_real"], "D(fake)": points["d_fake"]})], path)
+
+
+# ----------------------------------------------------------------------------- samples for other tools
+
+
+def sample(args):
+    device = training.pick_device(args.device)
+    ckpt = runs.load_checkpoint(args.checkpoint, map_location=device, needs=SAMPLE_KEYS)
+    where, cfg = Path(args.checkpoint), ckpt["config"]
+    if not {"model", "image_size", "gan_options"} <= cfg.keys():
+        raise runs.RunError(f"{where} was not saved by train_gan.py: use a checkpoint from runs/gan/")
+    g, _ = make_gan(cfg, device)
+    with runs.restoring(where, "weights"):
+        g.load_state_dict(ckpt["ema"] or ckpt["model"])  # the averaged weights when the run kept them
+    out = runs.make_folder(runs.predictions_folder(args, "samples"))
+    if any(out.glob("*.png")):
+        raise runs.RunError(f"{out} already holds PNG files: pick an empty --out, so that scores count only these images")
+    drawer, z = drawing_copy(g, device), noise(args.sample, g.latent, args.seed, device)
+    for start in range(0, args.sample, 500):
+        for i, image in enumerate(draw(drawer, z[start:start + 500]), start):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{i:06d}.png")
+    print(f"wrote {args.sample} images of {cfg['image_size']}x{cfg['image_size']} from {where} (seed {args.seed}) to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- training
+
+NOT_SAVED = runs.NOT_SETTINGS + ("sample", "preset", "latent", "spectral_norm")  # the last two: in gan_options
+SAMPLE_KEYS = ("model", "config", "ema", "discriminator")  # what --sample needs of a checkpoint; to go on training, also:
+RESUME_KEYS = runs.TRAINING_STATE + ("discriminator", "d_optimizer", "trace", "best_frechet", "streak")
+
+
+def train(args, command: str):
+    device = training.pick_device(args.device)
+    training.keep_freed_memory()
+    run, ckpt, cfg = runs.settings(args, command, device, RESUME_KEYS, NOT_SAVED, "train_gan.py")
+    torch.manual_seed(cfg["seed"])
+    g, d = make_gan(cfg, device)  # before the data: a wrong size is said at once
+
+    t0 = time.perf_counter()
+    x_train, held_out = load_faces(cfg)
+    print(f"data: {len(x_train) + len(held_out)} faces from {cfg['data']} at {cfg['image_size']}x{cfg['image_size']} in "
+          f"{time.perf_counter() - t0:.1f}s: {len(x_train)} to train on, {len(held_out)} held out")
+    x_train = x_train.to(device)
+    if not args.resume:  # made only now, so that bad data or flags leave no empty run folder behind
+        run = runs.run_dir(args.out, args.name or f"{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}")
+        print(f"run folder: {run}")
+    print(f"model: {cfg['model']} {cfg['gan_options']}, G {models.count_parameters(g):,} and D "
+          f"{models.count_parameters(d):,} parameters, {cfg['loss']} loss, on {device}")
+
+    batch_size = min(cfg["batch_size"], len(x_train))
+    steps = min(len(x_train) // batch_size, 2 if cfg["dry_run"] else len(x_train))
+    last_epoch = 1 if cfg["dry_run"] else cfg["epochs"]
+    during, end = (64, 64) if cfg["dry_run"] else cfg["quality_count"]
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"]))
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"]))
+    average = training.WeightAverage(g, cfg["ema"]) if cfg["ema"] else None
+    shown = g if average is None else average.module  # the average draws the grids, is scored and sampled
+    gen = torch.Generator(device).manual_seed(cfg["seed"])
+    history, trace, best_frechet, streak, start, first_step, order, sums = [], [], math.inf, 0, 0, 0, None, None
+    resumed_with, earlier_wall = ([command] if args.resume else []), 0.0
+    if ckpt:
+        history, start, first_step, order, sums = runs.restore_parts(
+            run / "last.pt", ckpt, {"model": g, "discriminator": d, "ema": None if average is None else shown},
+            {"optimizer": opt_g, "d_optimizer": opt_d}, gen, device, len(x_train))
+        trace, best_frechet, streak, earlier_wall = ckpt["trace"], ckpt["best_frechet"], ckpt["streak"], ckpt["wall_seconds"]
+        resumed_with = ckpt.get("resumed_with", []) + [command]
+        print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
+    runs.write_json(run / "config.json", cfg)
+    step_g, step_d = (training.compiled(g, device), training.compiled(d, device)) if cfg["compile"] else (g, d)
+    low, fixed = g.low, noise(64, g.latent, GRID_SEED, device)
+    streak = torch.tensor(streak, device=device)
+
+    def checkpoint(epoch, step=0, sums=None):
+        """Everything needed to go on exactly from here: after `step` steps of epoch `epoch` (0-based)."""
+        return {"model": g.state_dict(), "discriminator": d.state_dict(), "ema": None if average is None else shown.state_dict(),
+                "optimizer": opt_g.state_dict(), "d_optimizer": opt_d.state_dict(), "scheduler": None, "epoch": epoch,
+                "step": step, "order": order.cpu() if step else None, "sums": sums, "history": history, "trace": trace,
+                "best_frechet": best_frechet, "streak": int(streak), "config": cfg, "resumed_with": resumed_with,
+                "wall_seconds": earlier_wall + time.perf_counter() - t0, "rng": runs.rng_state(gen, device)}
+
+    def diverged(why: str, where: str) -> int:
+        """Stop without saving the broken state: last.pt and best.pt stay the last good ones."""
+        warnings.warn(f"training diverged {where}: {why}")
+        if history:
+            runs.write_log(run / "log.csv", history)
+        plot_losses(trace, run / "losses.png")
+        kept = " and ".join(name for name in ("last.pt", "best.pt") if (run / name).is_file()) or "no checkpoint (none was saved yet)"
+        print(f"stopped: {run} keeps {kept}; start a new run with lower --lr-d / --lr-g, another --loss or --seed")
+        return DIVERGED
+
+    def finite() -> bool:
+        return bool(torch.stack([p.isfinite().all() for p in [*g.parameters(), *d.parameters()]]).all())
+
+    saver, train_seconds, quality_ok = runs.Saver(run), sum(h["seconds"] for h in history), True
+    budget = math.inf if cfg["time_budget"] is None else cfg["time_budget"] * 60
+    with training.StopRequests() as stop:
+        for epoch in range(start, last_epoch):
+            if train_seconds >= budget:  # a resumed run whose budget was already spent
+                break
+            g.train()
+            d.train()
+            t_epoch = time.perf_counter() - (sums["seconds"] if first_step else 0.0)
+            # G loss, D loss, D(real), D(fake), summed on the device over the epoch and since the last trace point
+            totals = torch.tensor(sums["totals"] if first_step else [0.0] * 4, device=device)
+            window = torch.tensor(sums["window"] if first_step else [0.0] * 4, device=device)
+            if not first_step:
+                order = torch.randperm(len(x_train), device=device, generator=gen)
+            bar = tqdm(range(first_step, steps), desc=f"epoch {epoch + 1}/{last_epoch}", leave=False, file=sys.stdout)
+            done = steps
+            for step in bar:
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                real = real_batch(x_train[idx], cfg, low, gen)
+                z = torch.randn(len(idx), g.latent, device=device, generator=gen)
+                # D step: real images against generated ones (which G's step below reuses)
+                with training.autocast(device):
+                    fake = step_g(z)
+                    real_logits = step_d(seen_by_d(real, cfg, low, gen)).float()
+                    fake_logits = step_d(seen_by_d(fake.detach(), cfg, low, gen)).float()
+                loss_d = d_loss(real_logits, fake_logits, cfg["loss"])
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                # G step: the updated D's verdict on the same generated images; D's weights need no gradient here
+                d.requires_grad_(False)
+                with training.autocast(device):
+                    loss_g = g_loss(step_d(seen_by_d(fake, cfg, low, gen)).float(), cfg["loss"])
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                d.requires_grad_(True)
+                if average is not None:
+                    average.update(done=epoch * steps + step + 1)
+                # Bookkeeping on the device; the host looks only every TRACE_EVERY steps (that waits for the GPU).
+                stats = torch.stack([loss_g.detach(), loss_d.detach(), real_logits.detach().sigmoid().mean(),
+                                     fake_logits.detach().sigmoid().mean()])
+                totals += stats
+                window += stats
+                streak = (streak + 1) * certain(real_logits.detach(), fake_logits.detach(), cfg["loss"])
+                if (step + 1) % TRACE_EVERY == 0 or step + 1 == steps:
+                    means = (window / ((step % TRACE_EVERY) + 1)).tolist()
+                    window.zero_()
+                    trace.append({"epoch": round(epoch + (step + 1) / steps, 4),
+                                  **dict(zip(("g_loss", "d_loss", "d_real", "d_fake"), means))})
+                    bar.set_postfix(G=f"{means[0]:.3f}", D=f"{means[1]:.3f}",
+                                    img_s=f"{(step + 1) * batch_size / (time.perf_counter() - t_epoch):.0f}")
+                    if not all(map(math.isfinite, means)):
+                        return diverged("the losses are NaN or infinite", f"in epoch {epoch + 1} by step {step + 1}")
+                    if int(streak) >= cfg["diverge_steps"]:
+                        return diverged(f"D has told every real from every generated image with certainty for {int(streak)} "
+                                        "steps: G has lost", f"in epoch {epoch + 1} at step {step + 1}")
+                if train_seconds + time.perf_counter() - t_epoch >= budget:  # the rest of the epoch is not trained on
+                    done, last_epoch = step + 1, epoch + 1
+                    break
+                if step + 1 < steps and saver.due(stop.asked):  # inside an epoch: its exact position, if it is sound
+                    if not finite():
+                        return diverged("the weights are NaN or infinite", f"in epoch {epoch + 1} by step {step + 1}")
+                    sums = {"totals": totals.tolist(), "window": window.tolist(), "seconds": time.perf_counter() - t_epoch}
+                    saver.save("last.pt", checkpoint(epoch, step + 1, sums))
+                    if stop.asked:
+                        return saver.stopped(f"in epoch {epoch + 1} after step {step + 1}")
+            first_step = 0
+            means, seconds = (totals / done).tolist(), time.perf_counter() - t_epoch
+            if not finite():
+                return diverged("the weights are NaN or infinite", f"in epoch {epoch + 1}")
+            train_seconds += seconds
+            row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in zip(("g_loss", "d_loss", "d_real", "d_fake"), means)},
+                   **dict.fromkeys(QUALITY_KEYS), "seconds": round(seconds, 2), "images_per_second": round(done * batch_size / seconds, 1)}
+            drawer = drawing_copy(shown, device)
+            metrics.save_image_grid(draw(drawer, fixed), run / f"grid-epoch-{epoch + 1:03d}.png")
+            measured = None
+            if quality_ok and cfg["quality_every"] and ((epoch + 1) % cfg["quality_every"] == 0 or epoch + 1 == last_epoch):
+                measured = quality(drawer, held_out, during, device)
+                quality_ok = measured is not None
+                row.update({k: round(measured[k], 5) for k in QUALITY_KEYS} if measured else {})
+            history.append(row)
+            print(f"epoch {epoch + 1:3d}  G loss {means[0]:.4f}  D loss {means[1]:.4f}  D(real) {means[2]:.3f}  D(fake) "
+                  f"{means[3]:.3f}" + (f"  Fréchet {measured['frechet_distance']:.2f} precision {measured['precision']:.3f} "
+                                       f"recall {measured['recall']:.3f}" if measured else "")
+                  + f"  {seconds:.1f}s  {row['images_per_second']:.0f} img/s")
+            if measured and measured["frechet_distance"] < best_frechet:  # before last.pt: a resumed run knows it
+                best_frechet = measured["frechet_distance"]
+                saver.save("best.pt", checkpoint(epoch + 1))
+            if epoch + 1 == last_epoch or saver.due(stop.asked):
+                runs.write_log(run / "log.csv", history)
+                plot_losses(trace, run / "losses.png")
+                saver.save("last.pt", checkpoint(epoch + 1))
+            if stop.asked:
+                return saver.stopped(f"after epoch {epoch + 1}")
+    if best_frechet == math.inf:  # no quality check chose one: the last epoch is the one kept
+        runs.replace_atomically(run / "best.pt", lambda tmp: shutil.copyfile(run / "last.pt", tmp))
+
+    # The chosen generator: its pictures, then its quality on more images (and what real images reach).
+    best = runs.load_checkpoint(run / "best.pt", map_location=device, needs=RESUME_KEYS)
+    with runs.restoring(run / "best.pt", "weights"):
+        shown.load_state_dict(best["model"] if average is None else best["ema"])
+    drawer = drawing_copy(shown, device)
+    metrics.save_image_grid(draw(drawer, fixed), run / "grid.png")
+    metrics.save_image_grid(draw(drawer, interpolation(g.latent, GRID_SEED, device)), run / "interpolation.png", columns=10)
+    plot_losses(trace, run / "losses.png")
+    count = min(end, len(held_out), len(x_train))
+    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(QUALITY_SEED))[:count]
+    final = quality(drawer, held_out, count, device, train_images=x_train[pick.to(device)].cpu()) if quality_ok else None
+    started_with = {"command": cfg.get("command", command), **({"resumed_with": resumed_with} if resumed_with else {})}
+    result = {"quality": final, "best_epoch": best["epoch"], "best_frechet_during_training":
+              None if best_frechet == math.inf else best_frechet, "epochs_run": len(history),
+              "train_seconds": round(train_seconds, 1), "wall_seconds": round(earlier_wall + time.perf_counter() - t0, 1),
+              "images_per_second": round(sum(h["images_per_second"] * h["seconds"] for h in history) / max(train_seconds, 1e-9), 1),
+              "device": training.device_name(device), "parameters": {"generator": models.count_parameters(g),
+                                                                      "discriminator": models.count_parameters(d)},
+              "images": {"train": len(x_train), "held_out": len(held_out)}, **started_with}
+    runs.write_json(run / "metrics.json", result)
+    said = (f"Fréchet distance {final['frechet_distance']:.2f} (real vs real {final['real_vs_real_frechet']:.2f}), precision "
+            f"{final['precision']:.3f}, recall {final['recall']:.3f}, faces {final['face_rate']:.3f} on {final['fake_count']} "
+            "images" if final else "quality not measured")
+    print(f"{said}, with the generator of epoch {best['epoch']}; training took {train_seconds:.0f}s on "
+          f"{training.device_name(device)}; results in {run}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.sample:
+        return runs.one_line_errors(lambda: sample(args), data.DataError)
+    typed = sys.argv[1:] if argv is None else list(argv)
+    return runs.one_line_errors(lambda: train(args, shlex.join(["train_gan.py", *typed])), data.DataError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
