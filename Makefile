@@ -6,8 +6,9 @@ ARGS   ?=
 FER    = $(or $(DATA),data/fer2013)
 UTK    = $(or $(DATA),data/UTKFace)
 CELEBA = $(or $(DATA),data/celeba)
+FACES  = $(or $(DATA),data/celeba-faces)
 
-.PHONY: install test demo emotion emotion-cpu monterrey bench ablation utkface utec concepcion attributes clean
+.PHONY: install test demo emotion emotion-cpu monterrey bench ablation utkface utec concepcion attributes gan gan-cpu dcgan-concepcion gpu-evidence clean
 
 install:  ## create .venv and install facenets with its test extra
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,6 +52,15 @@ concepcion:  ## the Concepción classifier on CelebA (DATA=its folder), one mode
 
 attributes:  ## facenets' net on all forty CelebA attributes at once, on CelebA's official partitions
 	$(PY) train_attributes.py --data $(CELEBA) --image-size 64 $(ARGS)
+
+gan:  ## the GAN recipe on face images (DATA=a folder or .zip of faces, CelebA's img_align_celeba too)
+	$(PY) train_gan.py --data $(FACES) $(ARGS)
+
+gan-cpu:  ## the recipe sized for a 2-core CPU: a narrower DCGAN for 45 minutes of training
+	$(PY) train_gan.py --data $(FACES) --width 32 --time-budget 45 $(ARGS)
+
+dcgan-concepcion:  ## the Concepción report's Keras DCGAN exactly: BCE, Adam 1e-4, batch 32, 30 epochs
+	$(PY) train_gan.py --data $(FACES) --preset concepcion $(ARGS)
 
 clean:  ## remove the virtual environment and caches (run folders stay)
 	rm -rf $(VENV) *.egg-info .pytest_cache
