@@ -62,5 +62,8 @@ gan-cpu:  ## the recipe sized for a 2-core CPU: a narrower DCGAN for 45 minutes 
 dcgan-concepcion:  ## the Concepción report's Keras DCGAN exactly: BCE, Adam 1e-4, batch 32, 30 epochs
 	$(PY) train_gan.py --data $(FACES) --preset concepcion $(ARGS)
 
+gpu-evidence:  ## on one GPU in ~9 min: the recipe x 3 seeds, --ensemble 4 and 8, one distilled net, the bench; a Markdown table
+	$(PY) benchmarks/gpu_evidence.py --data $(FER) $(ARGS)
+
 clean:  ## remove the virtual environment and caches (run folders stay)
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -7,6 +7,8 @@ built-in synthetic faces; or run a trained model on photos.
     make emotion-cpu DATA=data/fer2013                     # 64.4% on PublicTest in 24-25 minutes on 2 CPU cores
     make monterrey DATA=data/fer2013                       # a report's experiment: 52-53% (by CPU) in 3-4 min on 2 cores
     python train_emotion.py --predict photo.jpg --checkpoint runs/emotion/<run>/best.pt
+    python train_emotion.py --data data/fer2013 --compile --ensemble 4       # 4 networks at once; test: their mean
+    python train_emotion.py --data data/fer2013 --compile --distill runs/emotion/<ensemble run>/best.pt
 
 Every run writes runs/emotion/<name>/: config.json, log.csv, curves.png, last.pt, best.pt, and at the end
 metrics.json (test accuracy, per-class table, accuracy by FER2013 Usage) and confusion.png. last.pt is rewritten every
@@ -75,6 +77,18 @@ def build_parser():
     g.add_argument("--sam", type=float, default=0.0, help="sharpness-aware minimisation with this radius rho (e.g. 0.05): "
                    "each step takes the gradient at weights moved rho uphill; twice the compute per step; 0 = off")
     g.add_argument("--stop-loss", type=float, default=0.0, help="stop once the training loss of an epoch is at or below this (UTEC report); 0 = off")
+    g = p.add_argument_group("ensemble and distillation")
+    g.add_argument("--ensemble", type=int, default=1, metavar="N", help="train N networks at once, as one network of grouped "
+                   "layers; each has its own initial weights, batch order and augmentation; tests and --predict average "
+                   f"their softmaxes ({' and '.join(models.STACKABLE)})")
+    g.add_argument("--distill", metavar="CKPT", default=None, help="train on the softened outputs of this train_emotion.py "
+                   "checkpoint (e.g. an --ensemble run's best.pt) beside the labels, computed on each augmented batch")
+    # T = 4 as in the usual knowledge-distillation baselines (e.g. Tian et al. 2020). Hinton et al. (2015) weigh the
+    # teacher most, but a FER2013 teacher is wrong on about one image in four: the labels keep half the say.
+    g.add_argument("--distill-weight", type=float, default=0.5, metavar="A", help="share of the loss given to the teacher: (1 - A) * "
+                   "cross-entropy with the labels + A * T^2 * KL(teacher || student) at temperature T")
+    g.add_argument("--distill-temperature", type=float, default=4.0, metavar="T", help="softmax temperature of teacher "
+                   "and student in the distillation term: above 1, the teacher's small probabilities count too")
     runs.add_run_flags(p, out="runs/emotion", task="emotion probabilities")
     return p
 
@@ -106,6 +120,17 @@ def parse_args(argv=None):
         p.error("--cutmix and --mixup take a Beta parameter a > 0, or 0 for off")
     if args.cutmix and (args.mixup or args.mixup_lam) and not args.no_augment:
         p.error("--cutmix replaces mixup: add --mixup 0")
+    if args.ensemble < 1:
+        p.error("--ensemble N takes a number of networks, 1 or more")
+    if args.ensemble > 1 and args.model not in models.STACKABLE:
+        p.error(f"--ensemble supports {' and '.join(models.STACKABLE)}, whose layers stack into grouped ones: not {args.model}")
+    if args.ensemble > 1 and (args.sam or args.distill):
+        p.error("--ensemble trains without --sam (its step size depends on all members' gradients at once) and without "
+                "--distill (distil the ensemble into one network instead)")
+    if not args.distill and {"distill_weight", "distill_temperature"} & args.given.keys():
+        p.error("--distill-weight and --distill-temperature need --distill CKPT")
+    if not 0 <= args.distill_weight <= 1 or args.distill_temperature <= 0:
+        p.error("--distill-weight must be in [0, 1], --distill-temperature above 0")
     if args.synthetic_count < 70:
         p.error("--synthetic-count must be at least 70")
     try:
@@ -158,11 +183,20 @@ def augment_batch(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Ten
     return x
 
 
+def member_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits [B, members, classes] for images [B, C, H, W]; every member of an ensemble sees them all."""
+    if isinstance(model, models.StackedNetworks):
+        return model(x.repeat(1, model.members, 1, 1).contiguous(memory_format=torch.channels_last))
+    return model(x)[:, None]
+
+
 @torch.no_grad()
-def predict_proba(model, images: torch.Tensor, cfg: dict, batch_size=1024) -> torch.Tensor:
-    """Softmax probabilities [N, classes] for uint8 images, with the run's test-time augmentation."""
+def predict_proba(model, images: torch.Tensor, cfg: dict, batch_size=1024, each_member=False) -> torch.Tensor:
+    """Softmax probabilities [N, classes] for uint8 images, with the run's test-time augmentation; an ensemble's are
+    the mean of its members' (each_member: [N, members, classes], each member's own)."""
     model.eval()
     out = []
+    batch_size //= getattr(model, "members", 1)  # an ensemble's members each see the batch: the same memory per batch
     for i in range(0, len(images), batch_size):
         x = model_input(images[i:i + batch_size], cfg)
         if cfg["tta"] == "tencrop":
@@ -171,56 +205,134 @@ def predict_proba(model, images: torch.Tensor, cfg: dict, batch_size=1024) -> to
             x = augment.center_crop(x, cfg["crop"]) if cfg["crop"] else x
             views = torch.stack([x, x.flip(-1)]) if cfg["tta"] == "flip" else x[None]
         with training.autocast(x.device):
-            logits = model(views.flatten(0, 1).contiguous(memory_format=torch.channels_last))
+            logits = member_logits(model, views.flatten(0, 1).contiguous(memory_format=torch.channels_last))
         out.append(logits.float().softmax(-1).unflatten(0, views.shape[:2]).mean(0))
-    return torch.cat(out)
+    proba = torch.cat(out)
+    return proba if each_member else proba.mean(1)
+
+
+def scores(proba, labels) -> tuple[float, float]:
+    """Plain cross-entropy (no smoothing, so losses compare across runs) and accuracy of probabilities."""
+    return F.nll_loss(proba.clamp_min(1e-12).log(), labels).item(), (proba.argmax(1) == labels).float().mean().item()
 
 
 def evaluate(model, images, labels, cfg) -> tuple[float, float, torch.Tensor]:
-    """Plain cross-entropy (no smoothing, so losses compare across runs), accuracy and the probabilities."""
+    """scores and the probabilities (an ensemble's: the mean of its members')."""
     proba = predict_proba(model, images, cfg)
-    loss = F.nll_loss(proba.clamp_min(1e-12).log(), labels).item()
-    return loss, (proba.argmax(1) == labels).float().mean().item(), proba
+    return *scores(proba, labels), proba
+
+
+def accuracy_by_usage(hits, usage) -> dict:
+    """{FER2013 Usage: accuracy} from whether each test image was right (hits [images], or [images, members]: their mean)."""
+    return {data.USAGES[u]: round(hits[usage == u].float().mean().item(), 5) for u in usage.unique().tolist()}
 
 
 # ----------------------------------------------------------------------------- training
 
 
 def make_model(cfg, in_channels, num_classes, image_size, device):
-    try:
-        model = models.build_model(cfg["model"], in_channels, num_classes, image_size, **cfg["model_options"])
+    members = cfg.get("ensemble", 1)  # checkpoints from before --ensemble hold one network
+    try:  # an ensemble's members one after the other: each draws its own initial weights from the seeded generator
+        nets = [models.build_model(cfg["model"], in_channels, num_classes, image_size, **cfg["model_options"])
+                for _ in range(members)]
     except (TypeError, ValueError, models.WeightsUnavailableError) as e:
         too_small = cfg["crop"] and isinstance(e, models.ImageTooSmallError)
         hint = f"; it sees {image_size}x{image_size} crops (--crop {cfg['crop']}): --crop 0 gives it whole images" if too_small else ""
         raise runs.RunError(f"model {cfg['model']}: {e}{hint}") from None
+    model = nets[0] if members == 1 else models.stack_networks(nets)
     # channels_last: faster convolutions on GPU tensor cores, and 0-40% faster on CPU (oneDNN) for these nets
     return model.to(device, memory_format=torch.channels_last)
 
 
-def train_step(step_model, optimizer, x, y, cfg, gen):
+def load_trained(checkpoint, device):
+    """(network in eval mode, config, classes) of a train_emotion.py checkpoint: its averaged weights when it kept them."""
+    ckpt = runs.load_checkpoint(checkpoint, map_location=device, needs=PREDICT_KEYS)
+    where = Path(checkpoint)
+    cfg, classes = ckpt["config"], ckpt["classes"]
+    missing = [k for k in ("model", "model_options", "crop", "tta", "sobel_channels", "brightness", "contrast") if k not in cfg]
+    if missing or not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise runs.RunError(f"{where} was not saved by train_emotion.py (its config or classes are not this script's): "
+                            "use a checkpoint from runs/emotion/")
+    in_channels = 3 if cfg["sobel_channels"] else 1
+    model = make_model(cfg, in_channels, len(classes), cfg["crop"] or 48, device)
+    with runs.restoring(where, "weights"):
+        model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+    return model.eval(), cfg, classes
+
+
+def load_teacher(cfg, classes, device):
+    """--distill's network; it must have been trained on these classes and on images prepared as this run's."""
+    teacher, taught, its_classes = load_trained(cfg["distill"], device)
+    if its_classes != classes:
+        raise runs.RunError(f"--distill {cfg['distill']} was trained on other classes ({', '.join(its_classes)}): "
+                            "use a checkpoint of a run on the same data")
+    for key in ("crop", "sobel_channels", "brightness", "contrast"):
+        if taught[key] != cfg[key]:
+            raise runs.RunError(f"--distill {cfg['distill']} was trained with --{key.replace('_', '-')} {taught[key]}, this run "
+                                f"has {cfg[key]}: the teacher must see the images as the student does")
+    return teacher
+
+
+@torch.no_grad()
+def soft_targets(teacher, x, temperature):
+    """The teacher's probabilities at this temperature (an ensemble's: the mean of its members')."""
+    with training.autocast(x.device):
+        logits = member_logits(teacher, x)
+    return (logits.float() / temperature).softmax(-1).mean(1)
+
+
+def mix(x, y, cfg, gen):
+    """Mixup or cutmix when on: (x, y, y_b, lam) as augment.mixup returns them; y_b and lam None when both are off."""
+    if cfg["mixup"] or cfg["mixup_lam"]:
+        return augment.mixup(x, y, cfg["mixup"], cfg["mixup_lam"], generator=gen)  # lam: one per batch
+    if cfg["cutmix"]:
+        return augment.cutmix(x, y, cfg["cutmix"], generator=gen)  # lam: one per image
+    return x, y, None, None
+
+
+def mix_members(x, y, cfg, gen):
+    """mix for an ensemble's batch x [N, B, C, H, W], y [N, B]: each member within its own batch, with its own lambda
+    (lam [N, B]). x comes back as the stacked network takes it, [B, N*C, H, W], member i's images in channels i*C:(i+1)*C."""
+    xs, ys, y_bs, lams = zip(*[mix(x_i, y_i, cfg, gen) for x_i, y_i in zip(x, y)])
+    x, y = torch.stack(xs, 1).flatten(1, 2), torch.stack(ys)
+    if y_bs[0] is None:
+        return x, y, None, None
+    return x, y, torch.stack(y_bs), torch.stack([torch.as_tensor(lam, device=x.device).expand(y.shape[1]) for lam in lams])
+
+
+def train_step(step_model, optimizer, x, y, cfg, gen, teacher=None):
     """Mixup or cutmix (when on), forward, loss, backward and optimizer step on an augmented batch.
 
     Returns the loss (still on the device: reading it would make the CPU wait for the GPU), the logits and the
     labels they are scored against (with mixup or cutmix, those of the first image of each blend).
+    An ensemble's batch is x [N, B, C, H, W] and y [N, B], member i's at i; it returns the members' mean loss and
+    logits [N, B, classes]. teacher (--distill) adds its softened outputs on the same mixed images as targets.
     """
-    y_b = None
-    if cfg["mixup"] or cfg["mixup_lam"]:
-        x, y, y_b, lam = augment.mixup(x, y, cfg["mixup"], cfg["mixup_lam"], generator=gen)  # lam: one per batch
-    elif cfg["cutmix"]:
-        x, y, y_b, lam = augment.cutmix(x, y, cfg["cutmix"], generator=gen)  # lam: one per image
+    members = len(x) if x.ndim == 5 else 1
+    x, y, y_b, lam = mix(x, y, cfg, gen) if members == 1 else mix_members(x, y, cfg, gen)
     x = x.contiguous(memory_format=torch.channels_last)
+    soft = None if teacher is None else soft_targets(teacher, x, cfg["distill_temperature"])
 
     def forward_backward():
         with training.autocast(x.device):
             logits = step_model(x)
+            if members > 1:
+                logits = logits.transpose(0, 1)  # [N, B, classes], as y
+            flat = logits.flatten(0, -2)  # all members' images as one batch
             if y_b is None:
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+                loss = F.cross_entropy(flat, y.flatten(), label_smoothing=cfg["label_smoothing"])
             else:
                 def per_image(target):
-                    return F.cross_entropy(logits, target, label_smoothing=cfg["label_smoothing"], reduction="none")
+                    return F.cross_entropy(flat, target.flatten(), label_smoothing=cfg["label_smoothing"],
+                                           reduction="none").view(target.shape)
                 loss = (lam * per_image(y) + (1 - lam) * per_image(y_b)).mean()
+            if soft is not None:  # Hinton et al. 2015; T^2 keeps the soft term's gradients the same size whatever T
+                T, a = cfg["distill_temperature"], cfg["distill_weight"]
+                loss = (1 - a) * loss + a * T**2 * F.kl_div(F.log_softmax(logits.float() / T, -1), soft, reduction="batchmean")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # The SUM of the members' mean losses (the mean over all images is 1/N of it): each member then gets the
+        # gradient it would get alone, and the elementwise optimizer does to each what it would do alone.
+        (loss * members).backward()
         return loss.detach(), logits
 
     loss, logits = forward_backward()
@@ -268,10 +380,13 @@ def train(args, command: str):
     image_size = cfg["crop"] or faces.images.shape[-1]
     in_channels = 3 if cfg["sobel_channels"] else faces.images.shape[1]
     model = make_model(cfg, in_channels, len(classes), image_size, device)
+    members = cfg["ensemble"]
+    teacher = load_teacher(cfg, classes, device) if cfg["distill"] else None
     if not args.resume:  # made only now, so that bad data or model options leave no empty run folder behind
         run = runs.run_dir(args.out, args.name or f"{args.model}-{datetime.now():%Y%m%d-%H%M%S}")
         print(f"run folder: {run}")
-    print(f"model: {cfg['model']} {cfg['model_options'] or ''}, {models.count_parameters(model):,} parameters, on {device}")
+    print(f"model: {cfg['model']} {cfg['model_options'] or ''}" + (f" x {members}, stacked" if members > 1 else "")
+          + f", {models.count_parameters(model):,} parameters, on {device}" + (f"; teacher {cfg['distill']}" if teacher else ""))
 
     batch_size = min(cfg["batch_size"], len(x_train))
     steps = len(x_train) // batch_size  # drop the ragged last batch; reshuffled every epoch
@@ -320,19 +435,23 @@ def train(args, command: str):
                 loss_sum += sums["loss"]
                 correct += sums["correct"]
                 t_epoch -= sums["seconds"]
-            else:
+            elif members == 1:
                 order = torch.randperm(len(x_train), device=device, generator=gen)
+            else:  # [images, N]: column i is member i's own order
+                order = torch.stack([torch.randperm(len(x_train), device=device, generator=gen) for _ in range(members)], 1)
             bar = tqdm(range(first_step, steps), desc=f"epoch {epoch + 1}/{last_epoch}", leave=False, file=sys.stdout)
             for step in bar:
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                x = augment_batch(model_input(x_train[idx], cfg), cfg, gen)
-                loss, logits, y = train_step(step_model, optimizer, x, y_train[idx], cfg, gen)
+                idx = order[step * batch_size:(step + 1) * batch_size]  # [B], or [B, N]: a batch for each member
+                x = augment_batch(model_input(x_train[idx.t().flatten()], cfg), cfg, gen)  # all members' in one call
+                if members > 1:
+                    x = x.unflatten(0, (members, -1))  # [N, B, C, H, W]
+                loss, logits, y = train_step(step_model, optimizer, x, y_train[idx.t()], cfg, gen, teacher)
                 if average is not None:
                     average.update(done=epoch * steps + step + 1)
                 if cfg["scheduler"] in ("onecycle", "cosine"):
                     scheduler.step()
                 loss_sum += loss * len(idx)
-                correct += (logits.argmax(1) == y).sum()
+                correct += (logits.argmax(-1) == y).sum() / members  # an ensemble's: its members' mean
                 # Inside an epoch (its end saves below): the exact position, on Ctrl-C or when the last save is old,
                 # so that a kill -9 or a power cut costs at most runs.SAVE_EVERY seconds however long an epoch is.
                 if step + 1 < steps and saver.due(stop.asked):
@@ -395,17 +514,27 @@ def train(args, command: str):
             ema.load_state_dict(best["ema"])
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]
     x_test, y_test = faces.images[test_idx].to(device), faces.labels[test_idx].to(device)
-    test_loss, test_acc, proba = evaluate(tested, x_test, y_test, cfg)
-    # What the test-time augmentation and the weight average each add, measured on the same weights.
+    each = predict_proba(tested, x_test, cfg, each_member=True)  # [images, members, classes]
+    proba = each.mean(1)
+    test_loss, test_acc = scores(proba, y_test)
+    # What the test-time augmentation and the weight average each add, measured on the same weights; an ensemble's
+    # members alone, to see what averaging them adds; the teacher, to see how much of it the student keeps.
     extras = {}
+    if members > 1:
+        hits = (each.argmax(-1) == y_test[:, None]).cpu()  # [images, members]
+        extras["member_test_accuracies"] = [round(a, 5) for a in hits.float().mean(0).tolist()]
+        extras["mean_member_test_accuracy"] = round(hits.float().mean().item(), 5)
+        extras["mean_member_test_accuracy_by_usage"] = accuracy_by_usage(hits, faces.usage[test_idx])
+    if teacher is not None:
+        extras["teacher"] = cfg["distill"]
+        extras["teacher_test_accuracy"] = round(evaluate(teacher, x_test, y_test, cfg)[1], 5)
     if cfg["tta"] != "none":
         extras["test_accuracy_without_tta"] = round(evaluate(tested, x_test, y_test, {**cfg, "tta": "none"})[1], 5)
     if ema is not None:
         extras["test_accuracy_without_ema"] = round(evaluate(model, x_test, y_test, cfg)[1], 5)
     pred, y_test, usage = proba.argmax(1).cpu(), y_test.cpu(), faces.usage[test_idx]
     cm = metrics.confusion_matrix(pred, y_test, len(classes))
-    by_usage = {data.USAGES[u]: round((pred[usage == u] == y_test[usage == u]).float().mean().item(), 5)
-                for u in usage.unique().tolist()}
+    by_usage = accuracy_by_usage(pred == y_test, usage)
     # A resumed run's figures cover all its sessions: the command that started it, those that continued it.
     started_with = {"command": cfg.get("command", command), **({"resumed_with": resumed_with} if resumed_with else {})}
     result = {"test_accuracy": round(test_acc, 5), "test_loss": round(test_loss, 5), "test_accuracy_by_usage": by_usage, **extras,
@@ -427,17 +556,7 @@ def train(args, command: str):
 
 def predict(args):
     device = training.pick_device(args.device)
-    ckpt = runs.load_checkpoint(args.checkpoint, map_location=device, needs=PREDICT_KEYS)
-    where = Path(args.checkpoint)
-    cfg, classes = ckpt["config"], ckpt["classes"]
-    missing = [k for k in ("model", "model_options", "crop", "tta", "sobel_channels", "brightness", "contrast") if k not in cfg]
-    if missing or not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise runs.RunError(f"{where} was not saved by train_emotion.py (its config or classes are not this script's): "
-                            "use a checkpoint from runs/emotion/")
-    in_channels = 3 if cfg["sobel_channels"] else 1
-    model = make_model(cfg, in_channels, len(classes), cfg["crop"] or 48, device)
-    with runs.restoring(where, "weights"):
-        model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights when the run kept them
+    model, cfg, classes = load_trained(args.checkpoint, device)  # an ensemble: the mean of its members' softmaxes
 
     def describe(crops):
         proba = predict_proba(model, crops.to(device), cfg).cpu()

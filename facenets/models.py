@@ -21,6 +21,7 @@ at construction, so parameter counts are known before training. Each constructor
 and section and says what was reconstructed or assumed, since the reports' figures are partly lost.
 """
 
+import copy
 import inspect
 from collections import OrderedDict
 
@@ -671,3 +672,130 @@ def build_gan(name: str, image_size: int = 64, **options) -> tuple[nn.Module, nn
         taken = inspect.signature(part).parameters
         parts.append(part(image_size=image_size, **{k: v for k, v in options.items() if k in taken}))
     return tuple(parts)
+
+
+# ----------------------------------------------------------------------------- ensembles
+#
+# N networks of one architecture trained at once as ONE network of grouped layers: a convolution of N times the
+# channels in N groups is N convolutions side by side, a BatchNorm of N times the channels keeps each member's
+# statistics apart, and every other layer of these networks works per channel or per element anyway. One forward,
+# one backward and one optimizer step then train all N, with torch.compile, channels_last and BatchNorm as usual
+# (torch.func.vmap stumbles on BatchNorm's in-place running statistics).
+
+# Whose layers all work per channel, so that stacked they keep the members apart (a torch.cat of branches, as in
+# udine_r2's inception modules, or a channel-mixing step would not)
+STACKABLE = ("vgg", "resnet18")
+# Layers that act on each channel (or element) alone: shared by all members as they are
+PER_CHANNEL = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Flatten, nn.Upsample, nn.Identity)
+
+
+class GroupedLinear(nn.Module):
+    """N Linear layers side by side: [B, N*in] -> [B, N*out], member i reading features i*in:(i+1)*in.
+
+    A flattened map of N*C channels holds member i's features in exactly that block, so no reordering is needed.
+    The bias is kept flat, [N*out]: one dimension like a Linear's bias, so the optimizer leaves it undecayed too.
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]))  # [N, out, in]
+        self.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]))
+
+    def forward(self, x):
+        members, _, in_features = self.weight.shape
+        return torch.einsum("bni,noi->bno", x.reshape(-1, members, in_features), self.weight).flatten(1) + self.bias
+
+    def member(self, i: int) -> nn.Linear:
+        out_features, in_features = self.weight.shape[1:]
+        linear = nn.Linear(in_features, out_features)
+        linear.weight = nn.Parameter(self.weight[i].detach().clone())
+        linear.bias = nn.Parameter(self.bias.view(len(self.weight), -1)[i].detach().clone())
+        return linear
+
+
+class StackedNetworks(nn.Module):
+    """N networks as one (stack_networks): images [B, N*C, H, W], member i's in channels i*C:(i+1)*C -> logits
+    [B, N, classes], member i's at [:, i]."""
+
+    def __init__(self, net: nn.Module, members: int):
+        super().__init__()
+        self.net, self.members = net, members
+
+    def forward(self, x):
+        return self.net(x).unflatten(1, (self.members, -1))
+
+
+def _stacked_layer(layers: list[nn.Module]) -> nn.Module:
+    """One layer doing the work of `layers` (the same layer of each member) on their channels side by side."""
+    first, n = layers[0], len(layers)
+    if isinstance(first, nn.Conv2d):
+        conv = nn.Conv2d(n * first.in_channels, n * first.out_channels, first.kernel_size, first.stride, first.padding,
+                         first.dilation, n * first.groups, first.bias is not None, first.padding_mode)
+        for name in ("weight", "bias") if first.bias is not None else ("weight",):
+            setattr(conv, name, nn.Parameter(torch.cat([getattr(m, name).detach() for m in layers])))
+        return conv
+    if isinstance(first, nn.BatchNorm2d):
+        norm = nn.BatchNorm2d(n * first.num_features, first.eps, first.momentum)
+        norm.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers]))
+        norm.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]))
+        norm.running_mean = torch.cat([m.running_mean for m in layers])
+        norm.running_var = torch.cat([m.running_var for m in layers])
+        norm.num_batches_tracked = first.num_batches_tracked.clone()  # the same count for all: they train together
+        return norm
+    if isinstance(first, nn.Linear):
+        return GroupedLinear(layers)
+    if isinstance(first, PER_CHANNEL):
+        return copy.deepcopy(first)
+    raise ValueError(f"stack_networks cannot stack a {type(first).__name__} layer: it may mix the members' channels")
+
+
+def _member_layer(layer: nn.Module, i: int, n: int) -> nn.Module:
+    """Member i's own layer out of a stacked one (of n members)."""
+    if isinstance(layer, nn.Conv2d):
+        conv = nn.Conv2d(layer.in_channels // n, layer.out_channels // n, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, layer.groups // n, layer.bias is not None, layer.padding_mode)
+        for name in ("weight", "bias") if layer.bias is not None else ("weight",):
+            setattr(conv, name, nn.Parameter(getattr(layer, name).detach().chunk(n)[i].clone()))
+        return conv
+    if isinstance(layer, nn.BatchNorm2d):
+        norm = nn.BatchNorm2d(layer.num_features // n, layer.eps, layer.momentum)
+        norm.weight = nn.Parameter(layer.weight.detach().chunk(n)[i].clone())
+        norm.bias = nn.Parameter(layer.bias.detach().chunk(n)[i].clone())
+        norm.running_mean, norm.running_var = layer.running_mean.chunk(n)[i].clone(), layer.running_var.chunk(n)[i].clone()
+        norm.num_batches_tracked = layer.num_batches_tracked.clone()
+        return norm
+    if isinstance(layer, GroupedLinear):
+        return layer.member(i)
+    return copy.deepcopy(layer)
+
+
+def _with_layers_replaced(template: nn.Module, replace) -> nn.Module:
+    """A copy of template (its structure and forward) with every leaf layer swapped for replace(its name)."""
+    net = copy.deepcopy(template)
+    for name, layer in list(net.named_modules()):
+        if name and not list(layer.children()):
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent), child, replace(name))
+    return net
+
+
+def stack_networks(networks: list[nn.Module]) -> StackedNetworks:
+    """N networks of one architecture (e.g. STACKABLE models, each with its own weights) as one StackedNetworks of
+    grouped layers, holding a copy of their weights and BatchNorm statistics; unstack gives them back.
+
+    Each member computes in the stack exactly what it computes alone, forward and backward. So one optimizer over
+    the stacked parameters is N optimizers whenever its update is elementwise (SGD, momentum, Adam, weight decay, a
+    moving average of the weights), provided the loss is the sum of the members' losses.
+    """
+    shapes = [[tuple(t.shape) for t in net.state_dict().values()] for net in networks]
+    if len(networks) < 2 or any(s != shapes[0] for s in shapes):
+        raise ValueError("stack_networks needs two or more networks of one architecture")
+    return StackedNetworks(_with_layers_replaced(networks[0], lambda name: _stacked_layer(
+        [net.get_submodule(name) for net in networks])), len(networks))
+
+
+def unstack(stacked: StackedNetworks) -> list[nn.Module]:
+    """The members of a StackedNetworks, each as a plain network of its own (copies: training one changes neither)."""
+    n = stacked.members
+    return [_with_layers_replaced(stacked.net, lambda name, i=i: _member_layer(stacked.net.get_submodule(name), i, n))
+            for i in range(n)]
