@@ -476,7 +476,7 @@ def predict_photos(args):
 
     size = tuple(cfg["image_size"]) if len(cfg["image_size"]) == 2 else cfg["image_size"][0]
     data.predict_photos(args.predict, runs.predictions_folder(args), "attributes", describe, size, grayscale=False,
-                        margin=PHOTO_MARGIN[cfg["task"]], device=str(device))
+                        margin=PHOTO_MARGIN[cfg["task"]], device=str(device), inside=True)
     return 0
 
 

@@ -540,17 +540,24 @@ def detect_faces(image: Image.Image, device: str = "cpu") -> list[tuple[float, f
 
 
 def crop_face(image: Image.Image, box: tuple[float, float, float, float], size: int | tuple[int, int] = 48,
-              grayscale: bool = True, margin: float = 0.1) -> torch.Tensor:
+              grayscale: bool = True, margin: float = 0.1, inside: bool = False) -> torch.Tensor:
     """The region around box, widened by margin (a fraction of the box) on each side, as uint8 [C, height, width].
 
     size is one int for a square, or (height, width); the region has that shape, so the face is not stretched.
-    Parts beyond the photo's edge are black.
+    Parts beyond the photo's edge are black; with inside, the region is first shrunk to fit the photo and moved
+    into it, so that a photo that is already a tight face crop (UTKFace's, where MTCNN's box overflows the image)
+    is seen whole, as such crops are in training, not in a black frame.
     """
     height, width = (size, size) if isinstance(size, int) else size
     x0, y0, x1, y1 = box
     half_width = max(x1 - x0, (y1 - y0) * width / height) * (0.5 + margin)
     half_height = half_width * height / width
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if inside:
+        shrink = min(1.0, image.width / (2 * half_width), image.height / (2 * half_height))
+        half_width, half_height = half_width * shrink, half_height * shrink
+        cx = min(max(cx, half_width), image.width - half_width)
+        cy = min(max(cy, half_height), image.height - half_height)
     region = (round(cx - half_width), round(cy - half_height), round(cx + half_width), round(cy + half_height))
     crop = image.convert("L" if grayscale else "RGB").crop(region).resize((width, height), Image.BILINEAR)
     pixels = torch.from_numpy(np.array(crop))
@@ -670,12 +677,14 @@ def _distinct_names(paths: list[str]) -> list[str]:
 
 
 def predict_photos(paths: list[str], out_dir: str | Path, suffix: str, describe: Callable[[torch.Tensor], list],
-                   size: int | tuple[int, int], grayscale: bool, margin: float = 0.1, device: str = "cpu") -> int:
+                   size: int | tuple[int, int], grayscale: bool, margin: float = 0.1, device: str = "cpu",
+                   inside: bool = False) -> int:
     """Find every face in each photo (MTCNN), crop it, and let describe(crops) name it; returns the photos read.
 
     describe takes the uint8 crops [F, C, H, W] of one photo and returns, per face, (line, label): line is printed
     after "<photo> face <i> at (<box>): ", label goes on the annotated copy, out_dir/<photo name>_<suffix>.jpg.
-    Photos that cannot be read are skipped with a line saying why; none readable at all is a DataError.
+    Photos that cannot be read are skipped with a line saying why; none readable at all is a DataError. inside:
+    crop_face's, for models trained on whole face crops.
     """
     read = 0
     for path, name in zip(paths, _distinct_names(paths)):
@@ -689,7 +698,7 @@ def predict_photos(paths: list[str], out_dir: str | Path, suffix: str, describe:
         if not boxes:
             print(f"{path}: no face found")
             continue
-        crops = torch.stack([crop_face(photo, box, size, grayscale, margin) for box in boxes])
+        crops = torch.stack([crop_face(photo, box, size, grayscale, margin, inside) for box in boxes])
         described = describe(crops)
         for i, (box, (line, _)) in enumerate(zip(boxes, described)):
             print(f"{path} face {i + 1} at ({box[0]:.0f}, {box[1]:.0f}, {box[2]:.0f}, {box[3]:.0f}): {line}")

@@ -487,6 +487,10 @@ def test_crop_face_is_a_square_with_margin():
     edge = data.crop_face(photo, (80, 50, 100, 80), size=48, grayscale=False, margin=0.5)
     assert edge.shape == (3, 48, 48) and edge[:, -1, -1].tolist() == [0, 0, 0]  # beyond the photo: black
     assert edge[:, 20, 20].tolist() == [255, 255, 255]
+    # A box overflowing a tight face crop (MTCNN on a UTKFace chip): inside=True sees the whole photo, no black frame
+    whole = data.crop_face(photo, (-30, -40, 110, 110), size=40, grayscale=False, inside=True)
+    assert torch.equal(whole, data.crop_face(photo, (0, 0, 80, 80), size=40, grayscale=False, margin=0.0))
+    assert whole.float().mean() > 0 and whole[:, :, -1].min() == 255  # the white right half reaches the edge
 
 
 def test_face_folders_skip_photos_without_a_face_and_broken_ones(tmp_path, monkeypatch):
