@@ -39,10 +39,10 @@ bench:  ## facenets' loop vs a DataLoader loop (images/s), then time to 70%/72% 
 ablation:  ## what each part of the recipe is worth: 6 variants x 2 seeds, 4 at a time (H100, ARGS="-- --compile": 11 min)
 	$(PY) benchmarks/ablate_emotion.py --data $(FER) --parallel 4 $(ARGS)
 
-utkface:  ## facenets' multi-head net on UTKFace (DATA=its folder): gender, age group and age in years
-	$(PY) train_attributes.py --data $(UTK) $(ARGS)
+utkface:  ## facenets' multi-head net on UTKFace (DATA=its folder): gender 87.5%, age group 80.9%, age MAE 4.5 years, ~20 min on 2 cores
+	$(PY) train_attributes.py --data $(UTK) --image-size 96 --width 16 --ema 0.999 --label-smoothing 0.1 $(ARGS)
 
-utec:  ## the UTEC report's Arch 2 on UTKFace: gender and age group, Adam 1e-3
+utec:  ## the UTEC report's Arch 2 on UTKFace: gender and age group, Adam 1e-3: 83.1% / 69.2%, 11 min on 2 cores
 	$(PY) train_attributes.py --data $(UTK) --preset utec $(ARGS)
 
 concepcion:  ## the Concepción classifier on CelebA (DATA=its folder), one model per attribute as the report did
