@@ -62,7 +62,8 @@ def rows(args) -> list[tuple[str, str, list[str]]]:
 
 def run_until(command: list[str], log: Path, deadline: float) -> str | None:
     """Run command with its output in log; None when it succeeded, else why not. Past the deadline it is stopped as
-    Ctrl-C stops it (a training saves its position first)."""
+    a cluster's SIGTERM stops it (a training saves its position first). Not SIGINT: a job started in the background
+    (nohup, &) ignores it, and so do its children."""
     with open(log, "a") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
@@ -70,7 +71,7 @@ def run_until(command: list[str], log: Path, deadline: float) -> str | None:
         try:
             status = child.wait(timeout=max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGTERM)
             try:
                 child.wait(timeout=60)
             except subprocess.TimeoutExpired:

@@ -354,7 +354,12 @@ def test_ctrl_c_while_the_data_loads_is_one_line(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
     monkeypatch.setattr(data, "synthetic_faces", interrupted)
-    assert run(tmp_path, "--dry-run") == 130
+    # Python's own Ctrl-C handler, also where pytest runs in the background (nohup, &), which ignores SIGINT
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert run(tmp_path, "--dry-run") == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "stopped (Ctrl-C)" in one_line_error(capsys) and not any(tmp_path.iterdir())
 
 
