@@ -98,13 +98,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
     p = build_parser()
-    args = p.parse_args(argv)
-    if args.preset:  # parse again on the preset's defaults, so that flags given explicitly still win
-        p.set_defaults(**PRESETS[args.preset])
-        args = p.parse_args(argv)
-    runs.check_run_flags(p, args, argv)
+    args = runs.parse_flags(p, argv, PRESETS)  # a preset's flags as defaults: flags given explicitly still win
     training.check_optimizer_flags(p, args)
     if len(args.image_size) > 2 or min(args.image_size) < 8:
         p.error("--image-size takes one size (a square) or height and width, each at least 8 pixels")

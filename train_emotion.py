@@ -95,8 +95,7 @@ def build_parser():
 
 def parse_args(argv=None):
     p = build_parser()
-    args = p.parse_args(argv)
-    runs.check_run_flags(p, args, argv)
+    args = runs.parse_flags(p, argv)
     training.check_optimizer_flags(p, args)
     if args.tta == "tencrop" and not args.crop:
         p.error("--tta tencrop needs --crop (e.g. --crop 40): the model must be trained on crops")
