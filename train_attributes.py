@@ -35,10 +35,10 @@ AGE_BINS = 101  # the age head is a distribution over 0..100 years (UTKFace's fe
 PRESETS = {
     "concepcion": dict(model="concepcion_classifier", split="concepcion", image_size=[218, 178], celeba_crop="none",
                        optimizer="rmsprop", lr=1e-3, batch_size=50, epochs=15, scheduler="none", weight_decay=0.0,
-                       label_smoothing=0.0, ema=0.0, flip=False, translate=0.0, erasing=0.0, tta="none"),
+                       label_smoothing=0.0, ema=0.0, flip=False, translate=0.0, erasing=0.0, mixup=0.0, tta="none"),
     "utec": dict(model="utec_arch2", targets=["gender", "age_group"], optimizer="adam", lr=1e-3, batch_size=64,
                  epochs=30, scheduler="none", weight_decay=0.0, label_smoothing=0.0, ema=0.0, flip=False,
-                 translate=0.0, erasing=0.0, tta="none"),
+                 translate=0.0, erasing=0.0, mixup=0.0, tta="none"),
 }
 UTKFACE_TARGETS = ("gender", "age_group", "age", "joint")  # joint: gender x age group as one classifier (UTEC report)
 PHOTO_MARGIN = {"utkface": 0.25, "celeba": 0.5}  # room around MTCNN's box, to look like the training crops
@@ -90,6 +90,8 @@ def build_parser():
     g.add_argument("--rotate", type=float, default=0.0, help="random rotation, +- degrees")
     g.add_argument("--zoom", type=float, default=0.0, help="random zoom, scale in [1-z, 1+z]")
     g.add_argument("--erasing", type=float, default=0.0, help="probability of random erasing per image")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup with lambda ~ Beta(a, a) per batch: every head learns the "
+                   "same blend of the two images' labels; 0 = off")
     g.add_argument("--tta", default="flip", choices=("none", "flip"), help="test-time augmentation: average with the mirror image")
 
     training.add_optimizer_flags(p, epochs=30, batch_size=64, lr=0.1, label_smoothing=0.0, ema=0.0)
@@ -109,8 +111,8 @@ def parse_args(argv=None):
         p.error("--targets joint is the report's single gender x age-group classifier: give it alone")
     if min(args.sample_sizes) < 2 or args.synthetic_count < 100 or args.age_sigma <= 0:
         p.error("--sample-sizes must be at least 2 each, --synthetic-count at least 100, --age-sigma positive")
-    if not (0 <= args.translate < 1 and 0 <= args.zoom < 1 and 0 <= args.erasing <= 1 and args.rotate >= 0):
-        p.error("--translate and --zoom must be in [0, 1), --erasing (a probability) in [0, 1], --rotate 0 or more")
+    if not (0 <= args.translate < 1 and 0 <= args.zoom < 1 and 0 <= args.erasing <= 1 and args.rotate >= 0 and args.mixup >= 0):
+        p.error("--translate and --zoom must be in [0, 1), --erasing (a probability) in [0, 1], --rotate and --mixup 0 or more")
     if args.preset == "concepcion" and len(args.attrs) != 1 or args.split == "concepcion" and args.attrs == ["all"]:
         p.error("the Concepción protocol trains one model per attribute: give one --attrs (make concepcion runs all three)")
     try:
@@ -201,6 +203,15 @@ def head_loss(head: dict, logits: torch.Tensor, y: torch.Tensor, cfg: dict) -> t
     return -(target * log_p).sum(1).mean() + 0.05 * (log_p.exp() @ ages.float() - y).abs().mean()
 
 
+def heads_loss(heads: list[dict], logits: torch.Tensor, y: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """The sum of the heads' losses; logits [B, outputs] hold the heads' outputs side by side, y [B, heads]."""
+    start, total = 0, 0.0
+    for h, head in enumerate(heads):
+        total = total + head_loss(head, logits[:, start:start + width(head)].float(), y[:, h], cfg)
+        start += width(head)
+    return total
+
+
 def model_input(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
@@ -223,7 +234,7 @@ def predict(model, images: torch.Tensor, heads: list[dict], cfg: dict, batch_siz
     for i in range(0, len(images), batch_size):
         x = model_input(images[i:i + batch_size])
         views = [x, x.flip(-1)] if cfg["tta"] == "flip" else [x]
-        with training.autocast(x.device):
+        with training.autocast(x.device, cfg["precision"]):
             logits = [model(v.contiguous(memory_format=torch.channels_last)).float() for v in views]
         start, probabilities = 0, {}
         for head in heads:
@@ -329,7 +340,6 @@ def train(args, command: str):
     runs.write_json(run / "config.json", cfg)
     step_model = training.compiled(model, device) if cfg["compile"] else model
     # the slice of the network's outputs each head owns
-    spans = torch.tensor([0] + [width(h) for h in heads]).cumsum(0).tolist()
 
     def checkpoint(epoch, step=0, sums=None):
         """Everything needed to go on exactly from here: after `step` steps of epoch `epoch` (0-based)."""
@@ -350,11 +360,14 @@ def train(args, command: str):
             bar = tqdm(range(first_step, steps), desc=f"epoch {epoch + 1}/{last_epoch}", leave=False, file=sys.stdout)
             for step in bar:
                 idx = order[step * batch_size:(step + 1) * batch_size]
-                x = augment_batch(model_input(x_train[idx]), cfg, gen).contiguous(memory_format=torch.channels_last)
-                with training.autocast(device):
-                    logits = step_model(x)
-                    loss = sum(head_loss(head, logits[:, spans[h]:spans[h + 1]].float(), y_train[idx, h], cfg)
-                               for h, head in enumerate(heads))
+                x, y, y_other = augment_batch(model_input(x_train[idx]), cfg, gen), y_train[idx], None
+                if cfg["mixup"]:
+                    x, y, y_other, lam = augment.mixup(x, y, cfg["mixup"], generator=gen)
+                with training.autocast(device, cfg["precision"]):
+                    logits = step_model(x.contiguous(memory_format=torch.channels_last))
+                    loss = heads_loss(heads, logits, y, cfg)
+                    if y_other is not None:  # every head learns the same blend of the two images' labels
+                        loss = lam * loss + (1 - lam) * heads_loss(heads, logits, y_other, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -419,6 +432,15 @@ def train(args, command: str):
         if len(heads) <= 6:  # forty attributes get one bar chart instead
             metrics.plot_confusion(cm, head["classes"], run / f"confusion-{head['name']}.png")
             print(f"{head['name']}:\n" + metrics.format_table(metrics.per_class_table(cm, head["classes"])))
+    if "gender" in result["heads"] and "age" in faces.columns:
+        # children's faces are where gender goes wrong: its accuracy per true age group shows how much
+        h = [head["name"] for head in heads].index("gender")
+        right = (decide(heads[h], predictions[h].cpu()) == y_test[:, h]).float()
+        groups = data.age_group(faces.targets[test_idx, faces.columns.index("age")], cfg["age_groups"])
+        by_group = {name: right[groups == g].mean().item() if (groups == g).any() else None
+                    for g, name in enumerate(data.age_group_names(cfg["age_groups"]))}
+        result["heads"]["gender"]["accuracy_by_age_group"] = by_group
+        print("gender accuracy by age group: " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in by_group.items() if v is not None))
     named = [(name, v) for name, v in each.items() if name != "age"]
     if len(named) > 6:
         result["mean_attribute_accuracy"] = sum(v for _, v in named) / len(named)
@@ -444,7 +466,7 @@ def train(args, command: str):
 def predict_photos(args):
     device = training.pick_device(args.device)
     ckpt = runs.load_checkpoint(args.checkpoint, map_location=device, needs=PREDICT_KEYS)
-    where, cfg, heads = Path(args.checkpoint), ckpt["config"], ckpt["heads"]
+    where, cfg, heads = Path(args.checkpoint), {**ckpt["config"], "precision": args.precision}, ckpt["heads"]
     if not {"task", "image_size", "tta"} <= cfg.keys() or not isinstance(heads, list):
         raise runs.RunError(f"{where} was not saved by train_attributes.py: use a checkpoint from runs/attributes/")
     model = make_model(cfg, sum(width(h) for h in heads), device)

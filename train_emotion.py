@@ -203,7 +203,7 @@ def predict_proba(model, images: torch.Tensor, cfg: dict, batch_size=1024, each_
         else:
             x = augment.center_crop(x, cfg["crop"]) if cfg["crop"] else x
             views = torch.stack([x, x.flip(-1)]) if cfg["tta"] == "flip" else x[None]
-        with training.autocast(x.device):
+        with training.autocast(x.device, cfg["precision"]):
             logits = member_logits(model, views.flatten(0, 1).contiguous(memory_format=torch.channels_last))
         out.append(logits.float().softmax(-1).unflatten(0, views.shape[:2]).mean(0))
     proba = torch.cat(out)
@@ -273,9 +273,9 @@ def load_teacher(cfg, classes, device):
 
 
 @torch.no_grad()
-def soft_targets(teacher, x, temperature):
+def soft_targets(teacher, x, temperature, precision):
     """The teacher's probabilities at this temperature (an ensemble's: the mean of its members')."""
-    with training.autocast(x.device):
+    with training.autocast(x.device, precision):
         logits = member_logits(teacher, x)
     return (logits.float() / temperature).softmax(-1).mean(1)
 
@@ -310,10 +310,10 @@ def train_step(step_model, optimizer, x, y, cfg, gen, teacher=None):
     members = len(x) if x.ndim == 5 else 1
     x, y, y_b, lam = mix(x, y, cfg, gen) if members == 1 else mix_members(x, y, cfg, gen)
     x = x.contiguous(memory_format=torch.channels_last)
-    soft = None if teacher is None else soft_targets(teacher, x, cfg["distill_temperature"])
+    soft = None if teacher is None else soft_targets(teacher, x, cfg["distill_temperature"], cfg["precision"])
 
     def forward_backward():
-        with training.autocast(x.device):
+        with training.autocast(x.device, cfg["precision"]):
             logits = step_model(x)
             if members > 1:
                 logits = logits.transpose(0, 1)  # [N, B, classes], as y

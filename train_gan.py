@@ -213,7 +213,7 @@ def make_gan(cfg: dict, device: torch.device):
 
 
 @torch.no_grad()
-def drawing_copy(generator: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def drawing_copy(generator: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
     """A copy of generator in eval mode to draw images with, its BatchNorm statistics measured anew on 256 latent
     vectors: an average of weights needs the statistics of its own activations, not an average of statistics
     ("standing statistics", Brock et al. 2019). The training generator and its state stay untouched."""
@@ -226,17 +226,17 @@ def drawing_copy(generator: torch.nn.Module, device: torch.device) -> torch.nn.M
         g.train()
         noise = torch.Generator().manual_seed(STATS_SEED)
         for _ in range(2):
-            with training.autocast(device):
+            with training.autocast(device, precision):
                 g(torch.randn(128, g.latent, generator=noise).to(device))
     return g.eval()
 
 
 @torch.no_grad()
-def draw(g: torch.nn.Module, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def draw(g: torch.nn.Module, z: torch.Tensor, precision: str, batch_size: int = 500) -> torch.Tensor:
     """uint8 images [N, 3, S, S] on the CPU from latent vectors z [N, latent], in batches."""
     out = []
     for part in z.split(batch_size):
-        with training.autocast(part.device):
+        with training.autocast(part.device, precision):
             out.append(pixels(g(part), g.low).cpu())
     return torch.cat(out)
 
@@ -256,12 +256,12 @@ def interpolation(latent: int, seed: int, device: torch.device, rows: int = 8, c
     return walk.flatten(0, 1)
 
 
-def quality(g: torch.nn.Module, held_out: torch.Tensor, count: int, device: torch.device,
+def quality(g: torch.nn.Module, held_out: torch.Tensor, count: int, device: torch.device, precision: str,
             train_images: torch.Tensor | None = None) -> dict | None:
     """metrics.gan_quality of count generated images against as many held-out ones; None (with a warning) where
     facenet-pytorch, which holds ONet's weights, is missing."""
     count = min(count, len(held_out))
-    fakes = draw(g, noise(count, g.latent, QUALITY_SEED, device))
+    fakes = draw(g, noise(count, g.latent, QUALITY_SEED, device), precision)
     try:
         return metrics.gan_quality(fakes, held_out[:count], device=str(device), train_images=train_images)
     except ImportError as e:
@@ -290,9 +290,9 @@ def sample(args):
     out = runs.make_folder(runs.predictions_folder(args, "samples"))
     if any(out.glob("*.png")):
         raise runs.RunError(f"{out} already holds PNG files: pick an empty --out, so that scores count only these images")
-    drawer, z = drawing_copy(g, device), noise(args.sample, g.latent, args.seed, device)
+    drawer, z = drawing_copy(g, device, args.precision), noise(args.sample, g.latent, args.seed, device)
     for start in range(0, args.sample, 500):
-        for i, image in enumerate(draw(drawer, z[start:start + 500]), start):
+        for i, image in enumerate(draw(drawer, z[start:start + 500], args.precision), start):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{i:06d}.png")
     print(f"wrote {args.sample} images of {cfg['image_size']}x{cfg['image_size']} from {where} (seed {args.seed}) to {out}")
     return 0
@@ -388,7 +388,7 @@ def train(args, command: str):
                 real = real_batch(x_train[idx], cfg, low, gen)
                 z = torch.randn(len(idx), g.latent, device=device, generator=gen)
                 # D step: real images against generated ones (which G's step below reuses)
-                with training.autocast(device):
+                with training.autocast(device, cfg["precision"]):
                     fake = step_g(z)
                     real_logits = step_d(seen_by_d(real, cfg, low, gen)).float()
                     fake_logits = step_d(seen_by_d(fake.detach(), cfg, low, gen)).float()
@@ -398,7 +398,7 @@ def train(args, command: str):
                 opt_d.step()
                 # G step: the updated D's verdict on the same generated images; D's weights need no gradient here
                 d.requires_grad_(False)
-                with training.autocast(device):
+                with training.autocast(device, cfg["precision"]):
                     loss_g = g_loss(step_d(seen_by_d(fake, cfg, low, gen)).float(), cfg["loss"])
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
@@ -441,11 +441,11 @@ def train(args, command: str):
             train_seconds += seconds
             row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in zip(("g_loss", "d_loss", "d_real", "d_fake"), means)},
                    **dict.fromkeys(QUALITY_KEYS), "seconds": round(seconds, 2), "images_per_second": round(done * batch_size / seconds, 1)}
-            drawer = drawing_copy(shown, device)
-            metrics.save_image_grid(draw(drawer, fixed), run / f"grid-epoch-{epoch + 1:03d}.png")
+            drawer = drawing_copy(shown, device, cfg["precision"])
+            metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run / f"grid-epoch-{epoch + 1:03d}.png")
             measured = None
             if quality_ok and cfg["quality_every"] and ((epoch + 1) % cfg["quality_every"] == 0 or epoch + 1 == last_epoch):
-                measured = quality(drawer, held_out, during, device)
+                measured = quality(drawer, held_out, during, device, cfg["precision"])
                 quality_ok = measured is not None
                 row.update({k: round(measured[k], 5) for k in QUALITY_KEYS} if measured else {})
             history.append(row)
@@ -469,13 +469,13 @@ def train(args, command: str):
     best = runs.load_checkpoint(run / "best.pt", map_location=device, needs=RESUME_KEYS)
     with runs.restoring(run / "best.pt", "weights"):
         shown.load_state_dict(best["model"] if average is None else best["ema"])
-    drawer = drawing_copy(shown, device)
-    metrics.save_image_grid(draw(drawer, fixed), run / "grid.png")
-    metrics.save_image_grid(draw(drawer, interpolation(g.latent, GRID_SEED, device)), run / "interpolation.png", columns=10)
+    drawer = drawing_copy(shown, device, cfg["precision"])
+    metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run / "grid.png")
+    metrics.save_image_grid(draw(drawer, interpolation(g.latent, GRID_SEED, device), cfg["precision"]), run / "interpolation.png", columns=10)
     plot_losses(trace, run / "losses.png")
     count = min(end, len(held_out), len(x_train))
     pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(QUALITY_SEED))[:count]
-    final = quality(drawer, held_out, count, device, train_images=x_train[pick.to(device)].cpu()) if quality_ok else None
+    final = quality(drawer, held_out, count, device, cfg["precision"], train_images=x_train[pick.to(device)].cpu()) if quality_ok else None
     started_with = {"command": cfg.get("command", command), **({"resumed_with": resumed_with} if resumed_with else {})}
     result = {"quality": final, "best_epoch": best["epoch"], "best_frechet_during_training":
               None if best_frechet == math.inf else best_frechet, "epochs_run": len(history),

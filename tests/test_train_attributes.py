@@ -40,7 +40,16 @@ def test_synthetic_utkface_run_learns_every_head_and_writes_a_complete_run_folde
     assert result["test_accuracy"]["age_group"] > 0.5  # chance: the biggest of five groups, about 0.3
     assert result["heads"]["age"]["mae"] < 12  # ages 1-90: always guessing the mean is off by about 22
     assert set(result["heads"]["age"]["mae_by_group"]) == set(data.age_group_names())
+    by_group = result["heads"]["gender"]["accuracy_by_age_group"]
+    assert set(by_group) == set(data.age_group_names()) and min(by_group.values()) > 0.7, by_group
     assert result["split_sizes"] == {"train": 480, "val": 0, "test": 120} and result["best_epoch"] == 8
+
+
+def test_a_bf16_run_on_the_cpu_learns_too_and_keeps_its_precision(tmp_path):
+    assert run(tmp_path, "--name", "b", "--epochs", "8", "--lr", "0.05", "--precision", "bf16") == 0
+    result = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert result["test_accuracy"]["gender"] > 0.85, result["test_accuracy"]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["precision"] == "bf16"
 
 
 def test_synthetic_celeba_run_learns_its_attributes_as_sigmoid_heads(tmp_path):

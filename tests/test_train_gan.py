@@ -208,8 +208,8 @@ def test_a_short_synthetic_run_draws_better_faces_than_its_untrained_generator(t
     cfg = json.loads((folder / "config.json").read_text())
     torch.manual_seed(cfg["seed"])
     untrained, _ = train_gan.make_gan(cfg, torch.device("cpu"))
-    before = train_gan.quality(train_gan.drawing_copy(untrained, torch.device("cpu")), train_gan.load_faces(cfg)[1], 200,
-                               torch.device("cpu"))
+    cpu = torch.device("cpu")
+    before = train_gan.quality(train_gan.drawing_copy(untrained, cpu, "fp32"), train_gan.load_faces(cfg)[1], 200, cpu, "fp32")
     assert trained["fake_count"] == before["fake_count"] == 200
     assert trained["frechet_distance"] < 0.9 * before["frechet_distance"], (trained, before)
     assert trained["precision"] > before["precision"] + 0.1, (trained, before)

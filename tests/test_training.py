@@ -71,3 +71,12 @@ def test_a_stop_request_is_noted_and_the_handlers_come_back():
         with pytest.raises(KeyboardInterrupt):  # a second request stops at once
             signal.raise_signal(signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_on_a_cpu_is_fp32_unless_bf16_is_asked_for(precision, dtype):
+    layer = torch.nn.Linear(4, 4)
+    with training.autocast(torch.device("cpu"), precision):
+        assert layer(torch.ones(2, 4)).dtype == dtype
+    with pytest.raises(ValueError, match="fp16"):
+        training.autocast(torch.device("cpu"), "fp16")
