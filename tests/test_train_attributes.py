@@ -101,7 +101,8 @@ def test_the_concepcion_classifier_and_its_protocol_run_end_to_end_on_a_celeba_f
 
 
 def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
-    common = ["--epochs", "2", "--scheduler", "none", "--optimizer", "adam", "--lr", "1e-3", "--erasing", "0.3"]
+    common = ["--epochs", "2", "--scheduler", "none", "--optimizer", "adam", "--lr", "1e-3", "--erasing", "0.3",
+              "--mixup", "0.4"]
     assert run(tmp_path, "--name", "straight", *common) == 0
     calls, real = {"n": 0}, train_attributes.augment_batch
 
@@ -156,6 +157,7 @@ def test_the_utec_preset_trains_arch2_on_two_heads_and_its_joint_classifier(tmp_
     (["--image-size", "64", "64", "64"], "--image-size takes one size"),
     (["--age-groups", "19", "12"], "--age-groups must be increasing"),
     (["--model-opt", "width=-1"], "width=-1 must be a whole number"),
+    (["--mixup", "-0.2"], "--mixup 0 or more"),
 ])
 def test_impossible_flags_are_one_line(flags, words, capsys):
     with pytest.raises(SystemExit) as exit_:
