@@ -80,7 +80,7 @@ def test_layers_that_could_mix_members_and_networks_that_differ_are_refused():
 
 
 CFG = {"mixup": 0.0, "mixup_lam": None, "cutmix": 0.0, "label_smoothing": 0.1, "sam": 0.0, "optimizer": "sgd",
-       "momentum": None, "lr": 0.2, "weight_decay": 5e-3, "epochs": 1, "scheduler": "onecycle"}
+       "momentum": None, "lr": 0.2, "weight_decay": 5e-3, "epochs": 1, "scheduler": "onecycle", "precision": "fp32"}
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

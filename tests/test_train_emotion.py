@@ -277,7 +277,7 @@ def test_sam_steps_with_the_gradient_at_the_weights_moved_uphill():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 4), torch.nn.Flatten())  # [B, 1, 4, 4] -> 3 logits
     x, y = torch.randn(5, 1, 4, 4), torch.tensor([0, 1, 2, 1, 0])
-    cfg = {"mixup": 0, "mixup_lam": None, "cutmix": 0, "label_smoothing": 0.0, "sam": 0.05}
+    cfg = {"mixup": 0, "mixup_lam": None, "cutmix": 0, "label_smoothing": 0.0, "sam": 0.05, "precision": "fp32"}
 
     def grads_at(params):
         probe = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 4), torch.nn.Flatten())
