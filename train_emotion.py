@@ -556,6 +556,7 @@ def train(args, command: str):
 def predict(args):
     device = training.pick_device(args.device)
     model, cfg, classes = load_trained(args.checkpoint, device)  # an ensemble: the mean of its members' softmaxes
+    cfg = {**cfg, "precision": args.precision}  # this command's, also for checkpoints saved before the flag existed
 
     def describe(crops):
         proba = predict_proba(model, crops.to(device), cfg).cpu()

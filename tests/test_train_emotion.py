@@ -131,6 +131,17 @@ def test_predict_annotates_every_face(tmp_path, monkeypatch, capsys):
     assert seen == [(300, 200)] and annotated.width / annotated.height == 1.5 and annotated.width >= 300
 
 
+def test_a_checkpoint_saved_before_precision_existed_still_predicts(tmp_path, monkeypatch, capsys):
+    assert run(tmp_path, "--name", "old", "--dry-run") == 0
+    ckpt = torch.load(tmp_path / "old" / "best.pt", weights_only=False)
+    del ckpt["config"]["precision"]
+    torch.save(ckpt, tmp_path / "old" / "best.pt")
+    Image.new("RGB", (120, 100), (128, 100, 90)).save(tmp_path / "one.jpg")
+    monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": [(10, 10, 70, 80)])
+    assert train_emotion.main(["--predict", str(tmp_path / "one.jpg"), "--checkpoint", str(tmp_path / "old" / "best.pt")]) == 0
+    assert "face 1 at" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not os.environ.get("FACENETS_DATA"), reason="FACENETS_DATA not set")
 def test_predict_finds_a_real_face_with_mtcnn(tmp_path, capsys):
     photos = sorted((Path(os.environ["FACENETS_DATA"]) / "utkface" / "crop_part1").glob("*.jpg"))[:1]
