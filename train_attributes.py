@@ -419,28 +419,29 @@ def train(args, command: str):
     y_test = y_all[test_idx]
     result = {"test_score": None, "heads": {}}
     result["test_score"], each = score(heads, [p.cpu() for p in predictions], y_test)
+    group_names = data.age_group_names(cfg["age_groups"])
+    age_groups = None  # each test face's true age group, where the data has ages (UTKFace)
+    if "age" in faces.columns:
+        age_groups = data.age_group(faces.targets[test_idx, faces.columns.index("age")], cfg["age_groups"])
     for h, (head, prediction) in enumerate(zip(heads, predictions)):
         prediction, truth = prediction.cpu(), y_test[:, h]
         if head["kind"] == "age":
-            groups = data.age_group(truth, cfg["age_groups"])
-            result["heads"]["age"] = metrics.error_summary(prediction, truth, groups, data.age_group_names(cfg["age_groups"]))
+            result["heads"]["age"] = metrics.error_summary(prediction, truth, age_groups, group_names)
             metrics.plot_error_histogram(prediction - truth, run / "age-errors.png")
             print(f"age: mean absolute error {result['heads']['age']['mae']:.2f} years")
             continue
-        cm = metrics.confusion_matrix(decide(head, prediction), truth, len(head["classes"]))
+        decided = decide(head, prediction)
+        cm = metrics.confusion_matrix(decided, truth, len(head["classes"]))
         result["heads"][head["name"]] = metrics.summarize(cm, head["classes"])
+        if head["name"] == "gender" and age_groups is not None:
+            # children's faces are where gender goes wrong: its accuracy per true age group shows how much
+            by_group = metrics.mean_by_group(decided == truth, age_groups, group_names)
+            result["heads"]["gender"]["accuracy_by_age_group"] = by_group
+            print("gender accuracy by age group: "
+                  + ", ".join(f"{n} {100 * v:.1f}%" for n, v in by_group.items() if v is not None))
         if len(heads) <= 6:  # forty attributes get one bar chart instead
             metrics.plot_confusion(cm, head["classes"], run / f"confusion-{head['name']}.png")
             print(f"{head['name']}:\n" + metrics.format_table(metrics.per_class_table(cm, head["classes"])))
-    if "gender" in result["heads"] and "age" in faces.columns:
-        # children's faces are where gender goes wrong: its accuracy per true age group shows how much
-        h = [head["name"] for head in heads].index("gender")
-        right = (decide(heads[h], predictions[h].cpu()) == y_test[:, h]).float()
-        groups = data.age_group(faces.targets[test_idx, faces.columns.index("age")], cfg["age_groups"])
-        by_group = {name: right[groups == g].mean().item() if (groups == g).any() else None
-                    for g, name in enumerate(data.age_group_names(cfg["age_groups"]))}
-        result["heads"]["gender"]["accuracy_by_age_group"] = by_group
-        print("gender accuracy by age group: " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in by_group.items() if v is not None))
     named = [(name, v) for name, v in each.items() if name != "age"]
     if len(named) > 6:
         result["mean_attribute_accuracy"] = sum(v for _, v in named) / len(named)

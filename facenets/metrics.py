@@ -5,6 +5,7 @@
     per_class_table, format_table   the Udine report's per-class table, for the console
     summarize                 everything above as a JSON-ready dict
     error_summary             mean absolute error of a regression (age in years), its spread and per group
+    mean_by_group             the mean of values per group (an error, or right/wrong for an accuracy)
     plot_curves               loss and accuracy per epoch, train and validation
     plot_confusion            the confusion matrix as a heat map with counts and percentages
     plot_error_histogram      how many predictions are off by 0, 1, 2, ... (e.g. years of age)
@@ -137,10 +138,17 @@ def error_summary(predicted, target, groups=None, group_names=()):
     summary = {"mae": errors.mean().item(), "median_error": errors.median().item(),
                "p90_error": errors.quantile(0.9).item(), "within_5": (errors <= 5).double().mean().item()}
     if groups is not None:
-        groups = torch.as_tensor(groups)
-        summary["mae_by_group"] = {name: errors[groups == g].mean().item() if (groups == g).any() else None
-                                   for g, name in enumerate(group_names)}
+        summary["mae_by_group"] = mean_by_group(errors, groups, group_names)
     return summary
+
+
+def mean_by_group(values, groups, group_names) -> dict:
+    """{name: the mean of the values in that group (None for an empty one)}; groups: each value's group index.
+
+    Of errors, the mean error per group; of right/wrong (1/0), the accuracy per group.
+    """
+    values, groups = torch.as_tensor(values, dtype=torch.float64), torch.as_tensor(groups)
+    return {name: values[groups == g].mean().item() if (groups == g).any() else None for g, name in enumerate(group_names)}
 
 
 # ---------------------------------------------------------------- pictures
