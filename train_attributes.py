@@ -63,6 +63,8 @@ def build_parser():
                    help="utkface: stratified (seeded 80/20, stratified on gender x age group; the default) or utec (the "
                    "report's 70/30, a minimum per class); celeba: official (its partitions; the default) or concepcion "
                    "(a balanced sample per attribute from them, see --sample-sizes)")
+    g.add_argument("--val-fraction", type=float, default=0.0, help="utkface: stratified share of the training part held "
+                   "out for validation and model selection (0 = none: the last epoch is tested); the test part stays the same")
     g.add_argument("--sample-sizes", nargs=3, type=int, default=[10_000, 2_000, 1_000], metavar=("TRAIN", "VAL", "TEST"),
                    help="--split concepcion: images per part, half with the attribute and half without")
     g.add_argument("--image-size", nargs="+", type=int, default=[64], metavar="PIXELS",
@@ -109,6 +111,8 @@ def parse_args(argv=None):
         p.error("--age-groups must be increasing ages of at least 1, e.g. 12 19 39 59")
     if "joint" in args.targets and len(args.targets) > 1:
         p.error("--targets joint is the report's single gender x age-group classifier: give it alone")
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val-fraction must be in [0, 1)")
     if min(args.sample_sizes) < 2 or args.synthetic_count < 100 or args.age_sigma <= 0:
         p.error("--sample-sizes must be at least 2 each, --synthetic-count at least 100, --age-sigma positive")
     if not (0 <= args.translate < 1 and 0 <= args.zoom < 1 and 0 <= args.erasing <= 1 and args.rotate >= 0 and args.mixup >= 0):
@@ -154,7 +158,7 @@ def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
         faces = data.load_utkface(cfg["data"], size, cfg["cache"], cfg["crop_faces"])
     if cfg["task"] == "celeba":  # the official partitions (which the Concepción sample was drawn from too)
         return faces, {part: (faces.partition == i).nonzero().flatten() for i, part in enumerate(("train", "val", "test"))}
-    return faces, data.utkface_split(faces.targets, cfg["split"], cfg["seed"], cfg["age_groups"])
+    return faces, data.utkface_split(faces.targets, cfg["split"], cfg["seed"], cfg["age_groups"], cfg.get("val_fraction", 0.0))
 
 
 def make_heads(cfg: dict, faces: data.AttributeFaces) -> list[dict]:
@@ -300,6 +304,8 @@ def train(args, command: str):
         if (cfg["task"] == "celeba") != (cfg["split"] in ("official", "concepcion")):
             raise runs.RunError(f"--split {cfg['split']} is not a {cfg['task']} protocol: use "
                                 + ("official or concepcion" if cfg["task"] == "celeba" else "stratified or utec"))
+        if cfg["task"] == "celeba" and cfg["val_fraction"]:
+            raise runs.RunError("--val-fraction is for UTKFace: CelebA's official partitions have their own validation part")
     torch.manual_seed(cfg["seed"])
 
     t0 = time.perf_counter()

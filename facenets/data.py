@@ -1152,22 +1152,30 @@ def age_group_names(bounds: Sequence[int] = AGE_GROUPS) -> tuple[str, ...]:
 
 
 def utkface_split(targets: torch.Tensor, protocol: str = "stratified", seed: int = 0,
-                  bounds: Sequence[int] = AGE_GROUPS) -> dict[str, torch.Tensor]:
-    """Indices "train", "val" (empty) and "test" of UTKFace targets (columns gender, age, race).
+                  bounds: Sequence[int] = AGE_GROUPS, val_fraction: float = 0.0) -> dict[str, torch.Tensor]:
+    """Indices "train", "val" and "test" of UTKFace targets (columns gender, age, race).
 
     stratified  seeded 80% train, 20% test, each gender x age group in proportion
     utec        the UTEC report's 70% train, 30% test, with at least min(50, n // 2) of each gender x age group
                 of n images in train
+    val_fraction of the train part (stratified the same way) becomes "val"; the test part is the same whatever it is,
+    so runs with and without validation are tested on the same faces.
     """
     if protocol not in UTKFACE_SPLITS:
         raise DataError(f"unknown UTKFace split protocol {protocol!r}: choose one of {', '.join(UTKFACE_SPLITS)}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"the validation share of the UTKFace training part must be in [0, 1), got {val_fraction}")
     groups = age_group(targets[:, UTKFACE_COLUMNS.index("age")].cpu(), bounds)
     strata = targets[:, UTKFACE_COLUMNS.index("gender")].cpu() * (len(bounds) + 1) + groups
     if protocol == "stratified":
         train, test = stratified_split(strata, [0.8, 0.2], seed)
     else:
         train, test = stratified_split(strata, [0.7, 0.3], seed, min_per_class=50)
-    return {"train": train, "val": torch.zeros(0, dtype=torch.int64), "test": test}
+    val = torch.zeros(0, dtype=torch.int64)
+    if val_fraction:
+        val, kept = stratified_split(strata[train], [val_fraction, 1 - val_fraction], seed)
+        val, train = train[val], train[kept]
+    return {"train": train, "val": val, "test": test}
 
 
 # ---------------------------------------------------------------- synthetic attribute faces

@@ -376,6 +376,18 @@ def test_utkface_stratified_split_keeps_every_gender_and_age_group():
     one_line_error(lambda: data.utkface_split(targets, "random"), "'random'", "stratified, utec")
 
 
+def test_utkface_validation_comes_out_of_the_training_part_and_leaves_the_test_part_alone():
+    targets = utk_targets()
+    plain, split = data.utkface_split(targets, seed=2), data.utkface_split(targets, seed=2, val_fraction=0.25)
+    assert torch.equal(split["test"], plain["test"]) and [len(split[k]) for k in ("train", "val")] == [600, 200]
+    assert sorted(torch.cat([split["train"], split["val"]]).tolist()) == plain["train"].tolist()
+    strata = targets[:, 0] * 5 + data.age_group(targets[:, 1])
+    counts, trained = strata[split["val"]].bincount(minlength=10), strata[plain["train"]].bincount(minlength=10)
+    assert (counts > 0).all() and ((counts - 0.25 * trained).abs() <= 1).all(), counts
+    assert torch.equal(split["val"], data.utkface_split(targets, seed=2, val_fraction=0.25)["val"])
+    one_line_error(lambda: data.utkface_split(targets, val_fraction=1.0), "validation share", "[0, 1)")
+
+
 def test_utkface_utec_split_is_70_30_with_a_floor_per_class():
     targets = utk_targets()
     targets[:40, 0], targets[:40, 1] = 1, 80  # 40 + about 90 other old women; 3 old men only

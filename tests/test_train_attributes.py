@@ -52,6 +52,17 @@ def test_a_bf16_run_on_the_cpu_learns_too_and_keeps_its_precision(tmp_path):
     assert json.loads((tmp_path / "b" / "config.json").read_text())["precision"] == "bf16"
 
 
+def test_with_a_validation_part_the_best_epoch_on_it_is_tested(tmp_path):
+    assert run(tmp_path, "--name", "v", "--epochs", "3", "--lr", "0.05", "--val-fraction", "0.25") == 0
+    result = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    assert result["split_sizes"] == {"train": 360, "val": 120, "test": 120}
+    log = (tmp_path / "v" / "log.csv").read_text().splitlines()
+    header, rows = log[0].split(","), [dict(zip(log[0].split(","), line.split(","))) for line in log[1:]]
+    scores = [float(row["val_score"]) for row in rows]
+    assert "val_gender" in header and result["best_epoch"] == scores.index(max(scores)) + 1
+    assert result["best_val_score"] == max(scores)
+
+
 def test_synthetic_celeba_run_learns_its_attributes_as_sigmoid_heads(tmp_path):
     # smiling is the subtle one (the mouth's corners): it needs more faces and pixels than the other two
     assert run(tmp_path, "--name", "c", "--task", "celeba", "--synthetic-count", "1000", "--image-size", "48",
@@ -158,6 +169,7 @@ def test_the_utec_preset_trains_arch2_on_two_heads_and_its_joint_classifier(tmp_
     (["--age-groups", "19", "12"], "--age-groups must be increasing"),
     (["--model-opt", "width=-1"], "width=-1 must be a whole number"),
     (["--mixup", "-0.2"], "--mixup 0 or more"),
+    (["--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
 ])
 def test_impossible_flags_are_one_line(flags, words, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -176,6 +188,11 @@ def test_an_emotion_checkpoint_is_not_taken_for_an_attributes_one(tmp_path, caps
 def test_a_split_of_the_other_task_is_one_line(tmp_path, capsys):
     assert run(tmp_path, "--split", "official", "--dry-run") == 2
     assert "--split official is not a utkface protocol" in one_line_error(capsys) and not any(tmp_path.iterdir())
+
+
+def test_validation_of_celeba_is_its_own_partition(tmp_path, capsys):
+    assert run(tmp_path, "--task", "celeba", "--val-fraction", "0.2", "--dry-run") == 2
+    assert "--val-fraction is for UTKFace" in one_line_error(capsys) and not any(tmp_path.iterdir())
 
 
 def test_help_documents_every_flag():
