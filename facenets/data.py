@@ -311,6 +311,11 @@ def _fingerprint(path: Path) -> list:
     return [(str(folder), len(os.listdir(folder)), folder.stat().st_mtime_ns) for folder in folders]
 
 
+def cache_folder(cache_dir=None) -> Path:
+    """Where decoded data sets are kept: cache_dir, else $FACENETS_CACHE, else ~/.cache/facenets."""
+    return Path(cache_dir or os.environ.get("FACENETS_CACHE") or Path.home() / ".cache" / "facenets").expanduser()
+
+
 def _cached(kind: str, path: Path, settings: tuple, cache_dir: str | Path | None,
             read: Callable[[], FaceImages | AttributeFaces],
             container: type[FaceImages | AttributeFaces] = FaceImages) -> FaceImages | AttributeFaces:
@@ -320,8 +325,7 @@ def _cached(kind: str, path: Path, settings: tuple, cache_dir: str | Path | None
     """
     path = path.resolve()
     key = repr((CACHE_VERSION, kind, str(path), settings, _fingerprint(path)))
-    cache_dir = Path(cache_dir or os.environ.get("FACENETS_CACHE") or Path.home() / ".cache" / "facenets").expanduser()
-    cache = cache_dir / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    cache = cache_folder(cache_dir) / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if cache.exists():
         try:
             return container(**torch.load(cache, weights_only=True))
@@ -332,7 +336,7 @@ def _cached(kind: str, path: Path, settings: tuple, cache_dir: str | Path | None
     # and the process id keeps two runs started together from writing into the same temporary file.
     temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(vars(data), temporary)  # a dict of tensors, a list and a tuple of str: safe for weights_only
         os.replace(temporary, cache)
     except (OSError, RuntimeError) as error:
