@@ -90,7 +90,8 @@ def logistic_regression(x_train, y_train, x_test, weight_decay=1e-3) -> torch.Te
 def compare(run: Path, args) -> list[dict]:
     """The three rows of one run: the run, the descriptors, both."""
     ckpt = runs.load_checkpoint(run, needs=train_attributes.PREDICT_KEYS)
-    cfg, heads = {**ckpt["config"], "precision": "fp32", "cache": args.cache}, ckpt["heads"]
+    # the run's own precision (checkpoints from before --precision: fp32), so its row matches its log
+    cfg, heads = {"precision": "fp32", **ckpt["config"], "cache": args.cache}, ckpt["heads"]
     names = [h["name"] for h in heads]
     if cfg.get("task") != "utkface" or "gender" not in names or not cfg.get("val_fraction"):
         raise runs.RunError(f"{run} is not a UTKFace run with a gender head and --val-fraction: train one as in this "
