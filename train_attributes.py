@@ -345,7 +345,6 @@ def train(args, command: str):
         print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
     runs.write_json(run / "config.json", cfg)
     step_model = training.compiled(model, device) if cfg["compile"] else model
-    # the slice of the network's outputs each head owns
 
     def checkpoint(epoch, step=0, sums=None):
         """Everything needed to go on exactly from here: after `step` steps of epoch `epoch` (0-based)."""

@@ -124,7 +124,6 @@ def main(argv=None, descriptors=None):
                    "or ~/.cache/facenets)")
     args = p.parse_args(argv)
     args.descriptors = descriptors  # tests pass a stand-in for dlib
-    torch.set_grad_enabled(True)
 
     def table():
         rows = [row for run in args.runs for row in compare(Path(run), args)]
