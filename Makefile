@@ -8,7 +8,10 @@ UTK    = $(or $(DATA),data/UTKFace)
 CELEBA = $(or $(DATA),data/celeba)
 FACES  = $(or $(DATA),data/celeba-faces)
 
-.PHONY: install test demo emotion emotion-cpu monterrey bench ablation utkface utec concepcion attributes gan gan-cpu dcgan-concepcion gpu-evidence clean
+.PHONY: help install test lint demo emotion emotion-cpu monterrey bench ablation utkface utec concepcion attributes gan gan-cpu dcgan-concepcion gpu-evidence clean
+
+help:  ## list every target with what it does (the default)
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install:  ## create .venv and install facenets with its test extra
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +20,10 @@ install:  ## create .venv and install facenets with its test extra
 
 test:  ## the whole suite (real-data tests run when FACENETS_DATA points at ../shared/data)
 	$(PY) -m pytest
+
+lint:  ## ruff: the code as formatted, lines of at most 120 characters, no unused names
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo:  ## half-minute emotion run on built-in synthetic faces: a complete run folder, no download
 	$(PY) train_emotion.py --data synthetic --model vgg --width 16 --epochs 4 --batch-size 64 --lr 0.05 $(ARGS)
@@ -39,7 +46,7 @@ bench:  ## facenets' loop vs a DataLoader loop (images/s), then time to 70%/72% 
 ablation:  ## what each part of the recipe is worth: 6 variants x 2 seeds, 4 at a time (H100, ARGS="-- --compile": 11 min)
 	$(PY) benchmarks/ablate_emotion.py --data $(FER) --parallel 4 $(ARGS)
 
-utkface:  ## facenets' multi-head net on UTKFace (DATA=its folder): gender 87.9%, age group 81.3%, age MAE 4.3 years, 15 min on 2 cores with AMX (bf16; without AMX add ARGS="--precision fp32": ~2.5x slower)
+utkface:  ## facenets' multi-head net on UTKFace (DATA=its folder): gender 87.9%, age group 81.3%, age MAE 4.3 years, 15 min on 2 cores with AMX (bf16: for CPUs with AMX or AVX-512 BF16; on others add ARGS="--precision fp32")
 	$(PY) train_attributes.py --data $(UTK) --width 32 --ema 0.999 --label-smoothing 0.1 --epochs 50 --precision bf16 $(ARGS)
 
 utec:  ## the UTEC report's Arch 2 on UTKFace: gender and age group, Adam 1e-3: 83.1% / 69.2%, 11 min on 2 cores
@@ -56,7 +63,7 @@ attributes:  ## facenets' net on all forty CelebA attributes at once, on CelebA'
 gan:  ## the GAN recipe on face images (DATA=a folder or .zip of faces, CelebA's img_align_celeba too)
 	$(PY) train_gan.py --data $(FACES) $(ARGS)
 
-gan-cpu:  ## the recipe sized for a 2-core CPU: a narrower DCGAN for 45 minutes of training, bf16 (for CPUs with AMX; else add ARGS="--precision fp32")
+gan-cpu:  ## the recipe sized for a 2-core CPU: a narrower DCGAN for 45 minutes of training, bf16 (for CPUs with AMX or AVX-512 BF16; on others add ARGS="--precision fp32")
 	$(PY) train_gan.py --data $(FACES) --width 32 --time-budget 45 --precision bf16 $(ARGS)
 
 dcgan-concepcion:  ## the Concepción report's Keras DCGAN exactly: BCE, Adam 1e-4, batch 32, 30 epochs

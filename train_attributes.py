@@ -17,16 +17,21 @@ mean accuracy), a confusion picture per head, age-errors.png and attributes.png.
 --resume RUN_DIR continues a stopped or killed run exactly. Images are decoded once at the model's size into a cached
 uint8 tensor that sits on the training device and is augmented there in batches.
 """
-import shlex
-import shutil
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports below load (seconds): one line and status 130
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\nstopped while starting: nothing was written") or 130))
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+
+import math
+import shlex
 import time
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from facenets import augment, data, metrics, models, runs, training
 
@@ -191,7 +196,8 @@ def head_targets(heads: list[dict], faces: data.AttributeFaces, cfg: dict) -> to
     return torch.stack([columns[h["name"]] for h in heads], 1)
 
 
-def width(head: dict) -> int:
+def outputs(head: dict) -> int:
+    """How many of the network's outputs the head reads."""
     return {"class": len(head["classes"]), "binary": 1, "age": AGE_BINS}[head["kind"]]
 
 
@@ -211,8 +217,8 @@ def heads_loss(heads: list[dict], logits: torch.Tensor, y: torch.Tensor, cfg: di
     """The sum of the heads' losses; logits [B, outputs] hold the heads' outputs side by side, y [B, heads]."""
     start, total = 0, 0.0
     for h, head in enumerate(heads):
-        total = total + head_loss(head, logits[:, start:start + width(head)].float(), y[:, h], cfg)
-        start += width(head)
+        total = total + head_loss(head, logits[:, start:start + outputs(head)].float(), y[:, h], cfg)
+        start += outputs(head)
     return total
 
 
@@ -242,8 +248,8 @@ def predict(model, images: torch.Tensor, heads: list[dict], cfg: dict, batch_siz
             logits = [model(v.contiguous(memory_format=torch.channels_last)).float() for v in views]
         start, probabilities = 0, {}
         for head in heads:
-            part = [lg[:, start:start + width(head)] for lg in logits]
-            start += width(head)
+            part = [lg[:, start:start + outputs(head)] for lg in logits]
+            start += outputs(head)
             probabilities[head["name"]] = torch.stack([p[:, 0].sigmoid() if head["kind"] == "binary" else p.softmax(1)
                                                        for p in part]).mean(0)
         if "age" in probabilities and "age_group" in probabilities:
@@ -277,10 +283,11 @@ def score(heads, predictions, y) -> tuple[float, dict]:
     return (sum(accuracies) / len(accuracies) if accuracies else -next(iter(each.values()))), each
 
 
-def make_model(cfg, outputs, device):
+def make_model(cfg, count: int, device):
+    """The network for cfg with count outputs: every head's side by side."""
     size = tuple(cfg["image_size"]) if len(cfg["image_size"]) == 2 else cfg["image_size"][0]
     try:
-        model = models.build_model(cfg["model"], 3, outputs, size, **cfg["model_options"])
+        model = models.build_model(cfg["model"], 3, count, size, **cfg["model_options"])
     except (TypeError, ValueError) as e:
         raise runs.RunError(f"model {cfg['model']}: {e}") from None
     return model.to(device, memory_format=torch.channels_last)
@@ -293,21 +300,26 @@ PREDICT_KEYS = ("model", "config", "heads")
 RESUME_KEYS = runs.TRAINING_STATE + ("heads", "best_score")
 
 
+def settle_task(cfg: dict) -> None:
+    """A new run's task (utkface or celeba, from --data when auto) and its split protocol, checked together."""
+    cfg["task"] = "utkface" if cfg["data"] == "synthetic" and cfg["task"] == "auto" else infer_task(cfg)
+    if cfg["split"] == "auto":
+        cfg["split"] = "official" if cfg["task"] == "celeba" else "stratified"
+    if (cfg["task"] == "celeba") != (cfg["split"] in ("official", "concepcion")):
+        raise runs.RunError(f"--split {cfg['split']} is not a {cfg['task']} protocol: use "
+                            + ("official or concepcion" if cfg["task"] == "celeba" else "stratified or utec"))
+    if cfg["task"] == "celeba" and cfg["val_fraction"]:
+        raise runs.RunError("--val-fraction is for UTKFace: CelebA's official partitions have their own validation part")
+
+
 def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
-    run, ckpt, cfg = runs.settings(args, command, device, RESUME_KEYS, NOT_SAVED, "train_attributes.py")
-    if not args.resume:
-        cfg["task"] = "utkface" if cfg["data"] == "synthetic" and cfg["task"] == "auto" else infer_task(cfg)
-        if cfg["split"] == "auto":
-            cfg["split"] = "official" if cfg["task"] == "celeba" else "stratified"
-        if (cfg["task"] == "celeba") != (cfg["split"] in ("official", "concepcion")):
-            raise runs.RunError(f"--split {cfg['split']} is not a {cfg['task']} protocol: use "
-                                + ("official or concepcion" if cfg["task"] == "celeba" else "stratified or utec"))
-        if cfg["task"] == "celeba" and cfg["val_fraction"]:
-            raise runs.RunError("--val-fraction is for UTKFace: CelebA's official partitions have their own validation part")
-    torch.manual_seed(cfg["seed"])
-
+    run = runs.Run(args, command, device, "train_attributes.py", RESUME_KEYS, NOT_SAVED, best="best_score")
+    cfg = run.cfg
+    if not run.resuming:
+        settle_task(cfg)
+    training.suggest_precision(device, cfg["precision"])
     t0 = time.perf_counter()
     faces, split = load_faces(cfg)
     heads = make_heads(cfg, faces)
@@ -318,121 +330,93 @@ def train(args, command: str):
         raise data.DataError(f"the {cfg['split']} split of {cfg['data']} leaves no training or no test images: use more images")
     x_train, y_train = faces.images[split["train"]].to(device), y_all[split["train"]].to(device)
     x_val, y_val = faces.images[split["val"]].to(device), y_all[split["val"]].to(device)
-    model = make_model(cfg, sum(width(h) for h in heads), device)
-    if not args.resume:  # made only now, so that bad data or model options leave no empty run folder behind
-        run = runs.run_dir(args.out, args.name or f"{cfg['task']}-{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}")
-        print(f"run folder: {run}")
-    print(f"model: {cfg['model']} {cfg['model_options'] or ''}, {models.count_parameters(model):,} parameters, heads: "
-          + ", ".join(h["name"] for h in heads) + f", on {device}")
-
-    batch_size = min(cfg["batch_size"], len(x_train))
-    steps = min(len(x_train) // batch_size, 2 if cfg["dry_run"] else len(x_train))
-    last_epoch = 1 if cfg["dry_run"] else cfg["epochs"]
+    count = sum(outputs(h) for h in heads)
+    training.check_memory(device, cfg["batch_size"], (lambda: make_model(cfg, count, "meta"), [x_train.shape[1:]]))
+    model = make_model(cfg, count, device)
+    batch_size, steps = run.batching(len(x_train))
     optimizer = training.make_optimizer(model, cfg)
     scheduler = training.make_scheduler(optimizer, cfg, steps)
     average = training.WeightAverage(model, cfg["ema"]) if cfg["ema"] else None
-    tested = model if average is None else average.module  # the average is what validates, tests and predicts
-    gen = torch.Generator(device).manual_seed(cfg["seed"])
-    history, best_score, start, first_step, order, sums = [], float("-inf"), 0, 0, None, None
-    resumed_with, earlier_wall = ([command] if args.resume else []), 0.0
-    if ckpt:
-        if ckpt["heads"] != heads:
-            raise runs.RunError(f"{run} was trained for other heads than --data and its flags give now: start a new run")
-        history, start, first_step, order, sums = runs.restore(run / "last.pt", ckpt, model, tested if average else None,
-                                                               optimizer, scheduler, gen, device, len(x_train))
-        best_score, earlier_wall = ckpt["best_score"], ckpt.get("wall_seconds", 0.0)
-        resumed_with = ckpt.get("resumed_with", []) + [command]
-        print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
-    runs.write_json(run / "config.json", cfg)
-    step_model = training.compiled(model, device) if cfg["compile"] else model
+    ema = None if average is None else average.module
+    evaluated = model if ema is None else ema  # the average is what validates, tests and predicts
+    run.start(f"{cfg['task']}-{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}",
+              {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}, data=x_train,
+              check={"heads": heads}, plot=lambda: plot_curves(run.history, run.folder / "curves.png"))
+    print(f"model: {cfg['model']}" + (f" {cfg['model_options']}" if cfg["model_options"] else "")
+          + f", {models.count_parameters(model):,} parameters, heads: " + ", ".join(h["name"] for h in heads)
+          + f", on {device}")
+    step_model, gen = training.compiled(model, device) if cfg["compile"] else model, run.generator
 
-    def checkpoint(epoch, step=0, sums=None):
-        """Everything needed to go on exactly from here: after `step` steps of epoch `epoch` (0-based)."""
-        return {"model": model.state_dict(), "ema": None if average is None else average.module.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                "epoch": epoch, "step": step, "order": order.cpu() if step else None, "sums": sums, "best_score": best_score,
-                "history": history, "config": cfg, "heads": heads, "resumed_with": resumed_with,
-                "wall_seconds": earlier_wall + time.perf_counter() - t0, "rng": runs.rng_state(gen, device)}
+    for epoch in run.epochs():
+        model.train()
+        sums = run.epoch_sums(loss=())
+        for step, idx in run.batches(show=("loss",)):
+            x, y, y_other = augment_batch(model_input(x_train[idx]), cfg, gen), y_train[idx], None
+            if cfg["mixup"]:
+                x, y, y_other, lam = augment.mixup(x, y, cfg["mixup"], generator=gen)
+            with training.autocast(device, cfg["precision"]):
+                logits = step_model(x.contiguous(memory_format=torch.channels_last))
+                loss = heads_loss(heads, logits, y, cfg)
+                if y_other is not None:  # every head learns the same blend of the two images' labels
+                    loss = lam * loss + (1 - lam) * heads_loss(heads, logits, y_other, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if average is not None:
+                average.update(done=epoch * steps + step + 1)
+            if cfg["scheduler"] in ("onecycle", "cosine"):
+                scheduler.step()
+            sums["loss"] += loss.detach() * len(idx)
+        train_loss = sums["loss"].item() / (steps * batch_size)
 
-    saver, train_seconds = runs.Saver(run), sum(h["seconds"] for h in history)
-    with training.StopRequests() as stop:
-        for epoch in range(start, last_epoch):
-            model.train()
-            t_epoch = time.perf_counter() - (sums["seconds"] if first_step else 0.0)
-            loss_sum = torch.zeros((), device=device) + (sums["loss"] if first_step else 0.0)
-            if not first_step:
-                order = torch.randperm(len(x_train), device=device, generator=gen)
-            bar = tqdm(range(first_step, steps), desc=f"epoch {epoch + 1}/{last_epoch}", leave=False, file=sys.stdout)
-            for step in bar:
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                x, y, y_other = augment_batch(model_input(x_train[idx]), cfg, gen), y_train[idx], None
-                if cfg["mixup"]:
-                    x, y, y_other, lam = augment.mixup(x, y, cfg["mixup"], generator=gen)
-                with training.autocast(device, cfg["precision"]):
-                    logits = step_model(x.contiguous(memory_format=torch.channels_last))
-                    loss = heads_loss(heads, logits, y, cfg)
-                    if y_other is not None:  # every head learns the same blend of the two images' labels
-                        loss = lam * loss + (1 - lam) * heads_loss(heads, logits, y_other, cfg)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if average is not None:
-                    average.update(done=epoch * steps + step + 1)
-                if cfg["scheduler"] in ("onecycle", "cosine"):
-                    scheduler.step()
-                loss_sum += loss.detach() * len(idx)
-                if (step - first_step) % 20 == 19:  # reading the loss waits for the GPU: only now and then
-                    seen = (step + 1) * batch_size
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}")
-                if step + 1 < steps and saver.due(stop.asked):  # inside an epoch: its exact position
-                    sums = {"loss": loss_sum.item(), "seconds": time.perf_counter() - t_epoch}
-                    saver.save("last.pt", checkpoint(epoch, step + 1, sums))
-                    if stop.asked:
-                        return saver.stopped(f"in epoch {epoch + 1} after step {step + 1}")
-            first_step = 0
-            train_loss, seconds = loss_sum.item() / (steps * batch_size), time.perf_counter() - t_epoch
-            train_seconds += seconds
-            row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_score": None}
-            if len(x_val):
-                n = 256 if cfg["dry_run"] else len(x_val)
-                val_score, each = score(heads, predict(tested, x_val[:n], heads, cfg), y_val[:n])
-                row.update(val_score=round(val_score, 5), **{f"val_{k}": round(v, 5) for k, v in each.items()})
-            if cfg["scheduler"] == "plateau":
-                scheduler.step(-row["val_score"] if row["val_score"] is not None else train_loss)
-            history.append({**row, "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2)})
-            print(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f}" + "".join(f"  {k} {v}" for k, v in row.items()
-                  if k.startswith("val_") and v is not None) + f"  {seconds:.1f}s  {steps * batch_size / seconds:.0f} img/s")
-            if row["val_score"] is not None and row["val_score"] > best_score:  # before last.pt: a resumed run knows it
-                best_score = row["val_score"]
-                saver.save("best.pt", checkpoint(epoch + 1))
-            if epoch + 1 == last_epoch or saver.due(stop.asked):
-                runs.write_log(run / "log.csv", history)
-                metrics.plot_curves([{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_acc": h["val_score"]}
-                                     for h in history], run / "curves.png")
-                saver.save("last.pt", checkpoint(epoch + 1))
-            if stop.asked:
-                return saver.stopped(f"after epoch {epoch + 1}")
-    if best_score == float("-inf"):  # no validation: nothing may peek at the test set, so the last epoch is tested
-        runs.replace_atomically(run / "best.pt", lambda tmp: shutil.copyfile(run / "last.pt", tmp))
+        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_score": None}
+        if len(x_val):
+            n = 256 if cfg["dry_run"] else len(x_val)
+            val_score, each = score(heads, predict(evaluated, x_val[:n], heads, cfg), y_val[:n])
+            row.update(val_score=round(val_score, 5), **{f"val_{k}": round(v, 5) for k, v in each.items()})
+        if cfg["scheduler"] == "plateau":
+            scheduler.step(-row["val_score"] if row["val_score"] is not None else train_loss)
+        row.update(lr=optimizer.param_groups[0]["lr"], seconds=round(run.seconds, 2))
+        print(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f}" + "".join(f"  {k} {v}" for k, v in row.items()
+              if k.startswith("val_") and v is not None) + f"  {run.seconds:.1f}s  {steps * batch_size / run.seconds:.0f} img/s")
+        run.end_epoch(row, score=row["val_score"])
 
     # Test once, with the weights chosen on validation (or the last ones).
-    best = runs.load_checkpoint(run / "best.pt", map_location=device, needs=RESUME_KEYS)
-    with runs.restoring(run / "best.pt", "weights"):
-        tested.load_state_dict(best["ema"] if average is not None else best["model"])
+    best = run.best_weights(model=model, ema=ema)
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]
-    predictions = predict(tested, faces.images[test_idx].to(device), heads, cfg)
-    y_test = y_all[test_idx]
+    result, named, each = test(evaluated, heads, faces, test_idx, y_all[test_idx], cfg, run.folder, device)
+    result = run.finish({**result, "best_epoch": best["epoch"], "best_val_score": run.best if math.isfinite(run.best)
+                         else None, "parameters": models.count_parameters(model),
+                         "split_sizes": {k: len(v) for k, v in split.items()}})
+    print(", ".join(f"{n} {v:.4f}" for n, v in named) + (f", age MAE {each['age']:.2f}" if "age" in each else "")
+          + f" on the test part, with the weights of epoch {best['epoch']}; training took {run.train_seconds:.0f}s on "
+          f"{result['device']}; results in {run.folder}")
+    return 0
+
+
+def plot_curves(history: list[dict], path: Path):
+    """Training loss and validation score per epoch; the accuracy panel only where there is a validation part."""
+    if any(h["val_score"] is not None for h in history):
+        metrics.plot_curves([{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_acc": h["val_score"]}
+                             for h in history], path)
+    else:
+        metrics.plot_lines([("training loss", {"train": [(h["epoch"], h["train_loss"]) for h in history]})], path)
+
+
+def test(evaluated, heads, faces, test_idx, y_test, cfg, folder, device) -> tuple[dict, list, dict]:
+    """Each head's test scores and pictures, gender by true age group; (results, [(name, accuracy)], {head: score})."""
+    predictions = [p.cpu() for p in predict(evaluated, faces.images[test_idx].to(device), heads, cfg)]
     result = {"test_score": None, "heads": {}}
-    result["test_score"], each = score(heads, [p.cpu() for p in predictions], y_test)
+    result["test_score"], each = score(heads, predictions, y_test)
     group_names = data.age_group_names(cfg["age_groups"])
     age_groups = None  # each test face's true age group, where the data has ages (UTKFace)
     if "age" in faces.columns:
         age_groups = data.age_group(faces.targets[test_idx, faces.columns.index("age")], cfg["age_groups"])
     for h, (head, prediction) in enumerate(zip(heads, predictions)):
-        prediction, truth = prediction.cpu(), y_test[:, h]
+        truth = y_test[:, h]
         if head["kind"] == "age":
             result["heads"]["age"] = metrics.error_summary(prediction, truth, age_groups, group_names)
-            metrics.plot_error_histogram(prediction - truth, run / "age-errors.png")
+            metrics.plot_error_histogram(prediction - truth, folder / "age-errors.png")
             print(f"age: mean absolute error {result['heads']['age']['mae']:.2f} years")
             continue
         decided = decide(head, prediction)
@@ -445,25 +429,16 @@ def train(args, command: str):
             print("gender accuracy by age group: "
                   + ", ".join(f"{n} {100 * v:.1f}%" for n, v in by_group.items() if v is not None))
         if len(heads) <= 6:  # forty attributes get one bar chart instead
-            metrics.plot_confusion(cm, head["classes"], run / f"confusion-{head['name']}.png")
+            metrics.plot_confusion(cm, head["classes"], folder / f"confusion-{head['name']}.png")
             print(f"{head['name']}:\n" + metrics.format_table(metrics.per_class_table(cm, head["classes"])))
     named = [(name, v) for name, v in each.items() if name != "age"]
     if len(named) > 6:
         result["mean_attribute_accuracy"] = sum(v for _, v in named) / len(named)
-        metrics.plot_bars([n for n, _ in named], [v for _, v in named], run / "attributes.png",
+        metrics.plot_bars([n for n, _ in named], [v for _, v in named], folder / "attributes.png",
                           f"test accuracy per attribute (mean {100 * result['mean_attribute_accuracy']:.2f}%)")
         print(metrics.format_table([{"attribute": n, "accuracy": v} for n, v in named]))
-    started_with = {"command": cfg.get("command", command), **({"resumed_with": resumed_with} if resumed_with else {})}
-    result.update({"test_accuracy": {n: round(v, 5) for n, v in named}, "best_epoch": best["epoch"],
-                   "best_val_score": None if best_score == float("-inf") else best_score, "epochs_run": len(history),
-                   "train_seconds": round(train_seconds, 1), "wall_seconds": round(earlier_wall + time.perf_counter() - t0, 1),
-                   "device": training.device_name(device), "parameters": models.count_parameters(model),
-                   "split_sizes": {k: len(v) for k, v in split.items()}, **started_with})
-    runs.write_json(run / "metrics.json", result)
-    print(", ".join(f"{n} {v:.4f}" for n, v in named) + (f", age MAE {each['age']:.2f}" if "age" in each else "")
-          + f" on the test part, with the weights of epoch {best['epoch']}; training took {train_seconds:.0f}s on "
-          f"{training.device_name(device)}; results in {run}")
-    return 0
+    result["test_accuracy"] = {n: round(v, 5) for n, v in named}
+    return result, named, each
 
 
 # ----------------------------------------------------------------------------- inference on photos
@@ -475,8 +450,8 @@ def predict_photos(args):
     where, cfg, heads = Path(args.checkpoint), {**ckpt["config"], "precision": args.precision}, ckpt["heads"]
     if not {"task", "image_size", "tta"} <= cfg.keys() or not isinstance(heads, list):
         raise runs.RunError(f"{where} was not saved by train_attributes.py: use a checkpoint from runs/attributes/")
-    model = make_model(cfg, sum(width(h) for h in heads), device)
-    with runs.restoring(where, "weights"):
+    model = make_model(cfg, sum(outputs(h) for h in heads), device)
+    with runs.loading(where, "weights"):
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])  # the averaged weights when the run kept them
 
     def describe(crops):
@@ -487,15 +462,19 @@ def predict_photos(args):
             for head, prediction in zip(heads, predictions):
                 p = prediction[i]
                 if head["kind"] == "age":
-                    said.append(f"age {p:.0f} years")
-                    shown.append(f"{p:.0f} y")
+                    # two heads judge age: the group's softmax and the mean of this distribution, which may
+                    # fall in another group (60+ and 55 years), so each says which it is
+                    said.append(f"age {p:.0f} years (mean of the age head)")
+                    shown.append(f"age {p:.0f}")
                 elif head["kind"] == "binary":
                     said.append(f"{head['name']} {p:.2f}")
                     shown += [head["name"]] if p > 0.5 else []
                 else:
                     k = int(p.argmax())
                     said.append(f"{head['name']} {head['classes'][k]} {p[k]:.2f}")
-                    shown.append(head["classes"][k] if len(heads) < 4 else f"{head['name']} {head['classes'][k]}")
+                    name = head["name"].replace("_", " ")
+                    shown.append(f"{name} {head['classes'][k]}" if len(heads) >= 4 or head["name"] == "age_group"
+                                 else head["classes"][k])
             faces.append((", ".join(said), ", ".join(shown[:4]) or "none of the attributes"))
         return faces
 

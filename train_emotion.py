@@ -17,9 +17,14 @@ sits on the training device as uint8 and is augmented there in batches: no DataL
 REPRODUCING.md has every report's experiment (exact command, what it reaches, how long it takes) and how the
 recipe was chosen.
 """
-import shlex
-import shutil
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports below load (seconds): one line and status 130
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\nstopped while starting: nothing was written") or 130))
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+
+import shlex
 import time
 import warnings
 from datetime import datetime
@@ -27,7 +32,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from facenets import augment, data, metrics, models, runs, training
 
@@ -254,7 +258,7 @@ def load_trained(checkpoint, device):
                             "use a checkpoint from runs/emotion/")
     in_channels = 3 if cfg["sobel_channels"] else 1
     model = make_model(cfg, in_channels, len(classes), cfg["crop"] or 48, device)
-    with runs.restoring(where, "weights"):
+    with runs.loading(where, "weights"):
         model.load_state_dict(ckpt.get("ema") or ckpt["model"])
     return model.eval(), cfg, classes
 
@@ -357,12 +361,8 @@ PREDICT_KEYS = ("model", "config", "classes")  # what --predict needs of a check
 RESUME_KEYS = runs.TRAINING_STATE + ("classes", "best_acc")
 
 
-def train(args, command: str):
-    device = training.pick_device(args.device)
-    training.keep_freed_memory()
-    run, ckpt, cfg = runs.settings(args, command, device, RESUME_KEYS, NOT_SAVED, "train_emotion.py")
-    torch.manual_seed(cfg["seed"])
-
+def load_split(cfg: dict) -> tuple[data.FaceImages, dict]:
+    """The images and the split's indices (train, val, test), said in one line."""
     t0 = time.perf_counter()
     faces = load_faces(cfg)
     split = data.split_indices(faces, cfg["split"], cfg["val_fraction"], cfg["seed"])
@@ -371,183 +371,124 @@ def train(args, command: str):
     if len(split["test"]) == 0:  # e.g. photo folders, which are all Training
         raise data.DataError(f"split {cfg['split']} leaves no test images in {cfg['data']}: "
                              "use a protocol that pools all images, --split utec or --split udine")
+    return faces, split
+
+
+def train(args, command: str):
+    device = training.pick_device(args.device)
+    training.keep_freed_memory()
+    run = runs.Run(args, command, device, "train_emotion.py", RESUME_KEYS, NOT_SAVED, best="best_acc")
+    cfg, members = run.cfg, run.cfg["ensemble"]
+    training.suggest_precision(device, cfg["precision"])
+    faces, split = load_split(cfg)
     # The whole set lives on the training device as uint8 (FER2013: 83 MB); batches are gathered by index there.
     x_train, y_train = faces.images[split["train"]].to(device), faces.labels[split["train"]].to(device)
     x_val, y_val = faces.images[split["val"]].to(device), faces.labels[split["val"]].to(device)
     classes = list(faces.classes)
-
-    image_size = cfg["crop"] or faces.images.shape[-1]
-    in_channels = 3 if cfg["sobel_channels"] else faces.images.shape[1]
-    model = make_model(cfg, in_channels, len(classes), image_size, device)
-    members = cfg["ensemble"]
+    in_channels, size = 3 if cfg["sobel_channels"] else faces.images.shape[1], cfg["crop"] or faces.images.shape[-1]
+    training.check_memory(device, run.cfg["batch_size"], (lambda: make_model(cfg, in_channels, len(classes), size, "meta"),
+                                                          [(in_channels * members, size, size)]))
+    model = make_model(cfg, in_channels, len(classes), size, device)
     teacher = load_teacher(cfg, classes, device) if cfg["distill"] else None
-    if not args.resume:  # made only now, so that bad data or model options leave no empty run folder behind
-        run = runs.run_dir(args.out, args.name or f"{args.model}-{datetime.now():%Y%m%d-%H%M%S}")
-        print(f"run folder: {run}")
-    print(f"model: {cfg['model']} {cfg['model_options'] or ''}" + (f" x {members}, stacked" if members > 1 else "")
-          + f", {models.count_parameters(model):,} parameters, on {device}" + (f"; teacher {cfg['distill']}" if teacher else ""))
-
-    batch_size = min(cfg["batch_size"], len(x_train))
-    steps = len(x_train) // batch_size  # drop the ragged last batch; reshuffled every epoch
-    if cfg["dry_run"]:
-        steps = min(steps, 2)
+    batch_size, steps = run.batching(len(x_train))
     optimizer = training.make_optimizer(model, cfg)
     scheduler = training.make_scheduler(optimizer, cfg, steps)
     # The averaged copy is what gets validated, tested and used by --predict; the live model is what trains.
     average = training.WeightAverage(model, cfg["ema"]) if cfg["ema"] else None
     ema = None if average is None else average.module
-    tested = model if ema is None else ema
-    gen = torch.Generator(device).manual_seed(cfg["seed"])  # batch order and augmentation, saved with the checkpoint
-    history, best_acc, start, first_step, order, sums = [], -1.0, 0, 0, None, None
-    resumed_with, earlier_wall = [], 0.0  # the commands that continued this run, and the wall time before them
-    if ckpt:
-        if ckpt["classes"] != classes:
-            raise runs.RunError(f"{run} was trained on other classes than {cfg['data']} holds now: start a new run")
-        # sums: the stopped epoch's loss, correct count and seconds so far
-        history, start, first_step, order, sums = runs.restore(run / "last.pt", ckpt, model, ema, optimizer, scheduler,
-                                                               gen, device, len(x_train))
-        best_acc, earlier_wall = ckpt["best_acc"], ckpt.get("wall_seconds", 0.0)
-        print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
-    if args.resume:
-        resumed_with = (ckpt or {}).get("resumed_with", []) + [command]
-    runs.write_json(run / "config.json", cfg)
-    step_model = training.compiled(model, device) if cfg["compile"] else model
+    evaluated = model if ema is None else ema
+    run.start(f"{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}",
+              {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}, data=x_train,
+              check={"classes": classes}, plot=lambda: metrics.plot_curves(run.history, run.folder / "curves.png"))
+    print(f"model: {cfg['model']}" + (f" {cfg['model_options']}" if cfg["model_options"] else "")
+          + (f" x {members}, stacked" if members > 1 else "") + f", {models.count_parameters(model):,} parameters, "
+          f"on {device}" + (f"; teacher {cfg['distill']}" if teacher else ""))
+    step_model, gen = training.compiled(model, device) if cfg["compile"] else model, run.generator
 
-    def checkpoint(epoch, step=0, sums=None):
-        """Everything needed to go on exactly from here: after `step` steps of epoch `epoch` (0-based)."""
-        return {"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "step": step,
-                "order": order.cpu() if step else None, "sums": sums, "best_acc": best_acc, "history": history, "config": cfg,
-                "classes": classes, "resumed_with": resumed_with, "wall_seconds": earlier_wall + time.perf_counter() - t0,
-                "rng": runs.rng_state(gen, device)}
+    for epoch in run.epochs():
+        model.train()
+        sums = run.epoch_sums(loss=(), correct=())  # summed on the device: no host sync per step
+        for step, idx in run.batches(members, show=("loss", "correct")):  # idx [B], or [B, N]: one batch per member
+            x = augment_batch(model_input(x_train[idx.t().flatten()], cfg), cfg, gen)  # all members' in one call
+            if members > 1:
+                x = x.unflatten(0, (members, -1))  # [N, B, C, H, W]
+            loss, logits, y = train_step(step_model, optimizer, x, y_train[idx.t()], cfg, gen, teacher)
+            if average is not None:
+                average.update(done=epoch * steps + step + 1)
+            if cfg["scheduler"] in ("onecycle", "cosine"):
+                scheduler.step()
+            sums["loss"] += loss * len(idx)
+            sums["correct"] += (logits.argmax(-1) == y).sum() / members  # an ensemble's: its members' mean
+        seen = steps * batch_size
+        train_loss, train_acc = sums["loss"].item() / seen, sums["correct"].item() / seen
 
-    saver = runs.Saver(run)
-    train_seconds = sum(h["seconds"] for h in history)
-    last_epoch = 1 if cfg["dry_run"] else cfg["epochs"]
-    with training.StopRequests() as stop:
-        for epoch in range(start, last_epoch):
-            model.train()
-            t_epoch = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-            correct = torch.zeros((), device=device)
-            if first_step:  # resumed inside this epoch: its order and its sums so far come from the checkpoint
-                loss_sum += sums["loss"]
-                correct += sums["correct"]
-                t_epoch -= sums["seconds"]
-            elif members == 1:
-                order = torch.randperm(len(x_train), device=device, generator=gen)
-            else:  # [images, N]: column i is member i's own order
-                order = torch.stack([torch.randperm(len(x_train), device=device, generator=gen) for _ in range(members)], 1)
-            bar = tqdm(range(first_step, steps), desc=f"epoch {epoch + 1}/{last_epoch}", leave=False, file=sys.stdout)
-            for step in bar:
-                idx = order[step * batch_size:(step + 1) * batch_size]  # [B], or [B, N]: a batch for each member
-                x = augment_batch(model_input(x_train[idx.t().flatten()], cfg), cfg, gen)  # all members' in one call
-                if members > 1:
-                    x = x.unflatten(0, (members, -1))  # [N, B, C, H, W]
-                loss, logits, y = train_step(step_model, optimizer, x, y_train[idx.t()], cfg, gen, teacher)
-                if average is not None:
-                    average.update(done=epoch * steps + step + 1)
-                if cfg["scheduler"] in ("onecycle", "cosine"):
-                    scheduler.step()
-                loss_sum += loss * len(idx)
-                correct += (logits.argmax(-1) == y).sum() / members  # an ensemble's: its members' mean
-                # Inside an epoch (its end saves below): the exact position, on Ctrl-C or when the last save is old,
-                # so that a kill -9 or a power cut costs at most runs.SAVE_EVERY seconds however long an epoch is.
-                if step + 1 < steps and saver.due(stop.asked):
-                    sums = {"loss": loss_sum.item(), "correct": correct.item(), "seconds": time.perf_counter() - t_epoch}
-                    saver.save("last.pt", checkpoint(epoch, step + 1, sums))
-                    if stop.asked:
-                        return saver.stopped(f"in epoch {epoch + 1} after step {step + 1}")
-                if (step - first_step) % 20 == 19:  # reading the loss syncs with the GPU: only now and then
-                    seen = (step + 1) * batch_size
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                                    img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}")
-            seen = steps * batch_size
-            first_step = 0
-            train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
-            seconds = time.perf_counter() - t_epoch  # .item() above waited for the GPU, so this is the real time
-            train_seconds += seconds
-
-            val_loss = val_acc = None
-            if len(x_val):
-                n = 256 if cfg["dry_run"] else len(x_val)
-                val_loss, val_acc, val_proba = evaluate(tested, x_val[:n], y_val[:n], cfg)
-            if cfg["scheduler"] == "plateau":
-                scheduler.step(val_loss if val_loss is not None else train_loss)
-            history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
-                            "val_loss": None if val_loss is None else round(val_loss, 5),
-                            "val_acc": None if val_acc is None else round(val_acc, 5),
-                            "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2)})
-            print(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}"
-                  + (f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else "")
-                  + f"  {seconds:.1f}s  {seen / seconds:.0f} img/s")
-            # The same output for every image (or NaN, which fails the comparison too) means the network no longer
-            # sees its input: its loss diverged, or a whole layer of ReLUs died, and dead ReLUs pass no gradient, so
-            # it will not recover. Said at once, this spares the hours left of a doomed CPU run.
-            if val_acc is not None and len(val_proba) > 1 and not (val_proba.amax(0) - val_proba.amin(0)).amax() > 1e-6:
-                warnings.warn("the model gives the same output for every validation image: it has stopped learning (its "
-                              "loss diverged or its ReLUs died); start again with a lower --lr or another --seed")
-            if val_acc is not None and val_acc > best_acc:  # before last.pt, so that a resumed run knows this best
-                best_acc = val_acc
-                saver.save("best.pt", checkpoint(epoch + 1))
-            stopping = bool(cfg["stop_loss"]) and train_loss <= cfg["stop_loss"]
-            # Saving takes ~0.1 s, a tenth of a short GPU epoch, so last.pt, the log and the plot are written at most
-            # every runs.SAVE_EVERY seconds and at the end; Ctrl-C still saves the exact position.
-            if epoch + 1 == last_epoch or stopping or saver.due(stop.asked):
-                runs.write_log(run / "log.csv", history)
-                metrics.plot_curves(history, run / "curves.png")
-                saver.save("last.pt", checkpoint(epoch + 1))
-            if stop.asked:
-                return saver.stopped(f"after epoch {epoch + 1}")
-            if stopping:
-                print(f"training loss {train_loss:.4f} <= --stop-loss {cfg['stop_loss']}: stopping")
-                break
-    if best_acc < 0:  # no validation: nothing may peek at the test set, so the last epoch is the one tested
-        runs.replace_atomically(run / "best.pt", lambda tmp: shutil.copyfile(run / "last.pt", tmp))
+        val_loss = val_acc = None
+        if len(x_val):
+            n = 256 if cfg["dry_run"] else len(x_val)
+            val_loss, val_acc, val_proba = evaluate(evaluated, x_val[:n], y_val[:n], cfg)
+            warn_if_dead(val_proba)
+        if cfg["scheduler"] == "plateau":
+            scheduler.step(val_loss if val_loss is not None else train_loss)
+        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
+               "val_loss": None if val_loss is None else round(val_loss, 5),
+               "val_acc": None if val_acc is None else round(val_acc, 5),
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(run.seconds, 2)}
+        print(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}"
+              + (f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else "")
+              + f"  {run.seconds:.1f}s  {seen / run.seconds:.0f} img/s")
+        stopping = bool(cfg["stop_loss"]) and train_loss <= cfg["stop_loss"]
+        run.end_epoch(row, score=val_acc, last=stopping)
+        if stopping:
+            print(f"training loss {train_loss:.4f} <= --stop-loss {cfg['stop_loss']}: stopping")
 
     # Test once, with the weights chosen on validation (or the last ones).
-    best = runs.load_checkpoint(run / "best.pt", map_location=device, needs=RESUME_KEYS)
-    with runs.restoring(run / "best.pt", "weights"):
-        model.load_state_dict(best["model"])
-        if ema is not None:
-            ema.load_state_dict(best["ema"])
+    best = run.best_weights(model=model, ema=ema)
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]
+    result, cm = test(evaluated, model, teacher, faces, test_idx, cfg, device)
+    result = run.finish({**result, "best_epoch": best["epoch"], "best_val_accuracy": run.best if run.best >= 0 else None,
+                         "parameters": models.count_parameters(model), **metrics.summarize(cm, classes),
+                         "split_sizes": {k: len(v) for k, v in split.items()}})
+    metrics.plot_confusion(cm, classes, run.folder / "confusion.png")
+    print(metrics.format_table(metrics.per_class_table(cm, classes)))
+    by_usage = ", ".join(f"{k} {v:.4f}" for k, v in result["test_accuracy_by_usage"].items())
+    print(f"test accuracy {result['test_accuracy']:.4f} ({by_usage}) with the weights of epoch {best['epoch']}; "
+          f"training took {run.train_seconds:.0f}s on {result['device']}; results in {run.folder}")
+    return 0
+
+
+def warn_if_dead(val_proba: torch.Tensor):
+    # The same output for every image (or NaN, which fails the comparison too) means the network no longer sees its
+    # input: its loss diverged, or a whole layer of ReLUs died, and dead ReLUs pass no gradient, so it will not
+    # recover. Said at once, this spares the hours left of a doomed CPU run.
+    if len(val_proba) > 1 and not (val_proba.amax(0) - val_proba.amin(0)).amax() > 1e-6:
+        warnings.warn("the model gives the same output for every validation image: it has stopped learning (its "
+                      "loss diverged or its ReLUs died); start again with a lower --lr or another --seed")
+
+
+def test(evaluated, model, teacher, faces, test_idx, cfg, device) -> tuple[dict, torch.Tensor]:
+    """The test part's scores and confusion matrix; beside them, measured on the same weights, what the test-time
+    augmentation and the weight average each add, an ensemble's members alone (to see what averaging them adds),
+    and the teacher (to see how much of it the student keeps)."""
     x_test, y_test = faces.images[test_idx].to(device), faces.labels[test_idx].to(device)
-    each = predict_proba(tested, x_test, cfg, each_member=True)  # [images, members, classes]
+    each = predict_proba(evaluated, x_test, cfg, each_member=True)  # [images, members, classes]
     proba = each.mean(1)
     test_loss, test_acc = scores(proba, y_test)
-    # What the test-time augmentation and the weight average each add, measured on the same weights; an ensemble's
-    # members alone, to see what averaging them adds; the teacher, to see how much of it the student keeps.
-    extras = {}
-    if members > 1:
+    pred, usage = proba.argmax(1).cpu(), faces.usage[test_idx]
+    result = {"test_accuracy": round(test_acc, 5), "test_loss": round(test_loss, 5),
+              "test_accuracy_by_usage": accuracy_by_usage(pred == y_test.cpu(), usage)}
+    if each.shape[1] > 1:
         hits = (each.argmax(-1) == y_test[:, None]).cpu()  # [images, members]
-        extras["member_test_accuracies"] = [round(a, 5) for a in hits.float().mean(0).tolist()]
-        extras["mean_member_test_accuracy"] = round(hits.float().mean().item(), 5)
-        extras["mean_member_test_accuracy_by_usage"] = accuracy_by_usage(hits, faces.usage[test_idx])
+        result["member_test_accuracies"] = [round(a, 5) for a in hits.float().mean(0).tolist()]
+        result["mean_member_test_accuracy"] = round(hits.float().mean().item(), 5)
+        result["mean_member_test_accuracy_by_usage"] = accuracy_by_usage(hits, usage)
     if teacher is not None:
-        extras["teacher"] = cfg["distill"]
-        extras["teacher_test_accuracy"] = round(evaluate(teacher, x_test, y_test, cfg)[1], 5)
+        result["teacher"] = cfg["distill"]
+        result["teacher_test_accuracy"] = round(evaluate(teacher, x_test, y_test, cfg)[1], 5)
     if cfg["tta"] != "none":
-        extras["test_accuracy_without_tta"] = round(evaluate(tested, x_test, y_test, {**cfg, "tta": "none"})[1], 5)
-    if ema is not None:
-        extras["test_accuracy_without_ema"] = round(evaluate(model, x_test, y_test, cfg)[1], 5)
-    pred, y_test, usage = proba.argmax(1).cpu(), y_test.cpu(), faces.usage[test_idx]
-    cm = metrics.confusion_matrix(pred, y_test, len(classes))
-    by_usage = accuracy_by_usage(pred == y_test, usage)
-    # A resumed run's figures cover all its sessions: the command that started it, those that continued it.
-    started_with = {"command": cfg.get("command", command), **({"resumed_with": resumed_with} if resumed_with else {})}
-    result = {"test_accuracy": round(test_acc, 5), "test_loss": round(test_loss, 5), "test_accuracy_by_usage": by_usage, **extras,
-              "best_epoch": best["epoch"], "best_val_accuracy": best_acc if best_acc >= 0 else None,
-              "epochs_run": len(history), "train_seconds": round(train_seconds, 1),
-              "wall_seconds": round(earlier_wall + time.perf_counter() - t0, 1), "device": training.device_name(device),
-              "parameters": models.count_parameters(model), "split_sizes": {k: len(v) for k, v in split.items()},
-              **started_with, **metrics.summarize(cm, classes)}
-    runs.write_json(run / "metrics.json", result)
-    metrics.plot_confusion(cm, classes, run / "confusion.png")
-    print(metrics.format_table(metrics.per_class_table(cm, classes)))
-    print(f"test accuracy {test_acc:.4f} ({', '.join(f'{k} {v:.4f}' for k, v in by_usage.items())}) with the weights of epoch "
-          f"{best['epoch']}; training took {train_seconds:.0f}s on {training.device_name(device)}; results in {run}")
-    return 0
+        result["test_accuracy_without_tta"] = round(evaluate(evaluated, x_test, y_test, {**cfg, "tta": "none"})[1], 5)
+    if evaluated is not model:
+        result["test_accuracy_without_ema"] = round(evaluate(model, x_test, y_test, cfg)[1], 5)
+    return result, metrics.confusion_matrix(pred, y_test.cpu(), len(faces.classes))
 
 
 # ----------------------------------------------------------------------------- inference on photos

@@ -22,11 +22,17 @@ rewritten every 30 s: --resume RUN_DIR continues a stopped or killed run exactly
 uint8 tensor that sits on the training device. Exit status: 0 done, 2 bad input, 3 diverged (stopped, the last good
 checkpoints kept), 130 stopped by Ctrl-C or SIGTERM (saved: --resume goes on).
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports below load (seconds): one line and status 130
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\nstopped while starting: nothing was written") or 130))
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+
 import copy
 import math
 import shlex
 import shutil
-import sys
 import time
 import warnings
 from datetime import datetime
@@ -35,7 +41,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from facenets import augment, data, metrics, models, runs, training
 
@@ -53,7 +58,7 @@ HOLDOUT_SEED = 0  # the held-out images are the same for every --seed, so that r
 QUALITY_KEYS = ("frechet_distance", "precision", "recall", "density", "coverage", "face_rate", "near_duplicates")
 TRACE_EVERY = 20  # steps per point of losses.png (and per look at the losses, which waits for the GPU)
 GRID_SEED, QUALITY_SEED, STATS_SEED = 1, 2, 3  # noise of the monitor grid, the quality checks, BatchNorm statistics
-DIVERGED = 3  # exit status of a run stopped because it diverged
+DIVERGED = runs.DIVERGED  # exit status of a run stopped because it diverged
 
 # ----------------------------------------------------------------------------- flags
 
@@ -285,15 +290,27 @@ def sample(args):
     if not {"model", "image_size", "gan_options"} <= cfg.keys():
         raise runs.RunError(f"{where} was not saved by train_gan.py: use a checkpoint from runs/gan/")
     g, _ = make_gan(cfg, device)
-    with runs.restoring(where, "weights"):
+    with runs.loading(where, "weights"):
         g.load_state_dict(ckpt["ema"] or ckpt["model"])  # the averaged weights when the run kept them
     out = runs.make_folder(runs.predictions_folder(args, "samples"))
     if any(out.glob("*.png")):
         raise runs.RunError(f"{out} already holds PNG files: pick an empty --out, so that scores count only these images")
-    drawer, z = drawing_copy(g, device, args.precision), noise(args.sample, g.latent, args.seed, device)
-    for start in range(0, args.sample, 500):
-        for i, image in enumerate(draw(drawer, z[start:start + 500], args.precision), start):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{i:06d}.png")
+    size = cfg["image_size"]
+    need, free = args.sample * 3 * size * size, shutil.disk_usage(out).free  # a PNG holds at most about its pixels
+    if need > free:
+        raise runs.RunError(f"{args.sample:,} images of {size}x{size} take up to {need / 1e9:,.1f} GB and {out} has "
+                            f"{free / 1e9:,.1f} GB free: ask for fewer, or write them elsewhere with --out")
+    drawer, noise_source, written = drawing_copy(g, device, args.precision), torch.Generator().manual_seed(args.seed), []
+    try:
+        for start in range(0, args.sample, 500):  # 500 latent vectors at a time: any count fits in memory
+            z = torch.randn(min(500, args.sample - start), g.latent, generator=noise_source).to(device)
+            for i, image in enumerate(draw(drawer, z, args.precision), start):
+                written.append(runs.replace_atomically(out / f"{i:06d}.png", lambda tmp: Image.fromarray(
+                    image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")))
+    except (runs.RunError, KeyboardInterrupt):
+        for path in written:  # a part of the set would be scored as if it were all of it
+            path.unlink()
+        raise
     print(f"wrote {args.sample} images of {cfg['image_size']}x{cfg['image_size']} from {where} (seed {args.seed}) to {out}")
     return 0
 
@@ -308,189 +325,129 @@ RESUME_KEYS = runs.TRAINING_STATE + ("discriminator", "d_optimizer", "trace", "b
 def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
-    run, ckpt, cfg = runs.settings(args, command, device, RESUME_KEYS, NOT_SAVED, "train_gan.py")
-    torch.manual_seed(cfg["seed"])
+    run = runs.Run(args, command, device, "train_gan.py", RESUME_KEYS, NOT_SAVED, best="best_frechet",
+                   lower_is_better=True, advice="lower --lr-d / --lr-g, another --loss or --seed")
+    cfg = run.cfg
+    training.suggest_precision(device, cfg["precision"])
+    size = cfg["image_size"]
+    training.check_memory(device, cfg["batch_size"], (lambda: make_gan(cfg, "meta")[0], lambda g: [(g.latent,)]),
+                          (lambda: make_gan(cfg, "meta")[1], [(3, size, size)]))
     g, d = make_gan(cfg, device)  # before the data: a wrong size is said at once
-
     t0 = time.perf_counter()
     x_train, held_out = load_faces(cfg)
     print(f"data: {len(x_train) + len(held_out)} faces from {cfg['data']} at {cfg['image_size']}x{cfg['image_size']} in "
           f"{time.perf_counter() - t0:.1f}s: {len(x_train)} to train on, {len(held_out)} held out")
     x_train = x_train.to(device)
-    if not args.resume:  # made only now, so that bad data or flags leave no empty run folder behind
-        run = runs.run_dir(args.out, args.name or f"{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}")
-        print(f"run folder: {run}")
-    print(f"model: {cfg['model']} {cfg['gan_options']}, G {models.count_parameters(g):,} and D "
-          f"{models.count_parameters(d):,} parameters, {cfg['loss']} loss, on {device}")
-
-    batch_size = min(cfg["batch_size"], len(x_train))
-    steps = min(len(x_train) // batch_size, 2 if cfg["dry_run"] else len(x_train))
-    last_epoch = 1 if cfg["dry_run"] else cfg["epochs"]
-    during, end = (64, 64) if cfg["dry_run"] else cfg["quality_count"]
+    batch_size, steps = run.batching(len(x_train))
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"]))
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"]))
     average = training.WeightAverage(g, cfg["ema"]) if cfg["ema"] else None
-    shown = g if average is None else average.module  # the average draws the grids, is scored and sampled
-    gen = torch.Generator(device).manual_seed(cfg["seed"])
-    history, trace, best_frechet, streak, start, first_step, order, sums = [], [], math.inf, 0, 0, 0, None, None
-    resumed_with, earlier_wall = ([command] if args.resume else []), 0.0
-    if ckpt:
-        history, start, first_step, order, sums = runs.restore_parts(
-            run / "last.pt", ckpt, {"model": g, "discriminator": d, "ema": None if average is None else shown},
-            {"optimizer": opt_g, "d_optimizer": opt_d}, gen, device, len(x_train))
-        trace, best_frechet, streak, earlier_wall = ckpt["trace"], ckpt["best_frechet"], ckpt["streak"], ckpt["wall_seconds"]
-        resumed_with = ckpt.get("resumed_with", []) + [command]
-        print(f"resuming {run} at epoch {start + 1}, step {first_step + 1} of {steps}")
-    runs.write_json(run / "config.json", cfg)
+    ema = None if average is None else average.module
+    evaluated = g if ema is None else ema  # the average draws the grids, is scored and sampled
+    trace = run.saved("trace", [])  # the losses every TRACE_EVERY steps, for losses.png
+    streak = torch.tensor(run.saved("streak", 0), device=device)  # steps in a row D has been certain of everything
+    run.start(f"{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}",
+              {"model": g, "discriminator": d, "ema": ema, "optimizer": opt_g, "d_optimizer": opt_d, "scheduler": None},
+              data=x_train, keep={"trace": trace, "streak": streak},
+              plot=lambda: plot_losses(trace, run.folder / "losses.png"))
+    print(f"model: {cfg['model']} {cfg['gan_options']}, G {models.count_parameters(g):,} and D "
+          f"{models.count_parameters(d):,} parameters, {cfg['loss']} loss, on {device}")
     step_g, step_d = (training.compiled(g, device), training.compiled(d, device)) if cfg["compile"] else (g, d)
-    low, fixed = g.low, noise(64, g.latent, GRID_SEED, device)
-    streak = torch.tensor(streak, device=device)
+    low, fixed, gen = g.low, noise(64, g.latent, GRID_SEED, device), run.generator
+    quality_count = 64 if cfg["dry_run"] else cfg["quality_count"][0]
+    quality_ok = True  # until facenet-pytorch, which holds ONet's weights, is found missing
 
-    def checkpoint(epoch, step=0, sums=None):
-        """Everything needed to go on exactly from here: after `step` steps of epoch `epoch` (0-based)."""
-        return {"model": g.state_dict(), "discriminator": d.state_dict(), "ema": None if average is None else shown.state_dict(),
-                "optimizer": opt_g.state_dict(), "d_optimizer": opt_d.state_dict(), "scheduler": None, "epoch": epoch,
-                "step": step, "order": order.cpu() if step else None, "sums": sums, "history": history, "trace": trace,
-                "best_frechet": best_frechet, "streak": int(streak), "config": cfg, "resumed_with": resumed_with,
-                "wall_seconds": earlier_wall + time.perf_counter() - t0, "rng": runs.rng_state(gen, device)}
-
-    def diverged(why: str, where: str) -> int:
-        """Stop without saving the broken state: last.pt and best.pt stay the last good ones."""
-        warnings.warn(f"training diverged {where}: {why}")
-        if history:
-            runs.write_log(run / "log.csv", history)
-        plot_losses(trace, run / "losses.png")
-        kept = " and ".join(name for name in ("last.pt", "best.pt") if (run / name).is_file()) or "no checkpoint (none was saved yet)"
-        print(f"stopped: {run} keeps {kept}; start a new run with lower --lr-d / --lr-g, another --loss or --seed")
-        return DIVERGED
-
-    def finite() -> bool:
-        return bool(torch.stack([p.isfinite().all() for p in [*g.parameters(), *d.parameters()]]).all())
-
-    saver, train_seconds, quality_ok = runs.Saver(run), sum(h["seconds"] for h in history), True
-    budget = math.inf if cfg["time_budget"] is None else cfg["time_budget"] * 60
-    with training.StopRequests() as stop:
-        for epoch in range(start, last_epoch):
-            if train_seconds >= budget:  # a resumed run whose budget was already spent
-                break
-            g.train()
-            d.train()
-            t_epoch = time.perf_counter() - (sums["seconds"] if first_step else 0.0)
-            # G loss, D loss, D(real), D(fake), summed on the device over the epoch and since the last trace point
-            totals = torch.tensor(sums["totals"] if first_step else [0.0] * 4, device=device)
-            window = torch.tensor(sums["window"] if first_step else [0.0] * 4, device=device)
-            if not first_step:
-                order = torch.randperm(len(x_train), device=device, generator=gen)
-            bar = tqdm(range(first_step, steps), desc=f"epoch {epoch + 1}/{last_epoch}", leave=False, file=sys.stdout)
-            done = steps
-            for step in bar:
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                real = real_batch(x_train[idx], cfg, low, gen)
-                z = torch.randn(len(idx), g.latent, device=device, generator=gen)
-                # D step: real images against generated ones (which G's step below reuses)
-                with training.autocast(device, cfg["precision"]):
-                    fake = step_g(z)
-                    real_logits = step_d(seen_by_d(real, cfg, low, gen)).float()
-                    fake_logits = step_d(seen_by_d(fake.detach(), cfg, low, gen)).float()
-                loss_d = d_loss(real_logits, fake_logits, cfg["loss"])
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-                # G step: the updated D's verdict on the same generated images; D's weights need no gradient here
-                d.requires_grad_(False)
-                with training.autocast(device, cfg["precision"]):
-                    loss_g = g_loss(step_d(seen_by_d(fake, cfg, low, gen)).float(), cfg["loss"])
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_g.step()
-                d.requires_grad_(True)
-                if average is not None:
-                    average.update(done=epoch * steps + step + 1)
-                # Bookkeeping on the device; the host looks only every TRACE_EVERY steps (that waits for the GPU).
-                stats = torch.stack([loss_g.detach(), loss_d.detach(), real_logits.detach().sigmoid().mean(),
-                                     fake_logits.detach().sigmoid().mean()])
-                totals += stats
-                window += stats
-                streak = (streak + 1) * certain(real_logits.detach(), fake_logits.detach(), cfg["loss"])
-                if (step + 1) % TRACE_EVERY == 0 or step + 1 == steps:
-                    means = (window / ((step % TRACE_EVERY) + 1)).tolist()
-                    window.zero_()
-                    trace.append({"epoch": round(epoch + (step + 1) / steps, 4),
-                                  **dict(zip(("g_loss", "d_loss", "d_real", "d_fake"), means))})
-                    bar.set_postfix(G=f"{means[0]:.3f}", D=f"{means[1]:.3f}",
-                                    img_s=f"{(step + 1) * batch_size / (time.perf_counter() - t_epoch):.0f}")
-                    if not all(map(math.isfinite, means)):
-                        return diverged("the losses are NaN or infinite", f"in epoch {epoch + 1} by step {step + 1}")
-                    if int(streak) >= cfg["diverge_steps"]:
-                        return diverged(f"D has told every real from every generated image with certainty for {int(streak)} "
-                                        "steps: G has lost", f"in epoch {epoch + 1} at step {step + 1}")
-                if train_seconds + time.perf_counter() - t_epoch >= budget:  # the rest of the epoch is not trained on
-                    done, last_epoch = step + 1, epoch + 1
-                    break
-                if step + 1 < steps and saver.due(stop.asked):  # inside an epoch: its exact position, if it is sound
-                    if not finite():
-                        return diverged("the weights are NaN or infinite", f"in epoch {epoch + 1} by step {step + 1}")
-                    sums = {"totals": totals.tolist(), "window": window.tolist(), "seconds": time.perf_counter() - t_epoch}
-                    saver.save("last.pt", checkpoint(epoch, step + 1, sums))
-                    if stop.asked:
-                        return saver.stopped(f"in epoch {epoch + 1} after step {step + 1}")
-            first_step = 0
-            means, seconds = (totals / done).tolist(), time.perf_counter() - t_epoch
-            if not finite():
-                return diverged("the weights are NaN or infinite", f"in epoch {epoch + 1}")
-            train_seconds += seconds
-            row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in zip(("g_loss", "d_loss", "d_real", "d_fake"), means)},
-                   **dict.fromkeys(QUALITY_KEYS), "seconds": round(seconds, 2), "images_per_second": round(done * batch_size / seconds, 1)}
-            drawer = drawing_copy(shown, device, cfg["precision"])
-            metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run / f"grid-epoch-{epoch + 1:03d}.png")
-            measured = None
-            if quality_ok and cfg["quality_every"] and ((epoch + 1) % cfg["quality_every"] == 0 or epoch + 1 == last_epoch):
-                measured = quality(drawer, held_out, during, device, cfg["precision"])
-                quality_ok = measured is not None
-                row.update({k: round(measured[k], 5) for k in QUALITY_KEYS} if measured else {})
-            history.append(row)
-            print(f"epoch {epoch + 1:3d}  G loss {means[0]:.4f}  D loss {means[1]:.4f}  D(real) {means[2]:.3f}  D(fake) "
-                  f"{means[3]:.3f}" + (f"  Fréchet {measured['frechet_distance']:.2f} precision {measured['precision']:.3f} "
-                                       f"recall {measured['recall']:.3f}" if measured else "")
-                  + f"  {seconds:.1f}s  {row['images_per_second']:.0f} img/s")
-            if measured and measured["frechet_distance"] < best_frechet:  # before last.pt: a resumed run knows it
-                best_frechet = measured["frechet_distance"]
-                saver.save("best.pt", checkpoint(epoch + 1))
-            if epoch + 1 == last_epoch or saver.due(stop.asked):
-                runs.write_log(run / "log.csv", history)
-                plot_losses(trace, run / "losses.png")
-                saver.save("last.pt", checkpoint(epoch + 1))
-            if stop.asked:
-                return saver.stopped(f"after epoch {epoch + 1}")
-    if best_frechet == math.inf:  # no quality check chose one: the last epoch is the one kept
-        runs.replace_atomically(run / "best.pt", lambda tmp: shutil.copyfile(run / "last.pt", tmp))
+    for epoch in run.epochs():
+        g.train()
+        d.train()
+        # G loss, D loss, D(real), D(fake), summed on the device over the epoch and since the last trace point
+        sums = run.epoch_sums(totals=4, window=4)
+        for step, idx in run.batches():
+            real = real_batch(x_train[idx], cfg, low, gen)
+            z = torch.randn(len(idx), g.latent, device=device, generator=gen)
+            # D step: real images against generated ones (which G's step below reuses)
+            with training.autocast(device, cfg["precision"]):
+                fake = step_g(z)
+                real_logits = step_d(seen_by_d(real, cfg, low, gen)).float()
+                fake_logits = step_d(seen_by_d(fake.detach(), cfg, low, gen)).float()
+            loss_d = d_loss(real_logits, fake_logits, cfg["loss"])
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            # G step: the updated D's verdict on the same generated images; D's weights need no gradient here
+            d.requires_grad_(False)
+            with training.autocast(device, cfg["precision"]):
+                loss_g = g_loss(step_d(seen_by_d(fake, cfg, low, gen)).float(), cfg["loss"])
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            d.requires_grad_(True)
+            if average is not None:
+                average.update(done=epoch * steps + step + 1)
+            # Bookkeeping on the device; the host looks only every TRACE_EVERY steps (that waits for the GPU).
+            stats = torch.stack([loss_g.detach(), loss_d.detach(), real_logits.detach().sigmoid().mean(),
+                                 fake_logits.detach().sigmoid().mean()])
+            sums["totals"] += stats
+            sums["window"] += stats
+            streak.add_(1).mul_(certain(real_logits.detach(), fake_logits.detach(), cfg["loss"]))
+            if (step + 1) % TRACE_EVERY == 0 or step + 1 == steps:
+                watch(run, trace, sums["window"], streak, step, cfg)
+        means = (sums["totals"] / run.steps_done).tolist()
+        row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in zip(("g_loss", "d_loss", "d_real", "d_fake"), means)},
+               **dict.fromkeys(QUALITY_KEYS), "seconds": round(run.seconds, 2),
+               "images_per_second": round(run.steps_done * batch_size / run.seconds, 1)}
+        drawer = drawing_copy(evaluated, device, cfg["precision"])
+        metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run.folder / f"grid-epoch-{epoch + 1:03d}.png")
+        measured = None
+        every = cfg["quality_every"]
+        if quality_ok and every and ((epoch + 1) % every == 0 or run.is_last_epoch()):
+            measured = quality(drawer, held_out, quality_count, device, cfg["precision"])
+            quality_ok = measured is not None
+            row.update({k: round(measured[k], 5) for k in QUALITY_KEYS} if measured else {})
+        print(f"epoch {epoch + 1:3d}  G loss {means[0]:.4f}  D loss {means[1]:.4f}  D(real) {means[2]:.3f}  D(fake) "
+              f"{means[3]:.3f}" + (f"  Fréchet {measured['frechet_distance']:.2f} precision {measured['precision']:.3f} "
+                                   f"recall {measured['recall']:.3f}" if measured else "")
+              + f"  {run.seconds:.1f}s  {row['images_per_second']:.0f} img/s")
+        run.end_epoch(row, score=measured["frechet_distance"] if measured else None)
 
     # The chosen generator: its pictures, then its quality on more images (and what real images reach).
-    best = runs.load_checkpoint(run / "best.pt", map_location=device, needs=RESUME_KEYS)
-    with runs.restoring(run / "best.pt", "weights"):
-        shown.load_state_dict(best["model"] if average is None else best["ema"])
-    drawer = drawing_copy(shown, device, cfg["precision"])
-    metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run / "grid.png")
-    metrics.save_image_grid(draw(drawer, interpolation(g.latent, GRID_SEED, device), cfg["precision"]), run / "interpolation.png", columns=10)
-    plot_losses(trace, run / "losses.png")
-    count = min(end, len(held_out), len(x_train))
+    best = run.best_weights(model=g, ema=ema)
+    drawer = drawing_copy(evaluated, device, cfg["precision"])
+    metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run.folder / "grid.png")
+    metrics.save_image_grid(draw(drawer, interpolation(g.latent, GRID_SEED, device), cfg["precision"]),
+                            run.folder / "interpolation.png", columns=10)
+    plot_losses(trace, run.folder / "losses.png")
+    count = min(64 if cfg["dry_run"] else cfg["quality_count"][1], len(held_out), len(x_train))
     pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(QUALITY_SEED))[:count]
-    final = quality(drawer, held_out, count, device, cfg["precision"], train_images=x_train[pick.to(device)].cpu()) if quality_ok else None
-    started_with = {"command": cfg.get("command", command), **({"resumed_with": resumed_with} if resumed_with else {})}
-    result = {"quality": final, "best_epoch": best["epoch"], "best_frechet_during_training":
-              None if best_frechet == math.inf else best_frechet, "epochs_run": len(history),
-              "train_seconds": round(train_seconds, 1), "wall_seconds": round(earlier_wall + time.perf_counter() - t0, 1),
-              "images_per_second": round(sum(h["images_per_second"] * h["seconds"] for h in history) / max(train_seconds, 1e-9), 1),
-              "device": training.device_name(device), "parameters": {"generator": models.count_parameters(g),
-                                                                      "discriminator": models.count_parameters(d)},
-              "images": {"train": len(x_train), "held_out": len(held_out)}, **started_with}
-    runs.write_json(run / "metrics.json", result)
-    said = (f"Fréchet distance {final['frechet_distance']:.2f} (real vs real {final['real_vs_real_frechet']:.2f}), precision "
-            f"{final['precision']:.3f}, recall {final['recall']:.3f}, faces {final['face_rate']:.3f} on {final['fake_count']} "
-            "images" if final else "quality not measured")
-    print(f"{said}, with the generator of epoch {best['epoch']}; training took {train_seconds:.0f}s on "
-          f"{training.device_name(device)}; results in {run}")
+    final = None
+    if quality_ok:
+        final = quality(drawer, held_out, count, device, cfg["precision"], train_images=x_train[pick.to(device)].cpu())
+    images_per_second = sum(h["images_per_second"] * h["seconds"] for h in run.history) / max(run.train_seconds, 1e-9)
+    result = run.finish({"quality": final, "best_epoch": best["epoch"], "best_frechet_during_training":
+                         run.best if math.isfinite(run.best) else None, "images_per_second": round(images_per_second, 1),
+                         "parameters": {"generator": models.count_parameters(g),
+                                        "discriminator": models.count_parameters(d)},
+                         "images": {"train": len(x_train), "held_out": len(held_out)}})
+    said = (f"Fréchet distance {final['frechet_distance']:.2f} (real vs real {final['real_vs_real_frechet']:.2f}), "
+            f"precision {final['precision']:.3f}, recall {final['recall']:.3f}, faces {final['face_rate']:.3f} on "
+            f"{final['fake_count']} images" if final else "quality not measured")
+    print(f"{said}, with the generator of epoch {best['epoch']}; training took {run.train_seconds:.0f}s on "
+          f"{result['device']}; results in {run.folder}")
     return 0
+
+
+def watch(run, trace: list, window: torch.Tensor, streak: torch.Tensor, step: int, cfg: dict):
+    """Every TRACE_EVERY steps: a point of losses.png from the window's means, and a stop where the run diverged."""
+    means = (window / (step % TRACE_EVERY + 1)).tolist()
+    window.zero_()
+    trace.append({"epoch": round(run.epoch + (step + 1) / run.steps, 4),
+                  **dict(zip(("g_loss", "d_loss", "d_real", "d_fake"), means))})
+    where = f"in epoch {run.epoch + 1} by step {step + 1}"
+    if not all(map(math.isfinite, means)):
+        run.diverged("the losses are NaN or infinite", where)
+    if int(streak) >= cfg["diverge_steps"]:
+        run.diverged(f"D has told every real from every generated image with certainty for {int(streak)} steps: G "
+                     "has lost", where)
 
 
 def main(argv=None) -> int:

@@ -57,7 +57,7 @@ def build_parser():
     p.add_argument("--data", default="data/fer2013", help="FER2013 (image folders, .zip or .csv), or 'synthetic'")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME", help="which variants: " + "; ".join(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per variant and seed")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the recipe's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every run; None: the recipe's")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (a GPU loop at these sizes leaves room for 3-4)")
     p.add_argument("--out", default="runs/ablation", help="folder for the run folders, logs and results.json")
     p.add_argument("--small", action="store_true", help="CPU smoke run; flags given explicitly still win. Sets "

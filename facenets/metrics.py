@@ -189,6 +189,12 @@ def _ticks(low, high, count=5):
     return [i * step for i in range(first, math.floor(high / step + 1e-9) + 1)]
 
 
+def _epoch_ticks(low, high):
+    """Ticks of an epoch axis: whole epochs (no tick at 1.5), fractions only where it spans less than two (a run
+    stopped by --time-budget inside its first epoch)."""
+    return [x for x in _ticks(low, high) if high - low < 2 or abs(x - round(x)) < 1e-9]
+
+
 def _axes(draw, box, xlim, ylim, title, font):
     """Frame, grid and tick labels in box = (left, top, right, bottom); returns data -> pixel."""
     left, top, right, bottom = box
@@ -199,11 +205,10 @@ def _axes(draw, box, xlim, ylim, title, font):
         py = to_pixel(xlim[0], y)[1]
         draw.line([(left, py), (right, py)], fill=GRID)
         draw.text((left - 6, py), f"{y:.4g}", fill=INK, font=font, anchor="rm")
-    for x in _ticks(*xlim):
-        if abs(x - round(x)) < 1e-9:  # epochs are whole numbers: no tick at 1.5
-            px = to_pixel(x, ylim[0])[0]
-            draw.line([(px, bottom), (px, bottom + 4)], fill=INK)
-            draw.text((px, bottom + 7), str(round(x)), fill=INK, font=font, anchor="mt")
+    for x in _epoch_ticks(*xlim):
+        px = to_pixel(x, ylim[0])[0]
+        draw.line([(px, bottom), (px, bottom + 4)], fill=INK)
+        draw.text((px, bottom + 7), f"{x:.4g}", fill=INK, font=font, anchor="mt")
     draw.rectangle(box, outline=INK)
     draw.text((left, top - 8), title, fill=INK, font=font, anchor="ls")
     return to_pixel

@@ -1,30 +1,60 @@
-"""Run keeping: the run folder, checkpoints, the csv log and result files, and one-line errors for flags.
+"""Run keeping: one run from start to finish (Run), its folder, checkpoints, the csv log and result files, Ctrl-C, and
+one-line errors for flags.
+
+    run = runs.Run(args, command, device, "train_x.py", needs=RESUME_KEYS, not_saved=NOT_SAVED)
+    cfg = run.cfg                                   # the settings: the flags, or a resumed run's saved ones
+    batch_size, steps = run.batching(len(x_train))
+    run.start("vgg-20261204", {"model": model, "optimizer": optimizer, "scheduler": None}, data=x_train)
+    for epoch in run.epochs():                      # Ctrl-C / SIGTERM: the step ends, last.pt is saved, status 130
+        sums = run.epoch_sums(loss=())              # on the device; a resumed epoch's so far
+        for step, idx in run.batches():             # this epoch's seeded order, from where a resumed run stopped
+            ...                                     # the script's own step
+        run.end_epoch(row, score=val_acc)           # the log, best.pt and (every SAVE_EVERY seconds) last.pt
+    best = run.best_weights(model=model)
+    run.finish(results)                             # metrics.json
 
 Every file is written to a temporary name beside its target and then renamed, so a crash, kill -9 or Ctrl-C
 in the middle of a write leaves the previous version intact, never half a file; a write that fails (full disk,
 read-only folder) says which file in one line and leaves the previous version as it was.
 Checkpoints are plain dicts of tensors, numbers and strings, loaded with weights_only=True: loading a checkpoint
 never runs code from it. A checkpoint that loads but does not fit (another network, another class count, a key
-missing) is one line too, never a traceback: see load_checkpoint and restoring.
+missing) is one line too, never a traceback: see load_checkpoint and loading.
 """
 import argparse
 import ast
 import csv
 import json
 import os
+import io
+import math
 import shutil
+import signal
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 class RunError(Exception):
     """A run setting, folder or checkpoint the user can fix; str(e) is one line saying what to do."""
+
+
+class Stopped(Exception):
+    """A run stopped by Ctrl-C or SIGTERM after saving where it was; str(e) says where and how to go on."""
+
+
+class Diverged(Exception):
+    """A run whose losses or weights are no longer finite, stopped without saving them; str(e) says what it kept."""
+
+
+STOPPED, DIVERGED = 130, 3  # exit statuses
 
 
 def first_line(error: BaseException, width: int = 160) -> str:
@@ -92,43 +122,15 @@ def read_json(path, what: str, fix: str) -> dict:
 
 
 def save_checkpoint(path, state: dict):
+    # Serialised in memory first, then written as plain bytes: torch's zip writer turns a full disk into
+    # "RuntimeError: unexpected pos", a plain write into OSError "No space left on device", which names the file.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+
     def write(tmp):
-        # Through a Python file, so that a full disk is OSError "No space left on device", not torch's "unexpected pos"
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
     return replace_atomically(path, write)
-
-
-SAVE_EVERY = 30  # seconds of training a kill -9 may cost at most: last.pt is rewritten this often, mid-epoch too
-
-
-class Saver:
-    """Checkpoints of one run folder, and when the next is due: a kill -9 must never cost more than `every` seconds.
-
-        saver = runs.Saver(run)
-        if saver.due(stop.asked):         # a stop was asked, or last.pt is older than SAVE_EVERY seconds
-            saver.save("last.pt", state)  # a failed write says how to go on: --resume from the last good save
-    """
-
-    def __init__(self, run: Path, every: float | None = None):
-        self.run, self.every, self.saved_at = Path(run), SAVE_EVERY if every is None else every, time.perf_counter()
-
-    def due(self, stop_asked: bool = False) -> bool:
-        return stop_asked or time.perf_counter() - self.saved_at > self.every
-
-    def save(self, name: str, state: dict) -> Path:
-        try:
-            path = save_checkpoint(self.run / name, state)
-        except RunError as e:
-            raise RunError(f"{e}; then --resume {self.run} goes on from its last save") from None
-        if name == "last.pt":  # the one a resumed run starts from: its age is what a kill would cost
-            self.saved_at = time.perf_counter()
-        return path
-
-    def stopped(self, where: str) -> int:
-        """Say where a run stopped (after saving there) and how to go on; the exit status of a stopped run."""
-        print(f"\nstopped {where}: saved {self.run / 'last.pt'}; continue with --resume {self.run}")
-        return 130
 
 
 def write_log(path, history: list[dict]):
@@ -178,10 +180,10 @@ def load_checkpoint(path, map_location="cpu", needs=("model", "config")) -> dict
 
 
 @contextmanager
-def restoring(path, what: str):
+def loading(path, what: str):
     """Turn a part of checkpoint path that does not fit (shapes, keys, types) into one RunError naming `what`.
 
-        with runs.restoring(path, "weights"):
+        with runs.loading(path, "weights"):
             model.load_state_dict(ckpt["model"])
     """
     try:
@@ -189,44 +191,6 @@ def restoring(path, what: str):
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise RunError(f"{path} does not fit this run: its {what} cannot be loaded ({first_line(e, 120)}); "
                        "use a checkpoint of the same model and data") from None
-
-
-def rng_state(generator: torch.Generator, device: torch.device) -> dict:
-    """Every random state a run draws from, for its checkpoint: the loop's generator, torch's, and CUDA's."""
-    return {"loop": generator.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def restore(path: Path, ckpt: dict, model, ema, optimizer, scheduler, generator: torch.Generator, device: torch.device,
-            train_size: int) -> tuple[list, int, int, torch.Tensor | None, dict | None]:
-    """Load checkpoint path's training state into the run's objects (ema and scheduler may be None); a part that does
-    not fit is one RunError naming it. Returns (history, epoch, step, the epoch's batch order, its sums so far)."""
-    return restore_parts(path, ckpt, {"model": model, "ema": ema}, {"optimizer": optimizer, "scheduler": scheduler},
-                         generator, device, train_size)
-
-
-def restore_parts(path: Path, ckpt: dict, networks: dict, optimizers: dict, generator: torch.Generator,
-                  device: torch.device, train_size: int) -> tuple[list, int, int, torch.Tensor | None, dict | None]:
-    """restore for a run of several networks and optimizers (a GAN's generator, discriminator, average and their two
-    optimizers): networks and optimizers map checkpoint keys to the objects their states load into, None for none.
-    Returns what restore returns."""
-    if ckpt["step"] and len(ckpt["order"]) != train_size:
-        raise RunError(f"{path} was trained on other data than its run's data holds now: start a new run")
-    with restoring(path, "weights"):
-        for key, network in networks.items():
-            if network is not None:
-                network.load_state_dict(ckpt[key])
-    with restoring(path, "optimizer state"):
-        for key, optimizer in optimizers.items():
-            if optimizer is not None:
-                optimizer.load_state_dict(ckpt[key])
-    with restoring(path, "random state"):
-        generator.set_state(ckpt["rng"]["loop"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:  # dropout on the GPU draws from this one
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    order = ckpt["order"].to(device) if ckpt["step"] else None
-    return ckpt["history"], ckpt["epoch"], ckpt["step"], order, ckpt.get("sums")
 
 
 # ---------------------------------------------------------------- run folders
@@ -289,6 +253,10 @@ def resumed_config(run: Path, cfg: dict, ckpt, args, device: torch.device, not_s
                        "(only --epochs and --device may be given)")
     done = len(ckpt["history"]) if ckpt else 0
     longer = "epochs" in args.given and args.epochs > done
+    budget = cfg.get("time_budget")
+    if budget and ckpt and sum(h["seconds"] for h in ckpt["history"]) >= budget * 60:
+        raise RunError(f"{run} has spent its --time-budget of {budget:g} minutes ({done} epochs): nothing to resume; "
+                       "start a new run with a larger --time-budget")
     if (run / "metrics.json").is_file() and not longer:
         raise RunError(f"{run} has finished ({done} epochs; its results are in metrics.json): nothing to resume; "
                        f"--epochs above {done} trains it on (none and plateau schedules), or start a new run")
@@ -298,28 +266,6 @@ def resumed_config(run: Path, cfg: dict, ckpt, args, device: torch.device, not_s
                            f"for {cfg['epochs']} epochs")
         cfg["epochs"] = args.epochs
     return cfg
-
-
-# ---------------------------------------------------------------- a script's main
-
-
-def one_line_errors(body, *errors) -> int:
-    """body()'s exit status; what a user can fix (RunError, `errors`, a file that cannot be written) and Ctrl-C
-    become one line on stderr and status 2 or 130, never a traceback. Warnings print as one line each too."""
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
-    try:
-        return body()
-    except (RunError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file written outside this module's writer, e.g. a plot or an annotated photo
-        print(f"error: could not write {e.filename} ({e.strerror or e}): free some space or make its folder writable",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C outside the training steps (those save and stop by themselves)
-        print("\nstopped (Ctrl-C): nothing half-written is kept; a started run goes on with --resume <its run folder>",
-              file=sys.stderr)
-        return 130
 
 
 # Flags that are not settings of a run (what to do, not how to train, or folded into model_options): not saved.
@@ -343,6 +289,317 @@ def settings(args, command: str, device: torch.device, needs, not_saved, script:
     saved = read_json(run / "config.json", "a run's config", "start a new run")
     print(f"{run} was stopped before its first save: starting it again from epoch 1")
     return run, None, resumed_config(run, saved, None, args, device, not_saved, script)
+
+
+# ---------------------------------------------------------------- one run, start to finish
+
+SAVE_EVERY = 30  # seconds of training a kill -9 may cost at most: last.pt is rewritten this often, mid-epoch too
+SHOW_EVERY = 20  # steps between looks at the running sums for the progress bar: each look waits for the GPU
+
+
+class StopRequests:
+    """Ctrl-C or SIGTERM (a cluster taking the machine back) inside the block only sets .asked: the loop finishes its
+    step, saves and stops, since a step cut in half would leave the weights half-updated. A second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.asked = False
+        self._previous = {sig: signal.signal(sig, self._ask) for sig in self.SIGNALS}
+        return self
+
+    def _ask(self, signum, frame):
+        self.asked = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def data_fingerprint(images: torch.Tensor) -> dict:
+    """The count and a checksum of up to 1,000 evenly spaced images: a resumed run must train on the same data."""
+    sample = images[::max(1, len(images) // 1000)].cpu().contiguous()
+    return {"images": len(images), "crc32": zlib.crc32(sample.numpy().tobytes())}
+
+
+class Run:
+    """One training run from start to finish: its settings, its folder, where it is, its checkpoints and its end.
+
+    A new run takes its settings from the flags; --resume takes the saved ones and goes on exactly where last.pt was
+    written, mid-epoch too: the epoch's batch order, its running sums and every random state are in the checkpoint.
+    The loops stay in the scripts; a Run is what they iterate over (epochs, batches) and report to (end_epoch).
+    Stopping is an exception the script's main turns into its exit status (one_line_errors): Stopped (130) after
+    Ctrl-C or SIGTERM, with last.pt saved; Diverged (3) when the losses or weights are no longer finite, with the
+    last good last.pt and best.pt kept.
+    """
+
+    def __init__(self, args, command: str, device: torch.device, script: str, needs, not_saved,
+                 best: str = "best_score", lower_is_better: bool = False, advice: str = "a lower --lr or another --seed"):
+        self.device, self.needs, self.advice = device, needs, advice
+        self.folder, self._ckpt, self.cfg = settings(args, command, device, needs, not_saved, script)
+        torch.manual_seed(self.cfg["seed"])  # the weights; the batch order and augmentation draw from .generator
+        self.t0, self.resuming = time.perf_counter(), bool(args.resume)
+        self._new_folder = None if args.resume else (args.out, args.name)
+        self._temporary = self.cfg["dry_run"] and not args.resume and "out" not in args.given
+        ckpt = self._ckpt or {}
+        self.resumed_with = ckpt.get("resumed_with", []) + [command] if args.resume else []
+        self.earlier_wall = ckpt.get("wall_seconds", 0.0)
+        self.history = ckpt.get("history", [])
+        self.best_key, self.lower_is_better = best, lower_is_better
+        self.best = ckpt.get(best, math.inf if lower_is_better else -math.inf)
+        if self.best == -1.0:  # train_emotion's "no validation score yet" before 2026-12-04
+            self.best = -math.inf
+        self.epoch, self.first_step = ckpt.get("epoch", 0), ckpt.get("step", 0)
+        self.last_epoch = 1 if self.cfg["dry_run"] else self.cfg["epochs"]
+        self.train_seconds = sum(h["seconds"] for h in self.history)
+        self.budget = self.cfg["time_budget"] * 60 if self.cfg.get("time_budget") else math.inf
+        self.generator = torch.Generator(device).manual_seed(self.cfg["seed"])  # batch order and augmentation
+        self.order, self.sums, self._stop, self._over = None, {}, None, False
+
+    def saved(self, key: str, default):
+        """What the checkpoint being resumed holds under key (a script's own state), else default."""
+        return self._ckpt[key] if self._ckpt else default
+
+    def batching(self, train_size: int) -> tuple[int, int]:
+        """(batch size, steps per epoch) for train_size images: --batch-size at most, the ragged last batch dropped
+        (each epoch is reshuffled), two steps for --dry-run."""
+        if train_size < 1:
+            raise RunError(f"{self.cfg['data']} leaves no images to train on: use more images")
+        self.train_size = train_size
+        self.batch_size = min(self.cfg["batch_size"], train_size)
+        self.steps = min(train_size // self.batch_size, 2 if self.cfg["dry_run"] else train_size)
+        total = self.steps * self.cfg["epochs"]  # what a schedule is laid out for (a dry run stops after 2 steps)
+        if self.cfg.get("scheduler") == "onecycle" and total < 3:  # its two phases need a step each and a last one
+            raise RunError(f"--scheduler onecycle needs at least 3 steps and this run has {total}: use more --epochs, "
+                           "a smaller --batch-size, or --scheduler none")
+        return self.batch_size, self.steps
+
+    def start(self, name: str, parts: dict, data: torch.Tensor, check: dict | None = None, keep: dict | None = None,
+              plot=None):
+        """Make the run folder (a new run) or load the checkpoint into parts (a resumed one), then write config.json.
+
+        parts: what every checkpoint holds the state_dict of, by name (networks, optimizers, a scheduler; None for
+        none). data: the training images, checked to be the same on resume. check: what a resumed run must share with
+        its checkpoint (its classes, its heads); keep: the script's own state saved with each checkpoint (read back
+        with .saved). plot: draws the run's curves from .history whenever the log is written.
+        """
+        self.parts, self.check, self.keep, self.plot = parts, check or {}, keep or {}, plot or (lambda: None)
+        self.data = data_fingerprint(data)
+        if self._new_folder:
+            out, name = self._new_folder[0], self._new_folder[1] or name
+            if self._temporary:  # a check of the pipeline, not a run to keep: nothing is left behind
+                self._temporary = tempfile.TemporaryDirectory(prefix="facenets-dry-run-")
+                out = self._temporary.name
+                print("dry run: its run folder is temporary and removed at the end (give --out to keep it)")
+            self.folder = run_dir(out, name)
+            print(f"run folder: {self.folder}")
+        elif self._ckpt:
+            self._load(self.folder / "last.pt", self._ckpt)
+            print(f"resuming {self.folder} at epoch {self.epoch + 1}, step {self.first_step + 1}")
+        write_json(self.folder / "config.json", self.cfg)
+        self._saved_at = time.perf_counter()  # the first last.pt comes SAVE_EVERY seconds into training
+
+    def _load(self, path: Path, ckpt: dict):
+        for key, value in self.check.items():
+            if ckpt[key] != value:
+                raise RunError(f"{self.folder} was trained on other {key} than {self.cfg['data']} and these flags give "
+                               "now: start a new run")
+        changed = ckpt.get("data", self.data) != self.data  # checkpoints from before the fingerprint: the order's size
+        if changed or (ckpt["step"] and len(ckpt["order"]) != self.train_size):
+            raise RunError(f"{self.folder} was trained on other data than {self.cfg['data']} holds now: start a new run")
+        with loading(path, "weights"):
+            for key, part in self.parts.items():
+                if isinstance(part, torch.nn.Module):
+                    part.load_state_dict(ckpt[key])
+        with loading(path, "optimizer state"):
+            for key, part in self.parts.items():
+                if part is not None and not isinstance(part, torch.nn.Module):
+                    part.load_state_dict(ckpt[key])
+        with loading(path, "random state"):
+            self.generator.set_state(ckpt["rng"]["loop"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if self.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:  # dropout on the GPU draws from it
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        if ckpt["step"]:
+            self.order = ckpt["order"].to(self.device)
+
+    # ------------------------------------------------------------ the loop
+
+    def epochs(self):
+        """The epochs left to train, 0-based; Ctrl-C and SIGTERM inside only ask the run to stop at the next save."""
+        with StopRequests() as self._stop:
+            while self.epoch < self.last_epoch and not self._over and self.train_seconds < self.budget:
+                yield self.epoch
+                self.epoch += 1
+
+    def epoch_sums(self, **shapes) -> dict:
+        """Zero tensors of these shapes on the device, for the loop to sum its losses into without waiting for the
+        GPU; a resumed epoch's hold its sums so far. Saved with every mid-epoch checkpoint."""
+        saved = self._ckpt["sums"] if self.first_step else {}
+        self.sums = {key: torch.tensor(saved[key], device=self.device) if key in saved
+                     else torch.zeros(shape, device=self.device) for key, shape in shapes.items()}
+        return self.sums
+
+    def batches(self, members: int = 1, show: tuple = ()):
+        """(step, indices) for each step of this epoch: a seeded permutation of the training set ([B, members]: each
+        member of an ensemble its own order), from a resumed run's step on. Between steps: last.pt every SAVE_EVERY
+        seconds with the exact position, and the stop a Ctrl-C asked for. show: sums to show in the progress bar,
+        per image."""
+        if not self.first_step:
+            orders = [torch.randperm(self.train_size, device=self.device, generator=self.generator)
+                      for _ in range(members)]
+            self.order = orders[0] if members == 1 else torch.stack(orders, 1)
+        started = time.perf_counter() - (self._ckpt["sums"]["seconds"] if self.first_step else 0.0)
+        bar = tqdm(range(self.first_step, self.steps), desc=f"epoch {self.epoch + 1}/{self.last_epoch}", leave=False,
+                   file=sys.stdout, disable=None)  # no bar when the output is a file: its updates would fill it
+        self.steps_done = self.steps
+        for step in bar:
+            yield step, self.order[step * self.batch_size:(step + 1) * self.batch_size]
+            if (step - self.first_step) % SHOW_EVERY == SHOW_EVERY - 1 and not bar.disable:
+                seen = (step + 1) * self.batch_size
+                bar.set_postfix({key: f"{self.sums[key].item() / seen:.3f}" for key in show},
+                                img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            if self.train_seconds + time.perf_counter() - started >= self.budget:  # the rest is not trained on
+                self.steps_done, self.last_epoch = step + 1, self.epoch + 1
+                break
+            if step + 1 < self.steps and self._due():  # inside an epoch: its exact position
+                sums = {key: value.tolist() for key, value in self.sums.items()}
+                self._save("last.pt", self.epoch, step + 1, {**sums, "seconds": time.perf_counter() - started})
+                if self._stop.asked:
+                    raise Stopped(self._stopped(f"in epoch {self.epoch + 1} after step {step + 1}"))
+        if self.device.type == "cuda":  # the epoch's time is the GPU's, not the time to queue its work
+            torch.cuda.synchronize(self.device)
+        self.seconds, self.first_step = time.perf_counter() - started, 0
+        self.train_seconds += self.seconds
+
+    def is_last_epoch(self) -> bool:
+        return self.epoch + 1 == self.last_epoch
+
+    def end_epoch(self, row: dict, score: float | None = None, last: bool = False):
+        """Log the epoch's row; save best.pt when score beats the best so far, and the log, the plot and last.pt at
+        the end or every SAVE_EVERY seconds (~0.1 s each: a tenth of a short GPU epoch). last: stop after this one."""
+        losses = [value for key, value in row.items() if "loss" in key and isinstance(value, float)]
+        if not all(map(math.isfinite, losses)):
+            self.diverged("the losses are NaN or infinite", f"in epoch {self.epoch + 1}")
+        self.history.append(row)
+        if score is not None and (score < self.best if self.lower_is_better else score > self.best):
+            self.best = score  # before last.pt, so that a resumed run knows this best
+            self._save("best.pt", self.epoch + 1)
+        self._over = last or self.is_last_epoch()
+        if self._over or self._due():
+            write_log(self.folder / "log.csv", self.history)
+            self.plot()
+            self._save("last.pt", self.epoch + 1)
+        if self._stop.asked:
+            raise Stopped(self._stopped(f"after epoch {self.epoch + 1}"))
+
+    def diverged(self, why: str, where: str):
+        """Stop without saving the broken state: last.pt and best.pt stay the last good ones."""
+        warnings.warn(f"training diverged {where}: {why}")
+        if self.history:
+            write_log(self.folder / "log.csv", self.history)
+        self.plot()
+        kept = " and ".join(name for name in ("last.pt", "best.pt") if (self.folder / name).is_file())
+        raise Diverged(f"stopped: {self.folder} keeps {kept or 'no checkpoint (none was saved yet)'}; start a new run "
+                       f"with {self.advice}")
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _due(self) -> bool:
+        return self._stop.asked or time.perf_counter() - self._saved_at > SAVE_EVERY
+
+    def _save(self, name: str, epoch: int, step: int = 0, sums: dict | None = None):
+        """Everything needed to go on exactly from here, after `step` steps of epoch `epoch` (0-based), as name."""
+        if not all(bool(p.isfinite().all()) for part in self.parts.values() if isinstance(part, torch.nn.Module)
+                   for p in part.parameters()):
+            self.diverged("the weights are NaN or infinite", f"in epoch {epoch + 1}")
+        state = {key: None if part is None else part.state_dict() for key, part in self.parts.items()}
+        state.update({"epoch": epoch, "step": step, "order": self.order.cpu() if step else None, "sums": sums,
+                      self.best_key: self.best, "history": self.history, "config": self.cfg, **self.check,
+                      **{k: v.item() if torch.is_tensor(v) else v for k, v in self.keep.items()},
+                      "resumed_with": self.resumed_with, "wall_seconds": self.wall_seconds(), "data": self.data,
+                      "rng": {"loop": self.generator.get_state(), "torch": torch.get_rng_state(),
+                              "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}})
+        try:
+            save_checkpoint(self.folder / name, state)
+        except RunError as e:
+            raise RunError(f"{e}; then --resume {self.folder} goes on from its last save") from None
+        if name == "last.pt":  # the one a resumed run starts from: its age is what a kill would cost
+            self._saved_at = time.perf_counter()
+
+    def _stopped(self, where: str) -> str:
+        return f"\nstopped {where}: saved {self.folder / 'last.pt'}; continue with --resume {self.folder}"
+
+    def wall_seconds(self) -> float:
+        return self.earlier_wall + time.perf_counter() - self.t0
+
+    # ------------------------------------------------------------ the end
+
+    def best_weights(self, **networks) -> dict:
+        """Load the chosen epoch's weights into networks (by checkpoint key; None for none) and return its checkpoint:
+        best.pt, or, where no score chose one, the last epoch (nothing may peek at the test set to choose)."""
+        if not math.isfinite(self.best):
+            replace_atomically(self.folder / "best.pt", lambda tmp: shutil.copyfile(self.folder / "last.pt", tmp))
+        best = load_checkpoint(self.folder / "best.pt", map_location=self.device, needs=self.needs)
+        with loading(self.folder / "best.pt", "weights"):
+            for key, network in networks.items():
+                if network is not None:
+                    network.load_state_dict(best[key])
+        return best
+
+    def finish(self, results: dict) -> dict:
+        """results with what every run reports (epochs, times, device, the commands), written as metrics.json."""
+        started_with = {"command": self.cfg["command"], **({"resumed_with": self.resumed_with} if self.resumed_with
+                                                           else {})}
+        results = {**results, "epochs_run": len(self.history), "train_seconds": round(self.train_seconds, 1),
+                   "wall_seconds": round(self.wall_seconds(), 1), "device": device_name(self.device), **started_with}
+        write_json(self.folder / "metrics.json", results)
+        if self._temporary:
+            self._temporary.cleanup()
+        return results
+
+
+# ---------------------------------------------------------------- a script's main
+
+
+def one_line_errors(body, *errors) -> int:
+    """body()'s exit status; what a user can fix (RunError, `errors`, a file that cannot be written) and Ctrl-C
+    become one line on stderr and status 2 or 130, never a traceback. Warnings print as one line each too."""
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    # SIGTERM as Ctrl-C from here on: one line and status 130 wherever it comes, while images decode too
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return body()
+    except Stopped as e:  # saved first
+        print(e)
+        return STOPPED
+    except Diverged as e:
+        print(e)
+        return DIVERGED
+    except (RunError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file read or written outside this module's writer, e.g. a plot or an annotated photo
+        fix = {28: "free some space", 13: "check its permissions", 1: "check its permissions"}.get(e.errno, "check it")
+        print(f"error: could not read or write {e.filename} ({e.strerror or e}): {fix}", file=sys.stderr)
+        return 2
+    except MemoryError as e:  # what check_memory foresaw, or what it did not
+        print(f"error: {e or 'out of memory: choose smaller sizes or fewer images'}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (those save and stop by themselves)
+        print("\nstopped (Ctrl-C): nothing half-written is kept; a started run goes on with --resume <its run folder>",
+              file=sys.stderr)
+        return STOPPED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------- flags
@@ -405,8 +662,16 @@ def parse_flags(parser: argparse.ArgumentParser, argv=None, presets: dict | None
 
 
 def check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> None:
-    """parser.error (one line) for run flags that cannot work; sets args.given, the flags typed on the command line."""
+    """parser.error (one line) for run flags that cannot work; sets args.given, the flags typed on the command line.
+
+    Every number must be finite: float("nan") parses, and a NaN learning rate or weight decay trains silently to a
+    chance-level result, which no flag here is meant to allow.
+    """
     args.given = given_flags(parser, argv)
+    for dest, value in vars(args).items():
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                parser.error(f"{args.given.get(dest, dest)} {number}: give a finite number")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but PyTorch sees no CUDA GPU: use --device cpu")
     inference = "--predict" if "predict" in vars(args) else "--sample"
@@ -434,7 +699,10 @@ def key_values(items: list[str], flag: str) -> dict:
 def predictions_folder(args, name: str = "predictions") -> Path:
     """Where --predict (or --sample) writes its files: --out when typed, else the folder name beside the checkpoint."""
     checkpoint = Path(args.checkpoint)
-    return Path(args.out) if "out" in args.given else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / name
+    folder = Path(args.out) if "out" in args.given else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / name
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"--out {folder} is a file: give a folder for the files of {name}")
+    return folder
 
 
 def given_flags(parser: argparse.ArgumentParser, argv) -> dict:

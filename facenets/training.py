@@ -1,26 +1,24 @@
 """What every facenets training loop needs around it, once: device, bf16, compile, optimizer and schedule, the
-weight average, Ctrl-C and the optimisation flags. The loops themselves stay in the scripts; checkpoints and
-resuming are runs.py's.
+weight average and the optimisation flags. The loops themselves stay in the scripts; the run around them
+(checkpoints, resuming, Ctrl-C) is runs.py's.
 
     device = training.pick_device("auto")
     optimizer = training.make_optimizer(model, cfg)          # cfg: the flags of add_optimizer_flags, as a dict
     scheduler = training.make_scheduler(optimizer, cfg, steps_per_epoch)
     average = training.WeightAverage(model, 0.999)           # validate and test average.module
-    with training.StopRequests() as stop:                    # Ctrl-C or SIGTERM: finish the step, save, stop
-        for step in ...:
-            with training.autocast(device, cfg["precision"]):
-                loss = ...
-            ...
-            average.update(step + 1)
-            if stop.asked: ...
+    for step in ...:
+        with training.autocast(device, cfg["precision"]):
+            loss = ...
+        ...
+        average.update(step + 1)
 
 Only torch and the standard library: the module can be copied alone into another project.
 """
 import argparse
 import copy
 import ctypes
-import signal
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -32,10 +30,6 @@ def pick_device(choice: str = "auto") -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but PyTorch sees no CUDA GPU: use --device cpu")
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def keep_freed_memory():
@@ -55,12 +49,24 @@ def keep_freed_memory():
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def cpu_bf16_units() -> str | None:
+    """"AMX" or "AVX-512 BF16" where this CPU has bf16 matrix or vector instructions (Linux /proc/cpuinfo), else None."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return None
+    flags = set(flags.split())
+    return "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else None
+
+
 def autocast(device: torch.device, precision: str = "auto"):
     """bf16 autocast for "bf16", and for "auto" on a GPU; fp32 otherwise.
 
-    bf16 on CUDA roughly doubles throughput and needs no loss scaling. On a CPU it pays only with AMX (Intel Xeon
-    4th generation and later): measured on 2 such cores, vgg width 16 at 96 px trains 2.8x faster than in fp32, but
-    CPUs without AMX run it slower than fp32, so "auto" leaves CPUs in fp32.
+    bf16 on CUDA roughly doubles throughput and needs no loss scaling. On a CPU it pays where the CPU has bf16
+    instructions (cpu_bf16_units): measured on 2 cores, 2.8x the images/s of fp32 with Intel's AMX (vgg width 16
+    at 96 px), 1.7x with AMD Zen 4's AVX-512 BF16 (UTKFace, vgg width 32 at 64 px); CPUs with neither run it slower
+    than fp32. "auto" leaves CPUs in fp32, so that every recorded CPU figure reproduces with its command;
+    suggest_precision says when bf16 would pay.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
@@ -69,10 +75,51 @@ def autocast(device: torch.device, precision: str = "auto"):
     return nullcontext()
 
 
+def suggest_precision(device: torch.device, precision: str) -> None:
+    """Print a hint at the start of a CPU run in fp32 where this CPU's bf16 instructions would train faster."""
+    units = cpu_bf16_units() if device.type == "cpu" and precision != "bf16" else None
+    if units:
+        print(f"hint: this CPU has {units}: --precision bf16 trains 1.7-2.8x faster than fp32 on such CPUs")
+
+
 def compiled(model: torch.nn.Module, device: torch.device):
     # At these sizes the GPU waits for Python to launch kernels; CUDA graphs ("reduce-overhead") launch the whole
     # forward and backward at once: 75k instead of 41k images/s for vgg at batch 512 on an H100.
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take: free GPU memory, or on a CPU Linux's MemAvailable; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as file:
+            return next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def check_memory(device: torch.device, batch_size: int, *networks) -> None:
+    """MemoryError (one line, with the estimate and the limit) when training networks at batch_size cannot fit in
+    device's memory, said before anything is allocated: each network is (build, input shapes of one image), built on
+    PyTorch's meta device, which has shapes but no storage. The estimate: fp32 weights, gradients and two optimizer
+    moments, and every layer's output for batch_size images, which the backward pass keeps. shapes may be a function
+    of the network (a generator's latent size)."""
+    need = 0
+    with torch.device("meta"):
+        for build, shapes in networks:
+            network, outputs = build(), []
+            shapes = shapes(network) if callable(shapes) else shapes
+            for module in network.modules():
+                if not list(module.children()):
+                    module.register_forward_hook(lambda m, i, out: outputs.append(out.numel() if torch.is_tensor(out) else 0))
+            network(*[torch.zeros(1, *shape) for shape in shapes])
+            need += 4 * (4 * sum(p.numel() for p in network.parameters()) + batch_size * sum(outputs))
+    available = available_memory(device)
+    if available is not None and need > available:
+        raise MemoryError(f"training this needs about {need / 1e9:,.1f} GB of memory at batch {batch_size}, and "
+                         f"{device.type} has {available / 1e9:,.1f} GB available: choose a smaller width, image size or "
+                         "batch size")
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -139,7 +186,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, steps_per_epoch:
         # Cycling the momentum against the lr is part of the one-cycle policy (Smith 2018); a given --momentum is kept
         # fixed instead, and RMSprop, which has no momentum of its own here, is left without.
         cycle = cfg["momentum"] is None and cfg["optimizer"] != "rmsprop"
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg["lr"], total_steps=total, pct_start=0.25, cycle_momentum=cycle)
+        # A quarter of the steps warm up; a run of under 8 steps (a few images) needs two for each phase to exist.
+        if total < 3:
+            raise ValueError(f"--scheduler onecycle needs at least 3 steps and this run has {total}: use more "
+                             "--epochs, a smaller --batch-size, or --scheduler none")
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg["lr"], total_steps=total, pct_start=max(0.25, 2 / total),
+                                                   cycle_momentum=cycle)
     if cfg["scheduler"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     if cfg["scheduler"] == "plateau":
@@ -171,28 +223,3 @@ class WeightAverage:
         ExponentialMovingAverage), so that the random initial weights soon fade out."""
         d = min(self.decay, (1 + done) / (10 + done))
         torch._foreach_lerp_(self._average, self._live, 1 - d)
-
-
-# ----------------------------------------------------------------------------- stopping
-
-
-class StopRequests:
-    """Ctrl-C or SIGTERM (a cluster taking the machine back) inside the block only sets .asked: the loop finishes its
-    step, saves and stops, since a step cut in half would leave the weights half-updated. A second one stops at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.asked = False
-        self._previous = {sig: signal.signal(sig, self._ask) for sig in self.SIGNALS}
-        return self
-
-    def _ask(self, signum, frame):
-        self.asked = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False

@@ -140,3 +140,10 @@ def test_plot_error_histogram_and_bars(tmp_path):
     assert Image.open(tmp_path / "e.png").size == (700, 360)
     metrics.plot_bars([f"attribute {i}" for i in range(40)], [i / 40 for i in range(40)], tmp_path / "b.png", "accuracy")
     assert Image.open(tmp_path / "b.png").height == 40 + 18 * 40 + 10
+
+
+def test_an_epoch_axis_has_numbers_however_short_the_run():
+    # a GAN stopped by --time-budget inside its first epoch traces at epochs 0.05 ... 0.6: its axis had no label
+    assert metrics._epoch_ticks(0.05, 0.6) == pytest.approx([0.2, 0.4, 0.6])
+    assert metrics._epoch_ticks(1, 30) == [10, 20, 30]
+    assert metrics._epoch_ticks(1, 3) == [1, 2, 3]  # never 1.5

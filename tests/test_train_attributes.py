@@ -141,6 +141,7 @@ def test_predict_prints_every_head_and_annotates_the_photo(tmp_path, monkeypatch
     assert train_attributes.main(["--predict", str(photo), "--checkpoint", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     assert out.count(" face ") == 2 and "gender " in out and "age_group " in out and " years" in out
+    assert " years (mean of the age head)" in out  # two heads judge age: each says which it is
     annotated = Image.open(tmp_path / "p" / "predictions" / "two_attributes.jpg")
     assert annotated.width / annotated.height == 1.6 and min(annotated.size) >= 480  # enlarged so its labels can be read
 

@@ -306,3 +306,13 @@ def test_sam_steps_with_the_gradient_at_the_weights_moved_uphill():
     for p, w, g in zip(model.parameters(), start, g1):
         assert torch.allclose(p, w - 0.1 * g, atol=1e-6)
     assert not torch.allclose(g1[0], g0[0])  # the two gradients differ, so the test tells SAM from plain SGD
+
+
+def test_a_dry_run_leaves_no_run_folder_unless_out_is_given(tmp_path, monkeypatch, capsys):
+    # dry runs left 38 MB run folders behind each time: runs/ reached 1.3 GB
+    monkeypatch.chdir(tmp_path)
+    assert train_emotion.main(["--data", "synthetic", "--synthetic-count", "280", "--width", "8", "--dry-run"]) == 0
+    assert "removed at the end" in capsys.readouterr().out and not (tmp_path / "runs").exists()
+    assert train_emotion.main(["--data", "synthetic", "--synthetic-count", "280", "--width", "8", "--dry-run",
+                               "--out", "kept", "--name", "d"]) == 0
+    assert (tmp_path / "kept" / "d" / "metrics.json").is_file()

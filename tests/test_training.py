@@ -64,7 +64,7 @@ def test_the_weight_average_follows_the_live_weights_at_its_decay():
 
 def test_a_stop_request_is_noted_and_the_handlers_come_back():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with training.StopRequests() as stop:
+    with runs.StopRequests() as stop:
         assert not stop.asked
         signal.raise_signal(signal.SIGTERM)
         assert stop.asked
@@ -80,3 +80,40 @@ def test_precision_on_a_cpu_is_fp32_unless_bf16_is_asked_for(precision, dtype):
         assert layer(torch.ones(2, 4)).dtype == dtype
     with pytest.raises(ValueError, match="fp16"):
         training.autocast(torch.device("cpu"), "fp16")
+
+
+def test_the_bf16_hint_follows_the_cpu_flags(monkeypatch, capsys):
+    # decided from /proc/cpuinfo's flags, not from the CPU's brand: Intel's AMX and AMD Zen 4's AVX-512 BF16 both pay
+    for flags, expected in [("fpu sse avx512f amx_bf16 amx_tile", "AMX"), ("fpu avx512f avx512_bf16", "AVX-512 BF16"),
+                            ("fpu sse avx2", None)]:
+        monkeypatch.setattr(training.Path, "read_text", lambda self, flags=flags: f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert training.cpu_bf16_units() == expected
+        training.suggest_precision(torch.device("cpu"), "auto")
+        said = capsys.readouterr().out
+        assert (f"this CPU has {expected}: --precision bf16" in said) if expected else said == ""
+        training.suggest_precision(torch.device("cpu"), "bf16")  # asked for already: nothing to say
+        assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("total", [3, 4, 5, 7])
+def test_onecycle_over_a_few_steps_warms_up_and_anneals(total):
+    model = torch.nn.Linear(2, 2)
+    cfg = {"epochs": 1, "optimizer": "sgd", "momentum": None, "lr": 0.1, "weight_decay": 0.0, "scheduler": "onecycle"}
+    optimizer = training.make_optimizer(model, cfg)
+    scheduler = training.make_scheduler(optimizer, cfg, total)  # raised ZeroDivisionError under 8 steps before
+    rates = []
+    for _ in range(total):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert max(rates) == pytest.approx(0.1) and min(rates) < 0.01
+
+
+def test_a_size_that_cannot_fit_is_refused_before_anything_is_allocated(monkeypatch):
+    monkeypatch.setattr(training, "available_memory", lambda device: 8 << 30)
+    small = (lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()), [(3, 32, 32)])
+    training.check_memory(torch.device("cpu"), 64, small)
+    # 100,000 x 100,000 weights would be 40 GB: built on the meta device, they are counted, never allocated
+    huge = (lambda: torch.nn.Linear(100_000, 100_000), [(100_000,)])
+    with pytest.raises(MemoryError, match=r"needs about 1\d\d\.\d GB of memory at batch 64, and cpu has 8\.6 GB"):
+        training.check_memory(torch.device("cpu"), 64, huge)
