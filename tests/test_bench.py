@@ -141,3 +141,27 @@ def test_the_step_loop_syncs_with_the_device_at_most_once_every_50_steps(monkeyp
     last = overhead.last_step(len(steps), 2)  # 56 steps, from the first step of epoch 1 to the first of epoch 2
     found = overhead.by_place(syncs.events, 1, last) + overhead.by_place(ops.events, 1, last)
     assert sum(found.values()) <= (last - 1) / 50, dict(found)
+
+
+# ----------------------------------------------------------------------------- bench_ensemble.py
+
+ENSEMBLE = ROOT / "benchmarks" / "bench_ensemble.py"
+
+
+def test_the_three_ways_of_an_ensemble_train_the_same_networks():
+    bench, cpu = load_script(ENSEMBLE), torch.device("cpu")
+    x, y = torch.rand(2, 8, 1, bench.CROP, bench.CROP), torch.randint(bench.CLASSES, (2, 8))
+    # The same initial weights for each way; two steps, so that the second loss also checks the first update
+    losses = {way: [trainer.step(x, y) for trainer in [make(bench.make_networks(2, width=4), cpu)] for _ in range(2)]
+              for way, make in bench.WAYS.items()}
+    assert losses["stacked"][0].shape == (2,) and not torch.equal(losses["stacked"][0], losses["stacked"][1])
+    for way in ("vmap", "separate"):
+        # float32 sums taken in another order differ by ~1e-6; members swapped or mixed would differ by ~1e-2
+        torch.testing.assert_close(torch.stack(losses[way]), torch.stack(losses["stacked"]), rtol=0, atol=1e-4)
+
+
+def test_small_ensemble_bench_prints_every_way(capsys):
+    assert load_script(ENSEMBLE).main(["--small"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[3:]}
+    assert set(rows) == {"plain", "stacked", "vmap", "separate"} and rows["plain"][-1] == "1.00x"
+    assert all(float(row[-1].rstrip("x")) > 0 for row in rows.values())
