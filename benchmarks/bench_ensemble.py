@@ -6,7 +6,7 @@
   separate  N networks stepped one after another
 
     python benchmarks/bench_ensemble.py                     # vgg width 8, batch 64, N = 1 2 4, 5 rounds
-    python benchmarks/bench_ensemble.py --width 64 --device cuda --threads 16
+    python benchmarks/bench_ensemble.py --device cuda --bf16 --width 64 --batch-size 512  # the recipe's sizes
     python benchmarks/bench_ensemble.py --small             # CI smoke run, a few seconds
 
 Each member has its own batch of 40x40 crops, as in train_emotion.py --ensemble. Every (way, N) is timed once per
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not a package: find facenets from anywhere
+# benchmarks/ is not a package: put the repository root on the path, so that facenets imports from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from facenets import models  # noqa: E402
 
 CROP, CLASSES = 40, 7
@@ -108,11 +109,12 @@ def ms_per_step(way, n, args, device):
     trainer = Separate(nets, device) if n == 1 else WAYS[way](nets, device)
     x = torch.rand(n, args.batch_size, 1, CROP, CROP, device=device)
     y = torch.randint(CLASSES, (n, args.batch_size), device=device)
-    for _ in range(args.warmup):
-        trainer.step(x, y)
-    start = clock(device)
-    for _ in range(args.steps):
-        trainer.step(x, y)
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+        for _ in range(args.warmup):
+            trainer.step(x, y)
+        start = clock(device)
+        for _ in range(args.steps):
+            trainer.step(x, y)
     return 1000 * (clock(device) - start) / args.steps
 
 
@@ -125,6 +127,7 @@ def build_parser():
     p.add_argument("--steps", type=int, default=10, help="timed steps of each (way, N) per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocations, oneDNN or cuDNN plans)")
     p.add_argument("--rounds", type=int, default=5, help="times every (way, N) is measured; min-max and median shown")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast, as train_emotion.py on a GPU")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train")
     # One thread by default: on a CPU shared with other jobs, several threads wait on each other at every operator
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -150,7 +153,7 @@ def main(argv=None):
             times[case].append(ms_per_step(*case, args, device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
     print(f"{name}, torch {torch.__version__}; vgg width {args.width}, batch {args.batch_size} per member, "
-          f"{args.steps} steps after {args.warmup}, {args.rounds} rounds\n")
+          f"{args.steps} steps after {args.warmup}, {args.rounds} rounds{', bf16' if args.bf16 else ''}\n")
     one = statistics.median(times[("plain", 1)])
     print(f"{'way':10s} {'N':>3s} {'ms per step (min-max)':>22s} {'N nets / one':>13s}")
     for (way, n), ms in times.items():
