@@ -2,7 +2,8 @@
 DCGAN, on face crops (CelebA's, or any folder or .zip of face images) or built-in synthetic faces; or write a trained
 generator's images as PNG files.
 
-    python train_gan.py --data synthetic --epochs 1     # a complete run folder with a grid of faces, under a minute on 2 CPU cores
+    python train_gan.py --data synthetic --epochs 1     # a complete run folder, a check of the machinery: 7 steps draw
+                                                        # 64 alike grey noise squares, no faces yet
     make gan DATA=data/celeba-faces                     # the recipe: DCGAN generator with its weight average, a spectral-norm
                                                         # discriminator, hinge loss, two learning rates, DiffAugment
     make gan-cpu DATA=data/celeba-faces                 # the recipe at width 32 for 45 minutes in bf16: on 12,476 CelebA faces,
@@ -15,12 +16,14 @@ generator's images as PNG files.
 What each reaches and how long it takes: see REPRODUCING.md. Every run writes runs/gan/<name>/: config.json, log.csv,
 a grid of the same 64 latent vectors after every epoch (grid-epoch-001.png, ...: the report's "monitor"), last.pt,
 best.pt, and at the end grid.png, interpolation.png, losses.png (G, D, D(real), D(fake)) and metrics.json. Quality is
-measured against held-out images that are never trained on (--holdout): a Fréchet distance, precision, recall, density
-and coverage in the features of MTCNN's ONet (offline, so NOT the Inception FID of papers: --sample writes images for
-that), the share of faces and of near-duplicates; best.pt is the check with the lowest Fréchet distance. last.pt is
-rewritten every 30 s: --resume RUN_DIR continues a stopped or killed run exactly. Images are decoded once into a cached
-uint8 tensor that sits on the training device. Exit status: 0 done, 2 bad input, 3 diverged (stopped, the last good
-checkpoints kept), 130 stopped by Ctrl-C or SIGTERM (saved: --resume goes on).
+measured against held-out images that are never trained on (--holdout), in the features of MTCNN's ONet (offline, so
+NOT the Inception FID of papers: --sample writes images for that). First the headline scores, which fail on both mode
+collapse and noise: a Fréchet distance, coverage and recall. Then diagnostics, each blind to one failure: precision
+and density (a generator collapsed onto one real-looking face scores well on both), the share of faces (blind to
+collapse onto a face) and of near-duplicates (blind to noise). best.pt is the check with the lowest Fréchet distance.
+last.pt is rewritten every 30 s: --resume RUN_DIR continues a stopped or killed run exactly. Images are decoded once
+into a cached uint8 tensor that sits on the training device. Exit status: 0 done, 2 bad input, 3 diverged (stopped,
+the last good checkpoints kept), 130 stopped by Ctrl-C or SIGTERM (saved: --resume goes on).
 """
 import signal
 import sys
@@ -55,7 +58,8 @@ PRESETS = {
                     ema=0.0, diffaugment="none", flip=False, spectral_norm=False),
 }
 HOLDOUT_SEED = 0  # the held-out images are the same for every --seed, so that runs compare on the same images
-QUALITY_KEYS = ("frechet_distance", "precision", "recall", "density", "coverage", "face_rate", "near_duplicates")
+# The headline scores first (they fail on mode collapse and on noise alike), then the diagnostics.
+QUALITY_KEYS = ("frechet_distance", "coverage", "recall", "precision", "density", "face_rate", "near_duplicates")
 TRACE_EVERY = 20  # steps per point of losses.png (and per look at the losses, which waits for the GPU)
 GRID_SEED, QUALITY_SEED, STATS_SEED = 1, 2, 3  # noise of the monitor grid, the quality checks, BatchNorm statistics
 DIVERGED = runs.DIVERGED  # exit status of a run stopped because it diverged
@@ -264,12 +268,12 @@ def interpolation(latent: int, seed: int, device: torch.device, rows: int = 8, c
 def quality(g: torch.nn.Module, held_out: torch.Tensor, count: int, device: torch.device, precision: str,
             train_images: torch.Tensor | None = None) -> dict | None:
     """metrics.gan_quality of count generated images against as many held-out ones; None (with a warning) where
-    facenet-pytorch, which holds ONet's weights, is missing."""
+    facenet-pytorch, which holds ONet's weights, is missing or the images cannot be scored: training goes on."""
     count = min(count, len(held_out))
     fakes = draw(g, noise(count, g.latent, QUALITY_SEED, device), precision)
     try:
         return metrics.gan_quality(fakes, held_out[:count], device=str(device), train_images=train_images)
-    except ImportError as e:
+    except (ImportError, ValueError) as e:
         warnings.warn(f"quality not measured: {e}")
         return None
 
@@ -405,7 +409,7 @@ def train(args, command: str):
             quality_ok = measured is not None
             row.update({k: round(measured[k], 5) for k in QUALITY_KEYS} if measured else {})
         print(f"epoch {epoch + 1:3d}  G loss {means[0]:.4f}  D loss {means[1]:.4f}  D(real) {means[2]:.3f}  D(fake) "
-              f"{means[3]:.3f}" + (f"  Fréchet {measured['frechet_distance']:.2f} precision {measured['precision']:.3f} "
+              f"{means[3]:.3f}" + (f"  Fréchet {measured['frechet_distance']:.2f} coverage {measured['coverage']:.3f} "
                                    f"recall {measured['recall']:.3f}" if measured else "")
               + f"  {run.seconds:.1f}s  {row['images_per_second']:.0f} img/s")
         run.end_epoch(row, score=measured["frechet_distance"] if measured else None)
@@ -429,8 +433,9 @@ def train(args, command: str):
                                         "discriminator": models.count_parameters(d)},
                          "images": {"train": len(x_train), "held_out": len(held_out)}})
     said = (f"Fréchet distance {final['frechet_distance']:.2f} (real vs real {final['real_vs_real_frechet']:.2f}), "
-            f"precision {final['precision']:.3f}, recall {final['recall']:.3f}, faces {final['face_rate']:.3f} on "
-            f"{final['fake_count']} images" if final else "quality not measured")
+            f"coverage {final['coverage']:.3f}, recall {final['recall']:.3f} (diagnostics: precision "
+            f"{final['precision']:.3f}, faces {final['face_rate']:.3f}, near-duplicates "
+            f"{final['near_duplicates']:.3f}) on {final['fake_count']} images" if final else "quality not measured")
     print(f"{said}, with the generator of epoch {best['epoch']}; training took {run.train_seconds:.0f}s on "
           f"{result['device']}; results in {run.folder}")
     return 0

@@ -20,7 +20,9 @@ GAN quality, offline (no Inception weights to download: features from MTCNN's ON
     precision_recall          improved precision and recall (Kynkäänniemi et al. 2019)
     density_coverage          density and coverage (Naeem et al. 2020)
     near_duplicate_rate       share of generated images with a copy among the others
-    gan_quality               all of them from generated and real images at once
+    gan_quality               all of them from generated and real images at once: the headline scores first
+                              (Fréchet distance, coverage, recall: they fail on mode collapse and on noise alike),
+                              then the diagnostics (precision, density, face rate, near-duplicates)
 
 The classifier scores take the confusion matrix, so they are computed once from predictions and the
 matrix is all a run needs to store. The drawing needs Pillow >= 10.1 for sized fonts.
@@ -404,6 +406,8 @@ def save_image_grid(images, path, columns=8, padding=2):
 # MTCNN's own square face box on CelebA crops (full detector, 200 images): median side 53 of 80 px, centred.
 FACE_CROP = 0.66
 FACE_THRESHOLD = 0.9
+NEAR_DUPLICATE_QUANTILE = 0.01  # of the real nearest-neighbour distances: a real set scores about this much
+MIN_QUALITY_IMAGES = 6  # density's k = 5 nearest real neighbours need 6 real images
 
 
 @functools.lru_cache(maxsize=None)
@@ -435,10 +439,27 @@ def _onet_view(images, crop):
     return (pixels - 127.5) * 0.0078125
 
 
-def _onet_outputs(images, device, batch_size, crop):
-    """ONet's 256-d penultimate features [N, 256] and face probability [N] of each image, from one pass, on the CPU."""
+def _checked_images(images):
+    """images as a tensor, refused in one line when their values cannot be pixels."""
+    images = torch.as_tensor(images)
     if len(images) == 0:
         raise ValueError("no images: ONet features need at least one image")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise ValueError(f"images are {images.dtype}: pass uint8 pixels (0-255) or floats in [0, 1]")
+    if not images.isfinite().all():
+        raise ValueError("images hold NaN or infinite values: pass finite pixels (uint8 0-255 or floats in [0, 1])")
+    low, high = images.min().item(), images.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(f"float images must be in [0, 1], these span {low:g} to {high:g}: pass uint8 for 0-255 "
+                         "pixels, or rescale (x / 255, or (x + 1) / 2 for [-1, 1])")
+    return images
+
+
+def _onet_outputs(images, device, batch_size, crop):
+    """ONet's 256-d penultimate features [N, 256] and face probability [N] of each image, from one pass, on the CPU."""
+    images = _checked_images(images)
     onet = _onet(str(device))
     features, face_probability = [], []
     # The hook takes prelu5's output inside ONet's own forward, so the flatten before dense5 (permuted to the
@@ -446,7 +467,7 @@ def _onet_outputs(images, device, batch_size, crop):
     hook = onet.prelu5.register_forward_hook(lambda module, inputs, output: features.append(output.float().cpu()))
     try:
         with torch.no_grad():
-            for batch in torch.as_tensor(images).split(batch_size):
+            for batch in images.split(batch_size):
                 _, _, probability = onet(_onet_view(batch.to(device), crop))
                 face_probability.append(probability[:, 1].float().cpu())  # column 1 of the softmax: face
     finally:
@@ -478,12 +499,23 @@ def face_rate(images, device="cpu", threshold=FACE_THRESHOLD, batch_size=256, cr
     return (_onet_outputs(images, device, batch_size, crop)[1] >= threshold).double().mean().item()
 
 
-def _points(features):
+def _points(features, name="features"):
     """features as a float64 [N, D] tensor, the precision every distance here is computed in."""
     points = torch.as_tensor(features).double()
     if points.ndim != 2:
-        raise ValueError(f"features must be [N, D], not {list(points.shape)}")
+        raise ValueError(f"{name} must be [N, D], not {list(points.shape)}: pass one feature vector per row")
+    if not points.isfinite().all():
+        raise ValueError(f"{name} hold NaN or infinite values: pass the features of finite images")
     return points
+
+
+def _two_sets(a, b, names=("real", "fake")):
+    """Two feature sets as float64 [N, D] and [M, D], refused in one line when their widths differ."""
+    a, b = _points(a, f"{names[0]} features"), _points(b, f"{names[1]} features")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{names[0]} features are {list(a.shape)} and {names[1]} ones {list(b.shape)}: pass both "
+                         "from the same network (as many values per image)")
+    return a, b
 
 
 @contextlib.contextmanager
@@ -508,6 +540,9 @@ def gaussian_frechet_distance(mu_a, cov_a, mu_b, cov_b):
     scipy's sqrtm of the product can. Eigenvalues below 0 by rounding count as 0, and so does such a distance.
     """
     mu_a, cov_a, mu_b, cov_b = (torch.as_tensor(v).double() for v in (mu_a, cov_a, mu_b, cov_b))
+    if not all(v.isfinite().all() for v in (mu_a, cov_a, mu_b, cov_b)):
+        raise ValueError("the means and covariances hold NaN or infinite values: fit each to 2 or more finite "
+                         "feature vectors")
     with _one_thread():
         values, vectors = torch.linalg.eigh(cov_a)
         sqrt_a = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
@@ -521,10 +556,28 @@ def frechet_distance(features_a, features_b):
     """Fréchet distance between Gaussians fitted to two feature sets [N, D] (mean, unbiased covariance).
 
     With face_features this is an FID-like score in ONet's space, not the Inception FID of papers. It falls as
-    the sets grow even for identical distributions, so compare numbers only at equal set sizes.
+    the sets grow even for identical distributions, so compare numbers only at equal set sizes. Copies of one
+    vector are a legitimate set (covariance 0); a single vector has no covariance and is refused.
     """
-    a, b = _points(features_a), _points(features_b)
+    a, b = _two_sets(features_a, features_b, ("first", "second"))
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"a Fréchet distance needs 2 or more feature vectors in each set, got {len(a)} and {len(b)}: "
+                         "pass more images")
     return gaussian_frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+
+
+def _distances(points, others):
+    """Euclidean distances [len(points), len(others)]; those within rounding of 0 are 0.
+
+    cdist takes |a|^2 + |b|^2 - 2 a.b from a matrix product (6x faster than summing differences at 5,000 x 5,000 x
+    256), whose rounding leaves copies of one vector ~1e-7 apart (measured: 7e-7 at |a|^2 = |b|^2 = 2,300, a squared
+    distance of 1e-16 (|a|^2 + |b|^2)) rather than 0. Copies must be 0 apart for radius-0 balls to hold them, so squared
+    distances below 1e-12 (|a|^2 + |b|^2), 10,000 times that rounding, count as 0. The rest still rounds
+    differently by block size and CPU, in the last few bits.
+    """
+    distances = torch.cdist(points, others)
+    scale = points.square().sum(1)[:, None] + others.square().sum(1)
+    return distances.masked_fill_(distances.square() <= 1e-12 * scale, 0)
 
 
 def _kth_nearest(points, others=None, k=1, rows=1024):
@@ -535,10 +588,11 @@ def _kth_nearest(points, others=None, k=1, rows=1024):
     same_set = others is None
     others = points if same_set else others
     if k > len(others) - same_set:
-        raise ValueError(f"k = {k} nearest neighbours need more than {len(others)} points")
+        raise ValueError(f"k = {k} nearest neighbours need {k + same_set} or more feature vectors, got {len(others)}: "
+                         "pass more images")
     found = []
     for start in range(0, len(points), rows):
-        distances = torch.cdist(points[start:start + rows], others)
+        distances = _distances(points[start:start + rows], others)
         if same_set:
             index = torch.arange(len(distances))
             distances[index, index + start] = math.inf
@@ -552,7 +606,7 @@ def _balls_holding(points, centres, radii, rows=1024):
     The boundary counts, as in Kynkäänniemi et al.'s definition; the prdc code of Naeem et al. uses <, which
     differs only on ties (exact copies).
     """
-    return torch.cat([(torch.cdist(part, centres) <= radii).sum(1) for part in points.split(rows)])
+    return torch.cat([(_distances(part, centres) <= radii).sum(1) for part in points.split(rows)])
 
 
 def precision_recall(real, fake, k=3):
@@ -561,8 +615,11 @@ def precision_recall(real, fake, k=3):
     Each real point gets a ball reaching its k-th nearest other real point; precision is the share of fake
     points inside at least one real ball (fakes look real). Recall is the same with the roles swapped (the
     real data is covered by what the generator makes). Both in [0, 1]; the paper's k is 3.
+
+    Precision does not fail on mode collapse (copies of one real-looking face are all precise), and a real outlier's
+    huge ball can hold every fake. Copies of one vector have balls of radius 0 that hold only that vector.
     """
-    real, fake = _points(real), _points(fake)
+    real, fake = _two_sets(real, fake)
     precision = (_balls_holding(fake, real, _kth_nearest(real, k=k)) > 0).double().mean().item()
     recall = (_balls_holding(real, fake, _kth_nearest(fake, k=k)) > 0).double().mean().item()
     return {"precision": precision, "recall": recall}
@@ -574,9 +631,10 @@ def density_coverage(real, fake, k=5):
     Balls around the real points only (a generator's outliers would inflate balls of its own), each reaching
     its centre's k-th nearest other real point. Density = (1 / kM) * sum over fakes of the number of real balls holding
     it: about 1 when fakes are spread like the real data, above 1 where they crowd dense regions. Coverage =
-    the share of real balls holding at least one fake. The paper's k is 5.
+    the share of real balls holding at least one fake. The paper's k is 5. Coverage fails on mode collapse and on
+    noise alike; density, like precision, does not fail on collapse onto a real-looking face.
     """
-    real, fake = _points(real), _points(fake)
+    real, fake = _two_sets(real, fake)
     radii = _kth_nearest(real, k=k)
     density = _balls_holding(fake, real, radii).double().sum().item() / (k * len(fake))
     coverage = (_kth_nearest(real, fake) <= radii).double().mean().item()
@@ -584,30 +642,50 @@ def density_coverage(real, fake, k=5):
 
 
 def near_duplicate_rate(fake, real):
-    """Share of generated images whose nearest other generated image is closer than any two real images are.
+    """Share of generated images whose nearest other generated image is closer than all but the closest 1% of real
+    images are to theirs: the sign of mode collapse. It does not fail on noise (noise images are far apart).
 
-    The bar is the smallest distance between two real feature vectors that differ (exact duplicates in the
-    real set count once, else it would be 0): real data never has a pair that close, so a fake pair below it
-    is a copy, the sign of mode collapse. Both sets are features [M, D] and [N, D]; the bar falls as the real
-    set grows, so give sets of about equal size.
+    The bar is the 1st percentile (NEAR_DUPLICATE_QUANTILE) of the distances from each real feature vector to its
+    nearest other distinct one (exact duplicates in the real set, which CelebA has, count once), so a second real
+    set of the same size scores about 0.01 by construction. Exact copies among the fakes always count, even where the real set has no two distinct
+    vectors to set a bar. Nearest-neighbour distances shrink as a set grows, so give sets of about equal size.
+
+    The bar was once the smallest of those distances, an extreme that falls as the real set grows and with
+    CelebA's near-identical crops. In ONet's features of 64x64 CelebA crops it fell from 0.31 at 500 real faces to
+    0.11 at 5,000 (the 1st percentile: 0.34 to 0.29), and an untrained generator's near-identical images scored
+    0.99 against 500 faces, 0.94 against 1,000 and 0 against 2,000 or 5,000; with the 1st percentile 0.99 to 1.00
+    at every size, and a second real set 0.007 to 0.011.
     """
-    fake, real = _points(fake), torch.unique(_points(real), dim=0)
-    closest_real_pair = _kth_nearest(real).min()
-    return (_kth_nearest(fake) < closest_real_pair).double().mean().item()
+    real, fake = _two_sets(real, fake)
+    if len(fake) < 2:
+        raise ValueError(f"near-duplicates need 2 or more generated feature vectors, got {len(fake)}: pass more images")
+    distinct = torch.unique(real, dim=0)
+    bar = torch.quantile(_kth_nearest(distinct), NEAR_DUPLICATE_QUANTILE).item() if len(distinct) > 1 else 0.0
+    nearest = _kth_nearest(fake)
+    return ((nearest < bar) | (nearest == 0)).double().mean().item()
 
 
 def gan_quality(fake_images, real_images, device="cpu", train_images=None, crop=FACE_CROP):
     """Every GAN score above from uint8 images [N, 3, H, W], each set through ONet once, as a JSON-ready dict.
 
-    frechet_distance (ONet space, not the Inception FID), precision, recall, density, coverage, face_rate (of
-    the fakes), real_face_rate, near_duplicates, and the set sizes fake_count and real_count (the Fréchet
-    distance depends on them). real_images should be held out from training. With train_images (best as many
-    as the fakes), real_vs_real_frechet is their distance to real_images: what a perfect generator would reach.
+    First the headline scores, which fail on both mode collapse and noise: frechet_distance (ONet space, not the
+    Inception FID), coverage, recall. Then the diagnostics, each blind to one failure: precision and density (a
+    generator collapsed onto one real-looking face scores well), face_rate of the fakes (blind to collapse onto a
+    face) beside real_face_rate, near_duplicates (blind to noise). Then the set sizes fake_count and real_count (the
+    Fréchet distance depends on them). real_images should be held out from training. With train_images (best as
+    many as the fakes), real_vs_real_frechet is their distance to real_images: what a perfect generator would
+    reach. Copies of one image are a legitimate set and score as collapsed; fewer than 6 images are refused.
     """
+    counts = [len(images) for images in (fake_images, real_images)]
+    if min(counts) < MIN_QUALITY_IMAGES:
+        raise ValueError(f"GAN quality needs {MIN_QUALITY_IMAGES} or more generated and real images (density's 5 "
+                         f"nearest real neighbours), got {counts[0]} and {counts[1]}: pass more images")
     fake, fake_faces = _onet_outputs(fake_images, device, 256, crop)
     real, real_faces = _onet_outputs(real_images, device, 256, crop)
-    quality = {"frechet_distance": frechet_distance(real, fake), **precision_recall(real, fake),
-               **density_coverage(real, fake),
+    recall = precision_recall(real, fake)
+    density = density_coverage(real, fake)
+    quality = {"frechet_distance": frechet_distance(real, fake), "coverage": density["coverage"],
+               "recall": recall["recall"], "precision": recall["precision"], "density": density["density"],
                "face_rate": (fake_faces >= FACE_THRESHOLD).double().mean().item(),
                "real_face_rate": (real_faces >= FACE_THRESHOLD).double().mean().item(),
                "near_duplicates": near_duplicate_rate(fake, real), "fake_count": len(fake), "real_count": len(real)}

@@ -363,3 +363,39 @@ def test_help_documents_every_flag():
     shown = subprocess.run([sys.executable, str(ROOT / "train_gan.py"), "--help"], capture_output=True, text=True,
                            check=True).stdout
     assert "--preset" in shown and "--sample" in shown and "exit status 3" in shown.replace("\n", " ")
+
+
+@pytest.mark.parametrize("face", ["one face", "black"])
+def test_a_data_set_of_copies_of_one_image_trains_and_scores_as_collapsed(face, tmp_path, capsys):
+    # It once stopped after epoch 1 with a traceback ("k = 1 nearest neighbours need more than 1 points"), no last.pt.
+    image = data.synthetic_attribute_faces(1, "celeba", 32).images[0] if face == "one face" else torch.zeros(3, 32, 32)
+    (tmp_path / "faces").mkdir()
+    for i in range(60):
+        Image.fromarray(image.to(torch.uint8).permute(1, 2, 0).numpy()).save(tmp_path / "faces" / f"{i:03d}.png")
+    assert train_gan.main(["--data", str(tmp_path / "faces"), "--cache", str(tmp_path / "cache"), "--image-size", "16",
+                           "--width", "8", "--batch-size", "16", "--holdout", "20", "--quality-count", "20", "20",
+                           "--epochs", "1", "--out", str(tmp_path), "--name", "r"]) == 0
+    quality = json.loads((tmp_path / "r" / "metrics.json").read_text())["quality"]
+    assert (tmp_path / "r" / "last.pt").is_file() and quality["real_vs_real_frechet"] == 0.0
+    # The real images' balls have radius 0: only an exact copy would cover them, and 2 steps make none. (Recall
+    # may be anything: the one real image can lie inside the generated images' balls.)
+    assert quality["coverage"] == 0.0 and 0 <= quality["recall"] <= 1
+    assert "coverage 0.000, recall" in capsys.readouterr().out
+
+
+def test_the_quality_line_leads_with_the_headline_scores(finished):
+    assert train_gan.QUALITY_KEYS[:3] == ("frechet_distance", "coverage", "recall")
+    log = (finished / "log.csv").read_text().splitlines()[0]
+    assert log.startswith("epoch,g_loss,d_loss,d_real,d_fake,frechet_distance,coverage,recall,precision,density")
+    assert list(json.loads((finished / "metrics.json").read_text())["quality"])[:3] == list(train_gan.QUALITY_KEYS[:3])
+
+
+def test_images_that_cannot_be_scored_leave_a_warning_and_a_finished_run(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("GAN quality needs 6 or more generated and real images")
+
+    monkeypatch.setattr(train_gan.metrics, "gan_quality", refuse)
+    with pytest.warns(UserWarning, match="quality not measured: GAN quality needs 6 or more"):
+        assert run(tmp_path, "--name", "v", "--epochs", "1") == 0
+    assert json.loads((tmp_path / "v" / "metrics.json").read_text())["quality"] is None
+    assert (tmp_path / "v" / "last.pt").is_file()
