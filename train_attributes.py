@@ -51,8 +51,9 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", default="data/UTKFace", help="a UTKFace folder (<age>_<gender>_<race>_<date>.jpg), a CelebA folder "
                    "(list_attr_celeba.txt or .csv, list_eval_partition, img_align_celeba/ or its .zip), or 'synthetic'")
-    g.add_argument("--task", default="auto", choices=("auto", "utkface", "celeba"), help="auto: celeba when --data holds "
-                   "CelebA's lists, else utkface")
+    g.add_argument("--task", default="auto", choices=("auto", "utkface", "celeba"), help="auto: celeba when --data "
+                   "holds CelebA's lists, utkface when it holds UTKFace-named images, else what the flags name "
+                   "(--attrs, --split official or concepcion: celeba)")
     g.add_argument("--targets", nargs="+", default=["gender", "age_group", "age"], choices=UTKFACE_TARGETS,
                    help="utkface: the heads to train; joint is the report's single gender x age-group classifier")
     g.add_argument("--age-groups", nargs="+", type=int, default=list(data.AGE_GROUPS), metavar="AGE",
@@ -131,10 +132,22 @@ def parse_args(argv=None):
 
 
 def infer_task(cfg: dict) -> str:
+    """--task, or the data set --data holds: celeba where CelebA's lists are, utkface where images are named as
+    UTKFace's, else the one the flags name (--attrs or --split official or concepcion: celeba); else a DataError
+    naming what was looked for (a folder of CelebA images without the lists, as `make attributes` may be given)."""
     if cfg["task"] != "auto":
         return cfg["task"]
-    root = Path(cfg["data"])
-    return "celeba" if root.is_dir() and any(root.glob("list_attr_celeba.*")) else "utkface"
+    root = Path(cfg["data"]).expanduser()
+    if root.is_dir() and any(root.glob("list_attr_celeba.*")):
+        return "celeba"
+    if data.holds_utkface_images(root):
+        return "utkface"
+    if cfg["attrs"] != ["all"] or cfg["split"] in ("official", "concepcion"):
+        return "celeba"  # read_celeba_labels then says which of its lists is missing, and where it looked
+    where = f"{root.absolute()}" + ("" if root.exists() else " (no such folder)")
+    raise data.DataError(f"neither CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) nor UTKFace images "
+                         f"(<age>_<gender>_<race>_<datetime>.jpg) were found in {where}: for CelebA's attributes, "
+                         f"{data.GET_CELEBA}; for UTKFace, {data.GET_UTKFACE}")
 
 
 def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
@@ -144,7 +157,7 @@ def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
         faces = data.synthetic_attribute_faces(cfg["synthetic_count"], cfg["task"], size if isinstance(size, int) else size[0],
                                                seed=cfg["seed"])
     elif cfg["task"] == "celeba":
-        names, attributes, columns, partition = data.read_celeba_labels(cfg["data"])
+        names, attributes, columns, partition = data.read_celeba_labels(cfg["data"], need_partition=True)
         if cfg["split"] == "concepcion":
             column = data.select_attributes(columns, cfg["attrs"])[0]
             sample = data.concepcion_sample(attributes, partition, column, cfg["sample_sizes"], cfg["seed"])
@@ -306,6 +319,9 @@ def train(args, command: str):
                                 + ("official or concepcion" if cfg["task"] == "celeba" else "stratified or utec"))
         if cfg["task"] == "celeba" and cfg["val_fraction"]:
             raise runs.RunError("--val-fraction is for UTKFace: CelebA's official partitions have their own validation part")
+        if cfg["task"] == "utkface" and cfg["attrs"] != ["all"]:
+            raise runs.RunError(f"--attrs names CelebA attributes, but this run is on UTKFace ({cfg['data']}): pass "
+                                "a CelebA folder (list_attr_celeba.txt), or choose UTKFace's heads with --targets")
     torch.manual_seed(cfg["seed"])
 
     t0 = time.perf_counter()
