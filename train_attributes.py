@@ -66,6 +66,9 @@ def build_parser():
                    "(a balanced sample per attribute from them, see --sample-sizes)")
     g.add_argument("--val-fraction", type=float, default=0.0, help="utkface: stratified share of the training part held "
                    "out for validation and model selection (0 = none: the last epoch is tested); the test part stays the same")
+    g.add_argument("--split-seed", type=int, default=0, help="utkface: the seed of the stratified and utec splits "
+                   "and of --val-fraction; apart from --seed, so that runs with different seeds are tested on the same "
+                   "faces")
     g.add_argument("--sample-sizes", nargs=3, type=int, default=[10_000, 2_000, 1_000], metavar=("TRAIN", "VAL", "TEST"),
                    help="--split concepcion: images per part, half with the attribute and half without")
     g.add_argument("--image-size", nargs="+", type=int, default=[64], metavar="PIXELS",
@@ -171,7 +174,9 @@ def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
         faces = data.load_utkface(cfg["data"], size, cfg["cache"], cfg["crop_faces"])
     if cfg["task"] == "celeba":  # the official partitions (which the Concepción sample was drawn from too)
         return faces, {part: (faces.partition == i).nonzero().flatten() for i, part in enumerate(("train", "val", "test"))}
-    return faces, data.utkface_split(faces.targets, cfg["split"], cfg["seed"], cfg["age_groups"], cfg.get("val_fraction", 0.0))
+    split_seed = cfg.get("split_seed", cfg["seed"])  # runs saved before --split-seed split with their --seed
+    return faces, data.utkface_split(faces.targets, cfg["split"], split_seed, cfg["age_groups"],
+                                     cfg.get("val_fraction", 0.0))
 
 
 def make_heads(cfg: dict, faces: data.AttributeFaces) -> list[dict]:
@@ -309,7 +314,8 @@ RESUME_KEYS = runs.TRAINING_STATE + ("heads", "best_score")
 def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
-    run, ckpt, cfg = runs.settings(args, command, device, RESUME_KEYS, NOT_SAVED, "train_attributes.py")
+    run, ckpt, cfg = runs.settings(args, command, device, RESUME_KEYS, NOT_SAVED, "train_attributes.py",
+                                   added={"split_seed": lambda old: old["seed"]})  # before --split-seed: the --seed
     if not args.resume:
         cfg["task"] = "utkface" if cfg["data"] == "synthetic" and cfg["task"] == "auto" else infer_task(cfg)
         if cfg["split"] == "auto":
@@ -474,7 +480,8 @@ def train(args, command: str):
                    "best_val_score": None if best_score == float("-inf") else best_score, "epochs_run": len(history),
                    "train_seconds": round(train_seconds, 1), "wall_seconds": round(earlier_wall + time.perf_counter() - t0, 1),
                    "device": training.device_name(device), "parameters": models.count_parameters(model),
-                   "split_sizes": {k: len(v) for k, v in split.items()}, **started_with})
+                   "split_sizes": {k: len(v) for k, v in split.items()}, **started_with,
+                   **({"split_seed": cfg["split_seed"]} if cfg["task"] == "utkface" else {})})
     runs.write_json(run / "metrics.json", result)
     print(", ".join(f"{n} {v:.4f}" for n, v in named) + (f", age MAE {each['age']:.2f}" if "age" in each else "")
           + f" on the test part, with the weights of epoch {best['epoch']}; training took {train_seconds:.0f}s on "

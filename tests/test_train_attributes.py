@@ -239,6 +239,31 @@ def write_utkface(folder: Path, count: int = 60) -> Path:
     return folder
 
 
+def test_the_utkface_split_has_its_own_seed_apart_from_seed(tmp_path):
+    folder = write_utkface(tmp_path / "utk")
+    cfg = vars(train_attributes.parse_args(["--data", str(folder), "--cache", str(tmp_path / "cache")]))
+    cfg.update(task="utkface", split="stratified", val_fraction=0.2)
+    splits = {(seed, split_seed): train_attributes.load_faces({**cfg, "seed": seed, "split_seed": split_seed})[1]
+              for seed, split_seed in ((0, 0), (1, 0), (0, 1))}
+    for part in ("train", "val", "test"):  # other seeds are tested on the same faces; another split seed on others
+        assert torch.equal(splits[0, 0][part], splits[1, 0][part])
+        assert not torch.equal(splits[0, 0][part], splits[0, 1][part])
+    assert train_attributes.main(["--data", str(folder), "--split-seed", "3", "--image-size", "16", "--width", "8",
+                                  "--dry-run", "--out", str(tmp_path / "runs"), "--name", "s",
+                                  "--cache", str(tmp_path / "cache")]) == 0
+    assert json.loads((tmp_path / "runs" / "s" / "metrics.json").read_text())["split_seed"] == 3
+
+
+def test_a_run_saved_before_split_seed_resumes_with_its_seed_as_split_seed(tmp_path):
+    assert run(tmp_path, "--name", "old", "--seed", "1", "--epochs", "1", "--scheduler", "none") == 0
+    ckpt = torch.load(tmp_path / "old" / "last.pt", weights_only=True)
+    del ckpt["config"]["split_seed"]  # as saved before the flag existed: it split with its --seed
+    torch.save(ckpt, tmp_path / "old" / "last.pt")
+    assert train_attributes.main(["--resume", str(tmp_path / "old"), "--epochs", "2"]) == 0
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["split_seed"] == 1
+    assert json.loads((tmp_path / "old" / "metrics.json").read_text())["split_seed"] == 1
+
+
 def test_attrs_on_utkface_is_one_line(tmp_path, capsys):
     assert train_attributes.main(["--data", str(write_utkface(tmp_path / "utk")), "--attrs", "Male", "--dry-run",
                                   "--out", str(tmp_path / "runs")]) == 2
