@@ -56,8 +56,9 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", default="data/UTKFace", help="a UTKFace folder (<age>_<gender>_<race>_<date>.jpg), a CelebA folder "
                    "(list_attr_celeba.txt or .csv, list_eval_partition, img_align_celeba/ or its .zip), or 'synthetic'")
-    g.add_argument("--task", default="auto", choices=("auto", "utkface", "celeba"), help="auto: celeba when --data holds "
-                   "CelebA's lists, else utkface")
+    g.add_argument("--task", default="auto", choices=("auto", "utkface", "celeba"), help="auto: celeba when --data "
+                   "holds CelebA's lists, utkface when it holds UTKFace-named images, else what the flags name "
+                   "(--attrs, --split official or concepcion: celeba)")
     g.add_argument("--targets", nargs="+", default=["gender", "age_group", "age"], choices=UTKFACE_TARGETS,
                    help="utkface: the heads to train; joint is the report's single gender x age-group classifier")
     g.add_argument("--age-groups", nargs="+", type=int, default=list(data.AGE_GROUPS), metavar="AGE",
@@ -70,6 +71,9 @@ def build_parser():
                    "(a balanced sample per attribute from them, see --sample-sizes)")
     g.add_argument("--val-fraction", type=float, default=0.0, help="utkface: stratified share of the training part held "
                    "out for validation and model selection (0 = none: the last epoch is tested); the test part stays the same")
+    g.add_argument("--split-seed", type=int, default=0, help="utkface: the seed of the stratified and utec splits "
+                   "and of --val-fraction; apart from --seed, so that runs with different seeds are tested on the same "
+                   "faces")
     g.add_argument("--sample-sizes", nargs=3, type=int, default=[10_000, 2_000, 1_000], metavar=("TRAIN", "VAL", "TEST"),
                    help="--split concepcion: images per part, half with the attribute and half without")
     g.add_argument("--image-size", nargs="+", type=int, default=[64], metavar="PIXELS",
@@ -136,10 +140,22 @@ def parse_args(argv=None):
 
 
 def infer_task(cfg: dict) -> str:
+    """--task, or the data set --data holds: celeba where CelebA's lists are, utkface where images are named as
+    UTKFace's, else the one the flags name (--attrs or --split official or concepcion: celeba); else a DataError
+    naming what was looked for (a folder of CelebA images without the lists, as `make attributes` may be given)."""
     if cfg["task"] != "auto":
         return cfg["task"]
-    root = Path(cfg["data"])
-    return "celeba" if root.is_dir() and any(root.glob("list_attr_celeba.*")) else "utkface"
+    root = Path(cfg["data"]).expanduser()
+    if root.is_dir() and any(root.glob("list_attr_celeba.*")):
+        return "celeba"
+    if data.holds_utkface_images(root):
+        return "utkface"
+    if cfg["attrs"] != ["all"] or cfg["split"] in ("official", "concepcion"):
+        return "celeba"  # read_celeba_labels then says which of its lists is missing, and where it looked
+    where = f"{root.absolute()}" + ("" if root.exists() else " (no such folder)")
+    raise data.DataError(f"neither CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) nor UTKFace images "
+                         f"(<age>_<gender>_<race>_<datetime>.jpg) were found in {where}: for CelebA's attributes, "
+                         f"{data.GET_CELEBA}; for UTKFace, {data.GET_UTKFACE}")
 
 
 def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
@@ -149,7 +165,7 @@ def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
         faces = data.synthetic_attribute_faces(cfg["synthetic_count"], cfg["task"], size if isinstance(size, int) else size[0],
                                                seed=cfg["seed"])
     elif cfg["task"] == "celeba":
-        names, attributes, columns, partition = data.read_celeba_labels(cfg["data"])
+        names, attributes, columns, partition = data.read_celeba_labels(cfg["data"], need_partition=True)
         if cfg["split"] == "concepcion":
             column = data.select_attributes(columns, cfg["attrs"])[0]
             sample = data.concepcion_sample(attributes, partition, column, cfg["sample_sizes"], cfg["seed"])
@@ -163,7 +179,9 @@ def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
         faces = data.load_utkface(cfg["data"], size, cfg["cache"], cfg["crop_faces"])
     if cfg["task"] == "celeba":  # the official partitions (which the Concepción sample was drawn from too)
         return faces, {part: (faces.partition == i).nonzero().flatten() for i, part in enumerate(("train", "val", "test"))}
-    return faces, data.utkface_split(faces.targets, cfg["split"], cfg["seed"], cfg["age_groups"], cfg.get("val_fraction", 0.0))
+    split_seed = cfg.get("split_seed", cfg["seed"])  # runs saved before --split-seed split with their --seed
+    return faces, data.utkface_split(faces.targets, cfg["split"], split_seed, cfg["age_groups"],
+                                     cfg.get("val_fraction", 0.0))
 
 
 def make_heads(cfg: dict, faces: data.AttributeFaces) -> list[dict]:
@@ -310,12 +328,16 @@ def settle_task(cfg: dict) -> None:
                             + ("official or concepcion" if cfg["task"] == "celeba" else "stratified or utec"))
     if cfg["task"] == "celeba" and cfg["val_fraction"]:
         raise runs.RunError("--val-fraction is for UTKFace: CelebA's official partitions have their own validation part")
+    if cfg["task"] == "utkface" and cfg["attrs"] != ["all"]:
+        raise runs.RunError(f"--attrs names CelebA attributes, but this run is on UTKFace ({cfg['data']}): pass "
+                            "a CelebA folder (list_attr_celeba.txt), or choose UTKFace's heads with --targets")
 
 
 def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
-    run = runs.Run(args, command, device, "train_attributes.py", RESUME_KEYS, NOT_SAVED, best="best_score")
+    run = runs.Run(args, command, device, "train_attributes.py", RESUME_KEYS, NOT_SAVED, best="best_score",
+                   added={"split_seed": lambda old: old["seed"]})  # before --split-seed: the --seed
     cfg = run.cfg
     if not run.resuming:
         settle_task(cfg)
@@ -387,7 +409,8 @@ def train(args, command: str):
     result, named, each = test(evaluated, heads, faces, test_idx, y_all[test_idx], cfg, run.folder, device)
     result = run.finish({**result, "best_epoch": best["epoch"], "best_val_score": run.best if math.isfinite(run.best)
                          else None, "parameters": models.count_parameters(model),
-                         "split_sizes": {k: len(v) for k, v in split.items()}})
+                         "split_sizes": {k: len(v) for k, v in split.items()},
+                         **({"split_seed": cfg["split_seed"]} if cfg["task"] == "utkface" else {})})
     print(", ".join(f"{n} {v:.4f}" for n, v in named) + (f", age MAE {each['age']:.2f}" if "age" in each else "")
           + f" on the test part, with the weights of epoch {best['epoch']}; training took {run.train_seconds:.0f}s on "
           f"{result['device']}; results in {run.folder}")

@@ -134,6 +134,34 @@ def _existing(path: str | Path, how_to_get: str) -> Path:
     return path
 
 
+def _cannot_read(path: Path, error: OSError) -> DataError:
+    return DataError(f"{path} cannot be read ({error.strerror or type(error).__name__}): check its permissions "
+                     f"(ls -ld {path}), or pass a copy you may read")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The entries of folder, sorted; DataError when it cannot be listed (no read permission)."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as error:
+        raise _cannot_read(folder, error) from None
+
+
+def _shown(fields: Sequence[str], separator: str = ",", width: int = 60) -> str:
+    """A header or line as found, quoted, cut to about width characters (with its field count when cut)."""
+    text = separator.join(fields)
+    return repr(text) if len(text) <= width else f"{text[:width]!r}... ({len(fields)} fields)"
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (a 16-bit PNG opens as mode I;16 or I) scaled to 8-bit L, 0..65535 onto 0..255;
+    other images as they are. convert("L") or ("RGB") would clip every value above 255: 99.6% of a gradient white."""
+    if image.mode not in ("I;16", "I;16L", "I;16B", "I"):
+        return image
+    values = np.asarray(image).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")  # rounded to the nearest level
+
+
 # ---------------------------------------------------------------- FER-2013 readers
 
 def _fer_layout(names: Iterable[str]) -> list[str]:
@@ -168,21 +196,23 @@ def _usage_id(file_name: str, split: str) -> int:
 def _decode_fer(names: list[str], open_image: Callable[[str], Image.Image]) -> tuple[torch.Tensor, list[int]]:
     """Decode to uint8 [N, 1, 48, 48]. Returns the images and the positions in names that could be read."""
     pixels = np.empty((len(names), FER_SIZE, FER_SIZE), np.uint8)
-    kept, unreadable, converted = [], [], []
+    kept, unreadable, oversized, converted = [], [], [], []
     for i, name in enumerate(names):
         try:
-            with open_image(name) as image:
+            with open_image(name) as opened:
+                image = _eight_bit(opened)
                 odd = image.mode != "L" or image.size != (FER_SIZE, FER_SIZE)
                 if odd:
                     image = image.convert("L").resize((FER_SIZE, FER_SIZE), Image.BILINEAR)
                 pixels[len(kept)] = np.asarray(image)  # decodes here, so a truncated file fails inside the try
-        except UNREADABLE:
-            unreadable.append(name)
+        except UNREADABLE as error:
+            (oversized if isinstance(error, ZipMemberTooBig) else unreadable).append(name)
             continue
         kept.append(i)
         if odd:
             converted.append(name)
     _warn_skipped(unreadable, "unreadable images")
+    _warn_oversized(oversized)
     if converted:
         warnings.warn(f"converted {len(converted)} images that were not 48x48 grayscale to 48x48 grayscale: "
                       f"{_first_few(converted)}")
@@ -210,7 +240,10 @@ def fer2013_folders(root: str | Path) -> FaceImages:
     root = _existing(root, GET_FER2013)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: pass the folder that holds train/ and test/")
-    names = _fer_layout(path.relative_to(root).as_posix() for path in root.glob("*/*/*"))
+    # Listed by hand, not globbed: glob passes over a folder it may not read, and a class would vanish unsaid.
+    names = _fer_layout(f"{split.name}/{folder.name}/{file.name}" for split in _entries(root)
+                        if split.name.lower() in ("train", "test") and split.is_dir()
+                        for folder in _entries(split) if folder.is_dir() for file in _entries(folder))
     return _read_fer_layout(names, lambda name: Image.open(root / name), root)
 
 
@@ -218,8 +251,35 @@ def _open_zip(path: Path, or_else: str) -> zipfile.ZipFile:
     """path as an open ZipFile; a damaged or foreign file is a DataError ending with or_else (what else to do)."""
     try:
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
+    except zipfile.BadZipFile:
         raise DataError(f"{path} is not a readable zip file: download it again, or {or_else}") from None
+    except OSError as error:  # no read permission, a disk error
+        raise _cannot_read(path, error) from None
+
+
+# A zip member is inflated only when its declared size is within both bounds (zipfile then inflates no more than
+# that size), so that a zip bomb is skipped before it fills memory: one member inflating to 3 GB took 7.2 GB.
+ZIP_MEMBER_MAX_BYTES = 100_000_000  # a face photo is far smaller: a 24-megapixel JPEG takes about 10 MB
+ZIP_MAX_RATIO = 100  # deflate packs JPEG faces 1.00-1.06x (300 each of fer2013, utkface, celeba-faces): 100x is no face
+
+
+class ZipMemberTooBig(ValueError):
+    """A zip member whose declared size is beyond the bounds above; it is skipped without being inflated."""
+
+
+def _zip_image(archive: zipfile.ZipFile, name: str) -> Image.Image:
+    """The image in the zip member name, inflated only if its declared size is within the bounds (members up to
+    1 MB may shrink more than ZIP_MAX_RATIO: a flat-coloured image does)."""
+    member = archive.getinfo(name)
+    if member.file_size > min(ZIP_MEMBER_MAX_BYTES, max(1 << 20, ZIP_MAX_RATIO * member.compress_size)):
+        raise ZipMemberTooBig(name)
+    with archive.open(member) as file:
+        return Image.open(io.BytesIO(file.read(member.file_size)))  # read(n) inflates about n bytes at most
+
+
+def _warn_oversized(names: list[str]) -> None:
+    _warn_skipped(names, f"zip members that would inflate to over {_bytes_text(ZIP_MEMBER_MAX_BYTES)} or to over "
+                         f"{ZIP_MAX_RATIO}x their packed size, too much for a face image (a zip bomb?)")
 
 
 def fer2013_zip(path: str | Path) -> FaceImages:
@@ -227,7 +287,7 @@ def fer2013_zip(path: str | Path) -> FaceImages:
     path = _existing(path, GET_FER2013)
     with _open_zip(path, "unzip it and pass the folder") as archive:
         names = _fer_layout(archive.namelist())
-        return _read_fer_layout(names, lambda name: Image.open(io.BytesIO(archive.read(name))), path)
+        return _read_fer_layout(names, lambda name: _zip_image(archive, name), path)
 
 
 def fer2013_csv(path: str | Path) -> FaceImages:
@@ -238,15 +298,19 @@ def fer2013_csv(path: str | Path) -> FaceImages:
     path = _existing(path, GET_FER2013)
     labels, usage, pixels, files = [], [], [], []
     try:
-        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet may have added a BOM
+        file = path.open(newline="", encoding="utf-8-sig")  # -sig: a spreadsheet may have added a BOM
+    except OSError as error:
+        raise _cannot_read(path, error) from None
+    try:
+        with file:
             rows = csv.reader(file)
             header = next(rows, None)
             if header is None:
                 raise DataError(f"{path} is empty: pass fer2013.csv or icml_face_data.csv (download it again)")
             columns = [name.strip().lower() for name in header]
             if sorted(columns) != ["emotion", "pixels", "usage"]:
-                raise DataError(f"{path.name} has the header {textwrap.shorten(','.join(header), 60)!r}, expected the "
-                                f"columns emotion, pixels, Usage (any order): pass fer2013.csv or icml_face_data.csv")
+                raise DataError(f"{path.name} has the header {_shown(header)}, expected the columns emotion, pixels, "
+                                f"Usage (any order): pass fer2013.csv or icml_face_data.csv")
             label_at, pixels_at, usage_at = (columns.index(name) for name in ("emotion", "pixels", "usage"))
             label_ids = {str(i) for i in range(len(EMOTIONS))}
             for row in rows:
@@ -307,8 +371,18 @@ def _fingerprint(path: Path) -> list:
     two levels down with its entry count (adding, removing or renaming a file changes its folder's mtime)."""
     if path.is_file():
         return [path.stat().st_size, path.stat().st_mtime_ns]
-    folders = [path, *sorted(p for p in [*path.glob("*"), *path.glob("*/*")] if p.is_dir())]
-    return [(str(folder), len(os.listdir(folder)), folder.stat().st_mtime_ns) for folder in folders]
+
+    def listing(folder: Path) -> list[Path]:  # [] for a folder that cannot be read: the readers skip it or say so
+        try:
+            return list(folder.iterdir())
+        except OSError:
+            return []
+
+    folders, level = [], [path]
+    for _ in range(2):
+        level = [entry for folder in level for entry in listing(folder) if entry.is_dir()]
+        folders += level
+    return [(str(folder), len(listing(folder)), folder.stat().st_mtime_ns) for folder in [path, *sorted(folders)]]
 
 
 def cache_folder(cache_dir=None) -> Path:
@@ -529,7 +603,7 @@ def _mtcnn(device: str):
 def open_photo(path: str | Path) -> Image.Image:
     """A photo as RGB, turned upright by its EXIF orientation (phones often store photos sideways)."""
     with Image.open(path) as stored:
-        return ImageOps.exif_transpose(stored).convert("RGB")
+        return _eight_bit(ImageOps.exif_transpose(stored)).convert("RGB")
 
 
 def detect_faces(image: Image.Image, device: str = "cpu") -> list[tuple[float, float, float, float]]:
@@ -592,7 +666,7 @@ def _crop_biggest_faces(paths: list[Path], names: list[str], size: int, grayscal
 
 def _crop_face_folders(root: Path, size: int, grayscale: bool, classes: tuple[str, ...] | None,
                        device: str) -> FaceImages:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [p for p in _entries(root) if p.is_dir() and not p.name.startswith(".")]
     if classes is None:
         classes = tuple(folder.name for folder in folders)
     photos = []
@@ -602,7 +676,7 @@ def _crop_face_folders(root: Path, size: int, grayscale: bool, classes: tuple[st
             accepted = classes + tuple(a for a, c in EMOTION_ALIASES.items() if c in classes)
             raise DataError(f"unknown class folder '{folder.name}' in {root}: rename it to one of "
                             f"{', '.join(accepted)} or remove it")
-        photos += [(classes.index(name), path) for path in sorted(folder.iterdir())
+        photos += [(classes.index(name), path) for path in _entries(folder)
                    if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")]
     if not photos:
         raise DataError(f"no photos (.jpg, .jpeg, .png) in {root}/<class>/: put each class's photos in its own folder")
@@ -734,7 +808,7 @@ def _image_size(size: int | tuple[int, int]) -> tuple[int, int]:
 
 def _resized_rgb(image: Image.Image, height: int, width: int, square: bool) -> torch.Tensor:
     """image as uint8 [3, height, width]; square first cuts the centre square, so that nothing is stretched."""
-    image = image.convert("RGB")
+    image = _eight_bit(image).convert("RGB")
     if square and image.width != image.height:
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -749,16 +823,17 @@ def _decode_rgb(names: list[str], open_image: Callable[[str], Image.Image], heig
     """Decode one image at a time into a preallocated uint8 [N, 3, height, width], so that memory never holds
     more than the result. Returns the images and the positions in names that could be read."""
     images = torch.empty(len(names), 3, height, width, dtype=torch.uint8)
-    kept, unreadable = [], []
+    kept, unreadable, oversized = [], [], []
     for i, name in enumerate(names):
         try:
             with open_image(name) as image:
                 images[len(kept)] = _resized_rgb(image, height, width, square)
-        except UNREADABLE:
-            unreadable.append(name)
+        except UNREADABLE as error:
+            (oversized if isinstance(error, ZipMemberTooBig) else unreadable).append(name)
             continue
         kept.append(i)
     _warn_skipped(unreadable, "missing or unreadable images")
+    _warn_oversized(oversized)
     # A slice would keep the whole preallocated storage alive, and torch.save would write all of it to the cache.
     return (images if len(kept) == len(names) else images[:len(kept)].clone()), kept
 
@@ -824,6 +899,8 @@ def _table_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
     except (UnicodeDecodeError, csv.Error) as e:  # e.g. a binary file under the list's name
         raise DataError(f"{path.name} is not a readable text file ({textwrap.shorten(str(e), 60)}): "
                         f"{GET_CELEBA}") from None
+    except OSError as error:  # no read permission, a disk error
+        raise _cannot_read(path, error) from None
 
 
 def _celeba_rows(path: Path, lines: Iterator[tuple[int, list[str]]], width: int, codes: dict[str, str],
@@ -860,12 +937,12 @@ def _read_celeba_attributes(path: Path) -> tuple[list[str], torch.Tensor, tuple[
     number, fields = first
     if path.suffix == ".csv":
         if fields[0] != "image_id" or len(fields) < 2:
-            raise DataError(f"{path.name} has the header {textwrap.shorten(','.join(fields), 60)!r}, expected "
-                            f"image_id and the attribute names: pass Kaggle's list_attr_celeba.csv")
+            raise DataError(f"{path.name} has the header {_shown(fields)}, expected image_id and the attribute "
+                            f"names: pass Kaggle's list_attr_celeba.csv")
         count, names = None, tuple(fields[1:])
     else:
         if len(fields) != 1 or not fields[0].isdigit():
-            raise DataError(f"{path.name} line {number} is {textwrap.shorten(' '.join(fields), 40)!r}, expected the "
+            raise DataError(f"{path.name} line {number} is {_shown(fields, ' ', 40)}, expected the "
                             f"image count: pass CelebA's list_attr_celeba.txt (line 1 the count, line 2 the names)")
         second = next(lines, None)
         if second is None:
@@ -888,26 +965,35 @@ def _read_celeba_partition(path: Path) -> dict[str, str]:
     if path.suffix == ".csv":
         header = next(lines, (1, []))[1]
         if header != ["image_id", "partition"]:
-            raise DataError(f"{path.name} has the header {textwrap.shorten(','.join(header), 60)!r}, expected "
-                            f"image_id,partition: pass Kaggle's list_eval_partition.csv")
+            raise DataError(f"{path.name} has the header {_shown(header)}, expected image_id,partition: pass "
+                            f"Kaggle's list_eval_partition.csv")
     files, codes = _celeba_rows(path, lines, 2, {"0": "0", "1": "1", "2": "2"}, "a file name and its partition",
                                 "0 (train), 1 (val) or 2 (test)")
     return dict(zip(files, codes))
 
 
-def read_celeba_labels(root: str | Path) -> tuple[list[str], torch.Tensor, tuple[str, ...], torch.Tensor]:
+def read_celeba_labels(root: str | Path, need_partition: bool = False
+                       ) -> tuple[list[str], torch.Tensor, tuple[str, ...], torch.Tensor]:
     """CelebA's labels without decoding any image: (file names, int64 [N, 40] attributes 0/1, attribute names,
     int8 [N] official partition 0 train, 1 val, 2 test), in list_attr_celeba's order.
 
     A sample is drawn from these first (concepcion_sample), so that load_celeba decodes only what it needs.
-    Without list_eval_partition the partition is -1 everywhere, with a warning.
+    Without list_eval_partition the partition is -1 everywhere, with a warning; with need_partition (the official
+    split or a sample drawn from it) that is a DataError.
     """
-    root = _existing(root, GET_CELEBA)
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"{root.absolute()} does not exist, so CelebA's lists (list_attr_celeba.txt, "
+                        f"list_eval_partition.txt) were not found: {GET_CELEBA}, and pass that folder")
     attributes_path = _celeba_list(root, "list_attr_celeba")
     if attributes_path is None:
-        raise DataError(f"no list_attr_celeba.txt or list_attr_celeba.csv in {root}: {GET_CELEBA}")
-    files, attributes, names = _read_celeba_attributes(attributes_path)
+        raise DataError(f"CelebA's lists were not found (no list_attr_celeba.txt or list_attr_celeba.csv in "
+                        f"{root.absolute()}): {GET_CELEBA}")
     partition_path = _celeba_list(root, "list_eval_partition")
+    if partition_path is None and need_partition:
+        raise DataError(f"no list_eval_partition.txt or list_eval_partition.csv in {root.absolute()}: CelebA's "
+                        f"official train/val/test partition comes from it; {GET_CELEBA}")
+    files, attributes, names = _read_celeba_attributes(attributes_path)
     if partition_path is None:
         warnings.warn(f"no list_eval_partition.txt or list_eval_partition.csv in {root}: every image gets the "
                       f"partition -1 (none), so the official train/val/test split cannot be used")
@@ -997,7 +1083,7 @@ def _celeba_images_and_decode(root: Path, names: list[str], height: int, width: 
         def open_member(name: str) -> Image.Image:
             if name not in members:
                 raise FileNotFoundError(name)
-            return Image.open(io.BytesIO(archive.read(members[name])))
+            return _zip_image(archive, members[name])
         return _decode_rgb(names, open_member, height, width, square)
 
 
@@ -1050,6 +1136,9 @@ UTKFACE_GENDERS = ("male", "female")  # the gender ids 0, 1 in the file names
 UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")  # the race ids 0..4 in the file names
 UTKFACE_SPLITS = ("stratified", "utec")
 AGE_GROUPS = (12, 19, 39, 59)  # upper bounds: 0-12, 13-19, 20-39, 40-59, 60+
+# The fewest images each part of a UTKFace split may hold: on fewer, training learns next to nothing and a test
+# part measures accuracy in steps of over 10 points (a 3-image set gave 2 train and 1 test image, unsaid).
+UTKFACE_MIN_PART = 10
 GET_UTKFACE = ("download UTKFace and pass the folder of its <age>_<gender>_<race>_<datetime>.jpg images "
                "(UTKFace/, crop_part1/) or the folder above it")
 
@@ -1068,17 +1157,24 @@ def _utkface_targets(file_name: str) -> tuple[int, int, int] | None:
 
 def _image_files(folder: Path) -> list[Path]:
     """The images in folder, sorted; hidden files (macOS's ._<name> copies) and other files left out."""
-    return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES
-                  and not path.name.startswith(".") and path.is_file())
+    return [path for path in _entries(folder) if path.suffix.lower() in IMAGE_SUFFIXES
+            and not path.name.startswith(".") and path.is_file()]
 
 
 def _utkface_folder(root: Path) -> tuple[Path, list[Path]]:
-    """root and its images, or root's one subfolder of images (the folder above crop_part1/) and its images."""
+    """root and its images, or root's one subfolder of images (the folder above crop_part1/) and its images.
+    Subfolders that cannot be read are passed over with one warning naming them."""
     photos = _image_files(root)
     if photos:
         return root, photos
-    holding = [(folder, _image_files(folder)) for folder in sorted(root.iterdir())
-               if folder.is_dir() and not folder.name.startswith(".")]
+    holding, unreadable = [], []
+    for folder in _entries(root):
+        if folder.is_dir() and not folder.name.startswith("."):
+            try:
+                holding.append((folder, _image_files(folder)))
+            except DataError:
+                unreadable.append(folder.name + "/")
+    _warn_skipped(unreadable, "folders that cannot be read (check their permissions)")
     holding = [(folder, photos) for folder, photos in holding if photos]
     if len(holding) > 1:
         raise DataError(f"{root} holds several folders of images ({_first_few([f.name for f, _ in holding])}): "
@@ -1086,6 +1182,23 @@ def _utkface_folder(root: Path) -> tuple[Path, list[Path]]:
     if not holding:
         raise DataError(f"no images (.jpg, .jpeg, .png) in {root} or in a folder inside it: {GET_UTKFACE}")
     return holding[0]
+
+
+def holds_utkface_images(root: str | Path) -> bool:
+    """Whether root, or a folder inside it, holds an image named as UTKFace's: <age>_<gender>_<race>_<datetime>.jpg.
+    Folders inside root that cannot be read are passed over; root itself is a DataError."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return False
+    entries = _entries(root)
+    for folder in [root, *(entry for entry in entries if entry.is_dir())]:
+        try:
+            names = [entry.name for entry in (entries if folder == root else folder.iterdir())]
+        except OSError:
+            continue
+        if any(name.lower().endswith(IMAGE_SUFFIXES) and _utkface_targets(name) for name in names):
+            return True
+    return False
 
 
 def _read_utkface(folder: Path, photos: list[Path], targets: list[tuple[int, int, int]], size: int,
@@ -1163,7 +1276,8 @@ def utkface_split(targets: torch.Tensor, protocol: str = "stratified", seed: int
     utec        the UTEC report's 70% train, 30% test, with at least min(50, n // 2) of each gender x age group
                 of n images in train
     val_fraction of the train part (stratified the same way) becomes "val"; the test part is the same whatever it is,
-    so runs with and without validation are tested on the same faces.
+    so runs with and without validation are tested on the same faces. A part (val only when asked for) of fewer
+    than UTKFACE_MIN_PART images is a DataError.
     """
     if protocol not in UTKFACE_SPLITS:
         raise DataError(f"unknown UTKFace split protocol {protocol!r}: choose one of {', '.join(UTKFACE_SPLITS)}")
@@ -1179,7 +1293,14 @@ def utkface_split(targets: torch.Tensor, protocol: str = "stratified", seed: int
     if val_fraction:
         val, kept = stratified_split(strata[train], [val_fraction, 1 - val_fraction], seed)
         val, train = train[val], train[kept]
-    return {"train": train, "val": val, "test": test}
+    split = {"train": train, "val": val, "test": test}
+    used = {part: len(index) for part, index in split.items() if part != "val" or val_fraction}
+    if min(used.values()) < UTKFACE_MIN_PART:
+        raise DataError(f"the {protocol} split of {len(targets)} UTKFace images leaves "
+                        + ", ".join(f"{count} for {part}" for part, count in used.items())
+                        + f": each part needs at least {UTKFACE_MIN_PART} images (on fewer, training learns next to "
+                        f"nothing and a test measures accuracy in steps of over 10 points): use more images")
+    return split
 
 
 # ---------------------------------------------------------------- synthetic attribute faces
@@ -1321,10 +1442,32 @@ def _is_image_name(name: str) -> bool:
             and not any(part.startswith((".", "__MACOSX")) for part in parts))
 
 
+def _files_below(root: Path) -> list[str]:
+    """Every file in root and its subfolders (links to folders not followed), as posix paths inside root. A
+    subfolder that cannot be read is skipped with one warning naming it; root itself is a DataError."""
+    names, unreadable, folders = [], [], [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = list(folder.iterdir())
+        except OSError as error:
+            if folder == root:
+                raise _cannot_read(root, error) from None
+            unreadable.append(folder.relative_to(root).as_posix() + "/")
+            continue
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                folders.append(entry)
+            elif entry.is_file():
+                names.append(entry.relative_to(root).as_posix())
+    _warn_skipped(sorted(unreadable), "folders that cannot be read (check their permissions)")
+    return names
+
+
 def _face_image_names(path: Path) -> list[str]:
     """The images of a folder (with its subfolders) or of a zip, as sorted posix paths inside it."""
     if path.is_dir():
-        names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+        names = _files_below(path)
     elif path.suffix.lower() == ".zip":
         with _open_zip(path, "unzip it and pass the folder") as archive:
             names = [member.filename for member in archive.infolist() if not member.is_dir()]
@@ -1343,7 +1486,7 @@ def _read_face_images(path: Path, names: list[str], size: int) -> UnlabelledFace
         images, kept = _decode_rgb(names, lambda name: Image.open(path / name), size, size, square=True)
     else:
         with _open_zip(path, "unzip it and pass the folder") as archive:
-            images, kept = _decode_rgb(names, lambda name: Image.open(io.BytesIO(archive.read(name))), size, size, square=True)
+            images, kept = _decode_rgb(names, lambda name: _zip_image(archive, name), size, size, square=True)
     if not kept:
         raise DataError(f"none of the {len(names):,} images in {path} could be read (damaged, or not images): {GET_FACES}")
     return UnlabelledFaces(images, [names[i] for i in kept])

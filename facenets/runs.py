@@ -233,17 +233,21 @@ def existing_run(path) -> Path:
 # ---------------------------------------------------------------- resuming
 
 
-def resumed_config(run: Path, cfg: dict, ckpt, args, device: torch.device, not_saved=(), script="this script") -> dict:
+def resumed_config(run: Path, cfg: dict, ckpt, args, device: torch.device, not_saved=(), script="this script",
+                   added=None) -> dict:
     """The settings a resumed run goes on with: its saved cfg (so it stays the same experiment), a typed --epochs aside.
 
     ckpt is None for a run stopped before its first save (it starts again from its config.json); args.given holds the
     flags typed (given_flags). RunError for what cannot go on: another kind of device than the one its random states
     belong to, a setting typed (silently ignoring it would leave the user believing it took effect), a finished run,
-    a new length for a schedule laid out for the old one, a config from an older version of the script.
+    a new length for a schedule laid out for the old one, a config from an older version of the script. added maps a
+    setting newer than some saved runs to a function of their cfg giving the value they ran with, so they go on.
     """
     trained_on = "cpu" if ckpt is None or ckpt["rng"]["cuda"] is None else "cuda"
     if ckpt is not None and trained_on != device.type:
         raise RunError(f"{run} was trained on {trained_on}, this run is on {device.type}: resume it with --device {trained_on}")
+    for name, value_in in (added or {}).items():
+        cfg.setdefault(name, value_in(cfg))
     missing = sorted(set(vars(args)) - set(cfg) - set(not_saved))
     if missing:
         raise RunError(f"{run} was saved by an older {script} (it lacks {missing[0]!r}): start a new run")
@@ -274,21 +278,23 @@ NOT_SETTINGS = ("predict", "checkpoint", "resume", "given", "model_opt", "width"
 TRAINING_STATE = ("model", "config", "ema", "optimizer", "scheduler", "epoch", "step", "order", "history", "rng")
 
 
-def settings(args, command: str, device: torch.device, needs, not_saved, script: str) -> tuple[Path | None, dict | None, dict]:
+def settings(args, command: str, device: torch.device, needs, not_saved, script: str,
+             added=None) -> tuple[Path | None, dict | None, dict]:
     """What a run goes on with: (its folder, its last.pt, its settings) under --resume, else (None, None, the flags).
 
     A new run's settings are the flags but not_saved, and the command; a resumed one's come from resumed_config, its
-    checkpoint being None when it was stopped before its first save (it starts again from its config.json).
+    checkpoint being None when it was stopped before its first save (it starts again from its config.json); added:
+    resumed_config's.
     """
     if not args.resume:
         return None, None, {**{k: v for k, v in vars(args).items() if k not in not_saved}, "command": command}
     run = existing_run(args.resume)
     if (run / "last.pt").is_file():
         ckpt = load_checkpoint(run / "last.pt", needs=needs)
-        return run, ckpt, resumed_config(run, ckpt["config"], ckpt, args, device, not_saved, script)
+        return run, ckpt, resumed_config(run, ckpt["config"], ckpt, args, device, not_saved, script, added)
     saved = read_json(run / "config.json", "a run's config", "start a new run")
     print(f"{run} was stopped before its first save: starting it again from epoch 1")
-    return run, None, resumed_config(run, saved, None, args, device, not_saved, script)
+    return run, None, resumed_config(run, saved, None, args, device, not_saved, script, added)
 
 
 # ---------------------------------------------------------------- one run, start to finish
@@ -341,9 +347,10 @@ class Run:
     """
 
     def __init__(self, args, command: str, device: torch.device, script: str, needs, not_saved,
-                 best: str = "best_score", lower_is_better: bool = False, advice: str = "a lower --lr or another --seed"):
+                 best: str = "best_score", lower_is_better: bool = False, advice: str = "a lower --lr or another --seed",
+                 added: dict | None = None):
         self.device, self.needs, self.advice = device, needs, advice
-        self.folder, self._ckpt, self.cfg = settings(args, command, device, needs, not_saved, script)
+        self.folder, self._ckpt, self.cfg = settings(args, command, device, needs, not_saved, script, added)
         torch.manual_seed(self.cfg["seed"])  # the weights; the batch order and augmentation draw from .generator
         self.t0, self.resuming = time.perf_counter(), bool(args.resume)
         self._new_folder = None if args.resume else (args.out, args.name)

@@ -95,6 +95,10 @@ def test_celeba_without_a_partition_list_warns_and_gives_minus_one(tmp_path):
     assert partition.tolist() == [-1] * CELEBA_COUNT
     one_line_error(lambda: data.concepcion_sample(torch.ones(CELEBA_COUNT, 1), partition, 0, (2, 0, 0)),
                    "no official partition", "list_eval_partition.txt")
+    # the official split needs it: then its absence is the error, naming where it was looked for
+    one_line_error(lambda: data.read_celeba_labels(root, need_partition=True),
+                   f"no list_eval_partition.txt or list_eval_partition.csv in {root.absolute()}", "official",
+                   "download CelebA's")
 
 
 def replace_line(path: Path, number: int, text: str | None) -> None:
@@ -129,8 +133,10 @@ def test_celeba_bad_lists_name_the_file_and_line(tmp_path, file, line, text, wor
 
 
 def test_celeba_missing_or_unreadable_lists_say_what_to_get(tmp_path):
-    one_line_error(lambda: data.read_celeba_labels(tmp_path / "nowhere"), "does not exist", "list_attr_celeba.txt")
-    one_line_error(lambda: data.read_celeba_labels(tmp_path), "no list_attr_celeba.txt or list_attr_celeba.csv")
+    one_line_error(lambda: data.read_celeba_labels(tmp_path / "nowhere"), f"{tmp_path / 'nowhere'} does not exist",
+                   "CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) were not found", "download")
+    one_line_error(lambda: data.read_celeba_labels(tmp_path), "CelebA's lists were not found",
+                   f"no list_attr_celeba.txt or list_attr_celeba.csv in {tmp_path}", "download")
     (tmp_path / "list_attr_celeba.txt").write_text("")
     one_line_error(lambda: data.read_celeba_labels(tmp_path), "list_attr_celeba.txt is empty")
     (tmp_path / "list_attr_celeba.txt").write_bytes(b"\xff\xfe\x00 binary" * 10)
@@ -195,6 +201,18 @@ def test_load_celeba_reads_folder_and_zips_the_same(tmp_path, images, capsys):
     centre = faces.images[:, :, HEIGHT // 2, WIDTH // 2].float()
     assert torch.allclose(centre, torch.tensor([celeba_colour(i) for i in (11, 0, 5)], dtype=torch.float32), atol=6)
     assert "celeba: decoding 3 images at 20x16 into 2.9 kB" in capsys.readouterr().out
+
+
+def test_load_celeba_skips_a_zip_member_declaring_a_bomb_size(tmp_path):
+    root = write_celeba(tmp_path / "celeba", images="zip")
+    content = bytearray((root / "img_align_celeba.zip").read_bytes())
+    central = content.index(b"PK\x01\x02")  # the central directory, where each entry's sizes are declared
+    entry = content.rindex(b"PK\x01\x02", 0, content.index(b"img_align_celeba/000002.jpg", central))
+    content[entry + 24:entry + 28] = (3_000_000_000).to_bytes(4, "little")  # its uncompressed size: 3 GB
+    (root / "img_align_celeba.zip").write_bytes(bytes(content))
+    with pytest.warns(UserWarning, match="skipped 1 zip members that would inflate .*: 000002.jpg"):
+        faces = data.load_celeba(root, [0, 1, 2], size=(HEIGHT, WIDTH), cache_dir=tmp_path / "cache")
+    assert faces.files == ["000001.jpg", "000003.jpg"]
 
 
 def test_load_celeba_crops_and_sizes(tmp_path):
@@ -386,6 +404,22 @@ def test_utkface_validation_comes_out_of_the_training_part_and_leaves_the_test_p
     assert (counts > 0).all() and ((counts - 0.25 * trained).abs() <= 1).all(), counts
     assert torch.equal(split["val"], data.utkface_split(targets, seed=2, val_fraction=0.25)["val"])
     one_line_error(lambda: data.utkface_split(targets, val_fraction=1.0), "validation share", "[0, 1)")
+
+
+@pytest.mark.parametrize("count, protocol, val_fraction, words", [
+    (3, "stratified", 0.0, "the stratified split of 3 UTKFace images leaves 2 for train, 1 for test"),  # was unsaid
+    (45, "stratified", 0.0, "leaves 36 for train, 9 for test"),
+    (30, "utec", 0.0, "leaves 21 for train, 9 for test"),
+    (100, "stratified", 0.1, "leaves 72 for train, 8 for val, 20 for test"),
+])
+def test_a_utkface_split_with_a_part_too_small_to_measure_is_one_line(count, protocol, val_fraction, words):
+    one_line_error(lambda: data.utkface_split(utk_targets(count), protocol, val_fraction=val_fraction), words,
+                   "each part needs at least 10 images", "use more images")
+
+
+def test_the_smallest_utkface_splits_allowed():
+    assert [len(part) for part in data.utkface_split(utk_targets(50)).values()] == [40, 0, 10]
+    assert [len(part) for part in data.utkface_split(utk_targets(34), "utec").values()] == [24, 0, 10]
 
 
 def test_utkface_utec_split_is_70_30_with_a_floor_per_class():

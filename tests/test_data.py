@@ -1,4 +1,5 @@
 """Tests of facenets.data on small files written in the real formats; tests on the real data need FACENETS_DATA."""
+import io
 import os
 import subprocess
 import sys
@@ -546,6 +547,131 @@ def test_missing_facenet_pytorch_is_a_data_error(monkeypatch):
         one_line_error(lambda: data.detect_faces(Image.new("RGB", (64, 64))), "pip install facenet-pytorch")
     finally:
         data._mtcnn.cache_clear()
+
+
+# ---------------------------------------------------------------- 16-bit images, zip bombs, unreadable files
+
+def gradient_16_bit(path: Path, width: int = 256, height: int = 48) -> np.ndarray:
+    """A 16-bit grayscale PNG whose columns run 0..65535 left to right; returns the 8-bit gradient it stands for."""
+    levels = np.linspace(0, 65535, width).round()
+    Image.fromarray(np.tile(levels.astype(np.uint16), (height, 1))).save(path)
+    assert Image.open(path).mode in ("I;16", "I")  # what Pillow makes of a 16-bit PNG
+    return np.round(levels * 255 / 65535)
+
+
+def test_a_16_bit_png_decodes_to_the_matching_8_bit_gradient(tmp_path):
+    root = write_fer_folders(tmp_path / "fer2013")
+    expected = gradient_16_bit(root / "train/angry/Training_16bit.png", width=48)
+    faces = data.fer2013_folders(root)
+    fer = faces.images[faces.files.index("train/angry/Training_16bit.png"), 0].numpy()
+    (tmp_path / "faces").mkdir()
+    expected_rgb = gradient_16_bit(tmp_path / "faces/gradient.png", height=256)
+    rgb = data.load_face_images(tmp_path / "faces", 256, cache_dir=tmp_path / "cache").images[0].numpy()
+    photo = np.asarray(data.open_photo(tmp_path / "faces/gradient.png"))
+    # exact but for rounding at the middle of a level (none of these lie there): within one of 256 levels
+    assert np.abs(fer - expected).max() <= 1 and (fer == 255).mean() < 0.05  # was 99.6% white
+    assert all(np.abs(channel - expected_rgb).max() <= 1 for channel in rgb[:, 0])
+    assert np.abs(photo[0, :, 1] - expected_rgb).max() <= 1
+
+
+def declare_size(path: Path, member: str, size: int) -> None:
+    """Make the zip's central directory declare size bytes for member, as a crafted zip can."""
+    content = bytearray(path.read_bytes())
+    entry = content.index(b"PK\x01\x02")  # the central directory's entries, each with its name at byte 46
+    while content[entry + 46:entry + 46 + len(member)] != member.encode():
+        entry = content.index(b"PK\x01\x02", entry + 4)
+    content[entry + 24:entry + 28] = size.to_bytes(4, "little")  # its uncompressed size field
+    path.write_bytes(bytes(content))
+
+
+def test_zip_members_beyond_the_size_bounds_are_skipped_without_being_inflated(tmp_path, monkeypatch):
+    path = tmp_path / "faces.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in ("ok.png", "huge.png"):
+            archive.writestr(name, face_png())
+        archive.writestr("zeros.png", bytes(3 << 20))  # 3 MB that deflate packs into a few kB: a zip bomb's ratio
+        archive.writestr("noise.png", np.random.default_rng(0).bytes(300_000))  # barely compressible
+    declare_size(path, "huge.png", 3_000_000_000)  # inflating it took 7.2 GB of memory
+    monkeypatch.setattr(data, "ZIP_MEMBER_MAX_BYTES", 200_000, raising=False)  # lowered: noise.png exceeds it
+    opened, real_open = [], zipfile.ZipFile.open
+
+    def open_member(archive, member, *args, **kwargs):  # archive.read(name) opens it too: every inflation is seen
+        opened.append(getattr(member, "filename", member))
+        return real_open(archive, member, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", open_member)
+    with pytest.warns(UserWarning, match=r"skipped 3 zip members that would inflate to over 200.0 kB or to over 100x "
+                                         r"their packed size.*: huge.png, noise.png, zeros.png"):
+        faces = data.load_face_images(path, 16, cache_dir=tmp_path / "cache")
+    assert faces.files == ["ok.png"] and opened == ["ok.png"]
+
+
+def face_png(size: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 90, 80)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_every_zip_reader_checks_the_declared_size(tmp_path):
+    root = write_fer_folders(tmp_path / "fer2013")
+    path = write_zip(tmp_path / "archive.zip", root)
+    declare_size(path, "train/angry/Training_1.jpg", 3_000_000_000)
+    with pytest.warns(UserWarning, match="skipped 1 zip members .*: train/angry/Training_1.jpg"):
+        faces = data.fer2013_zip(path)
+    assert "train/angry/Training_1.jpg" not in faces.files and len(faces) == len(FER_EXPECTED) - 1
+
+
+def test_a_csv_with_a_wide_wrong_header_shows_its_start(tmp_path):
+    # another Kaggle layout: one column per pixel; textwrap.shorten reduced its header to '[...]'
+    (tmp_path / "fer2013.csv").write_text("emotion," + ",".join(f"pixel_{i}" for i in range(2304)) + "\n")
+    one_line_error(lambda: data.fer2013_csv(tmp_path / "fer2013.csv"), "'emotion,pixel_0,pixel_1,", "(2305 fields)",
+                   "expected the columns emotion, pixels, Usage")
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """unreadable(path): from now on path behaves as it would without read permission (the tests run as root, for
+    whom chmod 000 changes nothing): listing it or opening it raises PermissionError."""
+    paths, listdir, scandir, io_open = set(), os.listdir, os.scandir, io.open
+
+    def guarded(real):
+        def call(path=".", *args, **kwargs):
+            if isinstance(path, (str, os.PathLike)) and os.fspath(path) in paths:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "listdir", guarded(listdir))
+    monkeypatch.setattr(os, "scandir", guarded(scandir))
+    monkeypatch.setattr(io, "open", guarded(io_open))
+    return lambda path: paths.add(os.fspath(path))
+
+
+@pytest.mark.parametrize("locked, read", [
+    ("fer2013", lambda root: data.fer2013_folders(root / "fer2013")),
+    ("fer2013/train/angry", lambda root: data.fer2013_folders(root / "fer2013")),  # glob passed over it: a class lost
+    ("archive.zip", lambda root: data.fer2013_zip(root / "archive.zip")),
+    ("fer2013.csv", lambda root: data.fer2013_csv(root / "fer2013.csv")),
+    ("fer2013", lambda root: data.load_face_images(root / "fer2013", 16, cache_dir=root / "cache")),
+    ("fer2013", lambda root: data.load_utkface(root / "fer2013", 16, cache_dir=root / "cache")),
+])
+def test_what_cannot_be_read_is_one_line_saying_so(tmp_path, unreadable, locked, read):
+    write_zip(tmp_path / "archive.zip", write_fer_folders(tmp_path / "fer2013"))
+    (tmp_path / "fer2013.csv").write_text("emotion,pixels,Usage\n")
+    unreadable(tmp_path / locked)
+    one_line_error(lambda: read(tmp_path), str(tmp_path / locked), "cannot be read (Permission denied)",
+                   "check its permissions")
+
+
+def test_face_images_skip_a_subfolder_that_cannot_be_read_with_one_warning(tmp_path, unreadable):
+    for folder, count in (("a", 3), ("b/locked", 2)):
+        (tmp_path / "faces" / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (16, 16), (40 * i, 80, 80)).save(tmp_path / "faces" / folder / f"{i}.png")
+    unreadable(tmp_path / "faces/b/locked")
+    with pytest.warns(UserWarning, match=r"skipped 1 folders that cannot be read \(check their permissions\): b/lock"):
+        faces = data.load_face_images(tmp_path / "faces", 16, cache_dir=tmp_path / "cache")
+    assert faces.files == ["a/0.png", "a/1.png", "a/2.png"]
 
 
 # ---------------------------------------------------------------- the real data (FACENETS_DATA)

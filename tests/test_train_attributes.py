@@ -196,6 +196,95 @@ def test_validation_of_celeba_is_its_own_partition(tmp_path, capsys):
     assert "--val-fraction is for UTKFace" in one_line_error(capsys) and not any(tmp_path.iterdir())
 
 
+def write_celeba_crops(folder: Path) -> Path:
+    """What /work/shared/data/celeba-faces holds: CelebA face crops named <id>.jpg, without CelebA's lists."""
+    folder.mkdir(parents=True)
+    for i in range(182638, 182641):
+        Image.new("RGB", (80, 80), (i % 200, 90, 80)).save(folder / f"{i}.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("folder, flags, words", [
+    # make concepcion DATA=celeba-faces, and with its default data/celeba (missing): not "not a utkface protocol"
+    ("crops", ["--preset", "concepcion", "--attrs", "Male"], ["CelebA's lists were not found", "list_attr_celeba.txt"]),
+    ("missing", ["--preset", "concepcion", "--attrs", "Male"],
+     ["does not exist", "CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) were not found"]),
+    ("missing", ["--attrs", "Male"], ["does not exist", "list_attr_celeba.txt, list_eval_partition.txt"]),  # not UTK
+    # make attributes DATA=celeba-faces: no --attrs, so no word of CelebA in the flags; the folder holds neither set
+    ("crops", ["--image-size", "64"], ["neither CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) nor "
+                                       "UTKFace images (<age>_<gender>_<race>_<datetime>.jpg)", "for UTKFace"]),
+])
+def test_celeba_flags_without_celeba_lists_say_which_are_missing_and_where(tmp_path, capsys, folder, flags, words):
+    data_folder = write_celeba_crops(tmp_path / "crops") if folder == "crops" else tmp_path / "missing"
+    argv = ["--data", str(data_folder), *flags, "--dry-run", "--out", str(tmp_path / "runs"), "--cache", str(tmp_path)]
+    assert train_attributes.main(argv) == 2
+    error = one_line_error(capsys)
+    assert all(word in error for word in words + [str(data_folder), "download CelebA's"]), error
+    assert "protocol" not in error and "use more images" not in error and not (tmp_path / "runs").exists()
+
+
+def test_celeba_without_its_partition_list_says_it_is_missing_and_where(tmp_path, capsys):
+    celeba = write_celeba_fixture(tmp_path / "celeba")
+    (celeba / "list_eval_partition.txt").unlink()
+    assert train_attributes.main(["--data", str(celeba), "--attrs", "Smiling", "--dry-run",
+                                  "--out", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache")]) == 2
+    error = one_line_error(capsys)
+    assert f"no list_eval_partition.txt or list_eval_partition.csv in {celeba}" in error, error  # was "use more images"
+
+
+def write_utkface(folder: Path, count: int = 60) -> Path:
+    """count tiny images named as UTKFace's: <age>_<gender>_<race>_<datetime>.jpg."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (16, 16), (4 * i, 100, 60)).save(folder / f"{1 + i % 90}_{i % 2}_{i % 5}_2017{i:06d}.jpg")
+    return folder
+
+
+def test_the_utkface_split_has_its_own_seed_apart_from_seed(tmp_path):
+    folder = write_utkface(tmp_path / "utk")
+    cfg = vars(train_attributes.parse_args(["--data", str(folder), "--cache", str(tmp_path / "cache")]))
+    cfg.update(task="utkface", split="stratified", val_fraction=0.2)
+    splits = {(seed, split_seed): train_attributes.load_faces({**cfg, "seed": seed, "split_seed": split_seed})[1]
+              for seed, split_seed in ((0, 0), (1, 0), (0, 1))}
+    for part in ("train", "val", "test"):  # other seeds are tested on the same faces; another split seed on others
+        assert torch.equal(splits[0, 0][part], splits[1, 0][part])
+        assert not torch.equal(splits[0, 0][part], splits[0, 1][part])
+    assert train_attributes.main(["--data", str(folder), "--split-seed", "3", "--image-size", "16", "--width", "8",
+                                  "--dry-run", "--out", str(tmp_path / "runs"), "--name", "s",
+                                  "--cache", str(tmp_path / "cache")]) == 0
+    assert json.loads((tmp_path / "runs" / "s" / "metrics.json").read_text())["split_seed"] == 3
+
+
+def test_a_run_saved_before_split_seed_resumes_with_its_seed_as_split_seed(tmp_path):
+    assert run(tmp_path, "--name", "old", "--seed", "1", "--epochs", "1", "--scheduler", "none") == 0
+    ckpt = torch.load(tmp_path / "old" / "last.pt", weights_only=True)
+    del ckpt["config"]["split_seed"]  # as saved before the flag existed: it split with its --seed
+    torch.save(ckpt, tmp_path / "old" / "last.pt")
+    assert train_attributes.main(["--resume", str(tmp_path / "old"), "--epochs", "2"]) == 0
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["split_seed"] == 1
+    assert json.loads((tmp_path / "old" / "metrics.json").read_text())["split_seed"] == 1
+
+
+def test_attrs_on_utkface_is_one_line(tmp_path, capsys):
+    assert train_attributes.main(["--data", str(write_utkface(tmp_path / "utk")), "--attrs", "Male", "--dry-run",
+                                  "--out", str(tmp_path / "runs")]) == 2
+    assert "--attrs names CelebA attributes" in one_line_error(capsys) and not (tmp_path / "runs").exists()
+
+
+def test_a_data_folder_that_cannot_be_read_says_so_not_that_it_cannot_be_written(tmp_path, capsys, monkeypatch):
+    folder, listdir = write_utkface(tmp_path / "utk"), os.listdir
+
+    def without_permission(path="."):  # what a folder without read permission does (the tests run as root)
+        if os.fspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", without_permission)
+    assert train_attributes.main(["--data", str(folder), "--dry-run", "--out", str(tmp_path / "runs")]) == 2
+    error = one_line_error(capsys)
+    assert f"{folder} cannot be read (Permission denied): check its permissions" in error, error  # not "could not"
+
+
 def test_help_documents_every_flag():
     assert not [a.option_strings for a in train_attributes.build_parser()._actions if not a.help]
     shown = subprocess.run([sys.executable, str(ROOT / "train_attributes.py"), "--help"], capture_output=True, text=True,
