@@ -199,7 +199,7 @@ def bench(args):
     if len(x) < args.batch_size:
         raise runs.RunError(f"--batch-size {args.batch_size} is more than the {len(x)} Training images: lower it")
     x_on_device, y_on_device = x.to(device), y.to(device)  # facenets' way: the whole training set on the device
-    device_name = training.device_name(device)
+    device_name = runs.device_name(device)
     model_name = " ".join([args.model, *(f"{k}={v}" for k, v in cfg["model_options"].items())])
     print(f"device {device_name}, torch {torch.__version__}; data {args.data}: "
           f"{len(x):,} Training, {int(test.sum()):,} PublicTest images")

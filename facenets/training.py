@@ -105,10 +105,15 @@ def check_memory(device: torch.device, batch_size: int, *networks) -> None:
     PyTorch's meta device, which has shapes but no storage. The estimate: fp32 weights, gradients and two optimizer
     moments, and every layer's output for batch_size images, which the backward pass keeps. shapes may be a function
     of the network (a generator's latent size)."""
-    need = 0
+    need, fix = 0, "choose a smaller width, image size or batch size"
     with torch.device("meta"):
         for build, shapes in networks:
-            network, outputs = build(), []
+            try:
+                network, outputs = build(), []
+            except RuntimeError as e:  # a size past what torch can even count
+                if "overflow" not in str(e):
+                    raise
+                raise MemoryError(f"training this needs more memory than any machine has: {fix}") from None
             shapes = shapes(network) if callable(shapes) else shapes
             for module in network.modules():
                 if not list(module.children()):
@@ -118,8 +123,7 @@ def check_memory(device: torch.device, batch_size: int, *networks) -> None:
     available = available_memory(device)
     if available is not None and need > available:
         raise MemoryError(f"training this needs about {need / 1e9:,.1f} GB of memory at batch {batch_size}, and "
-                         f"{device.type} has {available / 1e9:,.1f} GB available: choose a smaller width, image size or "
-                         "batch size")
+                         f"{device.type} has {available / 1e9:,.1f} GB available: {fix}")
 
 
 # ----------------------------------------------------------------------------- optimisation

@@ -64,11 +64,13 @@ def test_with_a_validation_part_the_best_epoch_on_it_is_tested(tmp_path):
 
 
 def test_synthetic_celeba_run_learns_its_attributes_as_sigmoid_heads(tmp_path):
-    # smiling is the subtle one (the mouth's corners): it needs more faces and pixels than the other two
+    # smiling is the subtle one (the mouth's corners): it needs more faces, pixels and epochs than the other two.
+    # 10 epochs left it at 0.75-0.88 by CPU (AMD Zen 4, or held to AVX2); 20 give 0.96-0.98 on both, so the bar
+    # below has a margin of 0.2 whatever the CPU's rounding
     assert run(tmp_path, "--name", "c", "--task", "celeba", "--synthetic-count", "1000", "--image-size", "48",
-               "--epochs", "10", "--lr", "0.05") == 0
+               "--epochs", "20", "--lr", "0.05") == 0
     result = json.loads((tmp_path / "c" / "metrics.json").read_text())
-    assert min(result["test_accuracy"].values()) > 0.75, result["test_accuracy"]  # chance: 0.5 each (seen: 0.85-1.0)
+    assert min(result["test_accuracy"].values()) > 0.75, result["test_accuracy"]  # chance: 0.5 each
     assert result["best_val_score"] is not None  # CelebA's validation partition chose the epoch
     config = json.loads((tmp_path / "c" / "config.json").read_text())
     assert config["split"] == "official" and config["task"] == "celeba"
