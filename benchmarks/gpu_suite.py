@@ -3,7 +3,7 @@
     make gpu-suite ARGS="--part smoke"                                      # first on a fresh machine: no data, ~2 min
     make gpu-suite ARGS="--part gan --pack .data/celeba-faces-64.tar.gz"    # a part on its pack (gpu_pack.py)
     make gpu-suite DATA=../shared/data ARGS="--part attributes"             # a part on a folder holding the data sets
-    make gpu-suite ARGS=--small                                             # every part on CPU, synthetic, ~6 min on 2 cores
+    make gpu-suite ARGS=--small                                      # every part on CPU, synthetic, ~6 min on 2 cores
 
 Parts, run in this order by default (--part NAME runs one):
   smoke       no data: each script on synthetic faces for an epoch on CUDA, fp32, and bf16 with --compile; emotion's
