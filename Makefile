@@ -8,7 +8,7 @@ UTK    = $(or $(DATA),data/UTKFace)
 CELEBA = $(or $(DATA),data/celeba)
 FACES  = $(or $(DATA),data/celeba-faces)
 
-.PHONY: help install test lint demo emotion emotion-cpu monterrey bench ablation utkface utec concepcion attributes gan gan-cpu dcgan-concepcion gpu-evidence clean
+.PHONY: help install test lint demo emotion emotion-cpu monterrey bench ablation utkface utec concepcion attributes gan gan-cpu dcgan-concepcion gpu-evidence gpu-suite gpu-pack clean
 
 help:  ## list every target with what it does (the default)
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -71,6 +71,12 @@ dcgan-concepcion:  ## the Concepción report's Keras DCGAN exactly: BCE, Adam 1e
 
 gpu-evidence:  ## on one GPU in ~9 min: the recipe x 3 seeds, --ensemble 4 and 8, one distilled net, the bench; a Markdown table
 	$(PY) benchmarks/gpu_evidence.py --data $(FER) $(ARGS)
+
+gpu-suite:  ## every script on one GPU in parts of <= 7.5 min (ARGS="--part smoke|emotion|attributes|gan|reports", "--pack FILE"; --small: every part on CPU, ~6 min on a shared 2-core CPU)
+	$(PY) benchmarks/gpu_suite.py --data $(or $(DATA),data) $(ARGS)
+
+gpu-pack:  ## one .tar.gz per data set for gpu-suite's --pack, each <= 58 MiB, into .data/ (DATA=a folder holding fer2013/, utkface/, celeba-faces/)
+	$(PY) benchmarks/gpu_pack.py --data $(or $(DATA),data) $(ARGS)
 
 clean:  ## remove the virtual environment and caches (run folders stay)
 	rm -rf $(VENV) *.egg-info .pytest_cache
