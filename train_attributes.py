@@ -5,7 +5,7 @@
     make utkface DATA=data/UTKFace      # facenets' multi-head net: gender 87.9%, age group 81.3%, age within 4.3
                                         # years on average, 15 min on 2 CPU cores with AMX in bf16 (9,780 crops, 80/20)
     make utec DATA=data/UTKFace         # the UTEC report's Arch 2 on the same split: 83.1% / 69.2% in 11 min
-    make concepcion DATA=data/celeba    # the Concepción classifier, one model per attribute (Male, Eyeglasses, Smiling):
+    make concepcion DATA=data/celeba    # the Concepción classifier, a model per attribute (Male, Eyeglasses, Smiling):
                                         # ~45 min per attribute on 2 CPU cores (measured on a generated fixture)
     make attributes DATA=data/celeba    # facenets' net on all forty CelebA attributes at once
     python train_attributes.py --predict photo.jpg --checkpoint runs/attributes/<run>/best.pt
@@ -17,6 +17,7 @@ mean accuracy), a confusion picture per head, age-errors.png and attributes.png.
 --resume RUN_DIR continues a stopped or killed run exactly. Images are decoded once at the model's size into a cached
 uint8 tensor that sits on the training device and is augmented there in batches.
 """
+
 import signal
 import sys
 
@@ -38,12 +39,42 @@ from facenets import augment, data, metrics, models, runs, training
 AGE_BINS = 101  # the age head is a distribution over 0..100 years (UTKFace's few older faces count as 100)
 # Each preset is the flags a report used; flags given on the command line still win.
 PRESETS = {
-    "concepcion": dict(model="concepcion_classifier", split="concepcion", image_size=[218, 178], celeba_crop="none",
-                       optimizer="rmsprop", lr=1e-3, batch_size=50, epochs=15, scheduler="none", weight_decay=0.0,
-                       label_smoothing=0.0, ema=0.0, flip=False, translate=0.0, erasing=0.0, mixup=0.0, tta="none"),
-    "utec": dict(model="utec_arch2", targets=["gender", "age_group"], optimizer="adam", lr=1e-3, batch_size=64,
-                 epochs=30, scheduler="none", weight_decay=0.0, label_smoothing=0.0, ema=0.0, flip=False,
-                 translate=0.0, erasing=0.0, mixup=0.0, tta="none"),
+    "concepcion": dict(
+        model="concepcion_classifier",
+        split="concepcion",
+        image_size=[218, 178],
+        celeba_crop="none",
+        optimizer="rmsprop",
+        lr=1e-3,
+        batch_size=50,
+        epochs=15,
+        scheduler="none",
+        weight_decay=0.0,
+        label_smoothing=0.0,
+        ema=0.0,
+        flip=False,
+        translate=0.0,
+        erasing=0.0,
+        mixup=0.0,
+        tta="none",
+    ),
+    "utec": dict(
+        model="utec_arch2",
+        targets=["gender", "age_group"],
+        optimizer="adam",
+        lr=1e-3,
+        batch_size=64,
+        epochs=30,
+        scheduler="none",
+        weight_decay=0.0,
+        label_smoothing=0.0,
+        ema=0.0,
+        flip=False,
+        translate=0.0,
+        erasing=0.0,
+        mixup=0.0,
+        tta="none",
+    ),
 }
 UTKFACE_TARGETS = ("gender", "age_group", "age", "joint")  # joint: gender x age group as one classifier (UTEC report)
 PHOTO_MARGIN = {"utkface": 0.25, "celeba": 0.5}  # room around MTCNN's box, to look like the training crops
@@ -54,46 +85,123 @@ PHOTO_MARGIN = {"utkface": 0.25, "celeba": 0.5}  # room around MTCNN's box, to l
 def build_parser():
     p = runs.FlagParser(__doc__, epilog="models: " + ", ".join(models.MODELS))
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="data/UTKFace", help="a UTKFace folder (<age>_<gender>_<race>_<date>.jpg), a CelebA folder "
-                   "(list_attr_celeba.txt or .csv, list_eval_partition, img_align_celeba/ or its .zip), or 'synthetic'")
-    g.add_argument("--task", default="auto", choices=("auto", "utkface", "celeba"), help="auto: celeba when --data "
-                   "holds CelebA's lists, utkface when it holds UTKFace-named images, else what the flags name "
-                   "(--attrs, --split official or concepcion: celeba)")
-    g.add_argument("--targets", nargs="+", default=["gender", "age_group", "age"], choices=UTKFACE_TARGETS,
-                   help="utkface: the heads to train; joint is the report's single gender x age-group classifier")
-    g.add_argument("--age-groups", nargs="+", type=int, default=list(data.AGE_GROUPS), metavar="AGE",
-                   help="utkface: the upper ages of each group but the last (the default: 0-12, 13-19, 20-39, 40-59, 60+)")
-    g.add_argument("--attrs", nargs="+", default=["all"], metavar="NAME", help="celeba: attributes by CelebA's names "
-                   "(e.g. Male Eyeglasses Smiling), or all forty")
-    g.add_argument("--split", default="auto", choices=("auto", "stratified", "utec", "official", "concepcion"),
-                   help="utkface: stratified (seeded 80/20, stratified on gender x age group; the default) or utec (the "
-                   "report's 70/30, a minimum per class); celeba: official (its partitions; the default) or concepcion "
-                   "(a balanced sample per attribute from them, see --sample-sizes)")
-    g.add_argument("--val-fraction", type=float, default=0.0, help="utkface: stratified share of the training part held "
-                   "out for validation and model selection (0 = none: the last epoch is tested); the test part stays the same")
-    g.add_argument("--split-seed", type=int, default=0, help="utkface: the seed of the stratified and utec splits "
-                   "and of --val-fraction; apart from --seed, so that runs with different seeds are tested on the same "
-                   "faces")
-    g.add_argument("--sample-sizes", nargs=3, type=int, default=[10_000, 2_000, 1_000], metavar=("TRAIN", "VAL", "TEST"),
-                   help="--split concepcion: images per part, half with the attribute and half without")
-    g.add_argument("--image-size", nargs="+", type=int, default=[64], metavar="PIXELS",
-                   help="the model's input: one size for squares, or height width (the Concepción report: 218 178)")
-    g.add_argument("--celeba-crop", default="square", choices=data.CELEBA_CROPS, help="celeba: square takes the centre "
-                   "178x178 face square, none the whole 178x218 image (the Concepción report)")
-    g.add_argument("--crop-faces", action="store_true", help="utkface: --data holds in-the-wild photos: crop the biggest face with MTCNN first")
+    g.add_argument(
+        "--data",
+        default="data/UTKFace",
+        help="a UTKFace folder (<age>_<gender>_<race>_<date>.jpg), a CelebA folder "
+        "(list_attr_celeba.txt or .csv, list_eval_partition, img_align_celeba/ or its .zip), or 'synthetic'",
+    )
+    g.add_argument(
+        "--task",
+        default="auto",
+        choices=("auto", "utkface", "celeba"),
+        help="auto: celeba when --data "
+        "holds CelebA's lists, utkface when it holds UTKFace-named images, else what the flags name "
+        "(--attrs, --split official or concepcion: celeba)",
+    )
+    g.add_argument(
+        "--targets",
+        nargs="+",
+        default=["gender", "age_group", "age"],
+        choices=UTKFACE_TARGETS,
+        help="utkface: the heads to train; joint is the report's single gender x age-group classifier",
+    )
+    g.add_argument(
+        "--age-groups",
+        nargs="+",
+        type=int,
+        default=list(data.AGE_GROUPS),
+        metavar="AGE",
+        help="utkface: the upper ages of each group but the last (the default: 0-12, 13-19, 20-39, 40-59, 60+)",
+    )
+    g.add_argument(
+        "--attrs",
+        nargs="+",
+        default=["all"],
+        metavar="NAME",
+        help="celeba: attributes by CelebA's names (e.g. Male Eyeglasses Smiling), or all forty",
+    )
+    g.add_argument(
+        "--split",
+        default="auto",
+        choices=("auto", "stratified", "utec", "official", "concepcion"),
+        help="utkface: stratified (seeded 80/20, stratified on gender x age group; the default) or utec (the "
+        "report's 70/30, a minimum per class); celeba: official (its partitions; the default) or concepcion "
+        "(a balanced sample per attribute from them, see --sample-sizes)",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="utkface: stratified share of the training part held "
+        "out for validation and model selection (0 = none: the last epoch is tested); the test part stays the same",
+    )
+    g.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="utkface: the seed of the stratified and utec splits "
+        "and of --val-fraction; apart from --seed, so that runs with different seeds are tested on the same "
+        "faces",
+    )
+    g.add_argument(
+        "--sample-sizes",
+        nargs=3,
+        type=int,
+        default=[10_000, 2_000, 1_000],
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="--split concepcion: images per part, half with the attribute and half without",
+    )
+    g.add_argument(
+        "--image-size",
+        nargs="+",
+        type=int,
+        default=[64],
+        metavar="PIXELS",
+        help="the model's input: one size for squares, or height width (the Concepción report: 218 178)",
+    )
+    g.add_argument(
+        "--celeba-crop",
+        default="square",
+        choices=data.CELEBA_CROPS,
+        help="celeba: square takes the centre "
+        "178x178 face square, none the whole 178x218 image (the Concepción report)",
+    )
+    g.add_argument(
+        "--crop-faces",
+        action="store_true",
+        help="utkface: --data holds in-the-wild photos: crop the biggest face with MTCNN first",
+    )
     g.add_argument("--synthetic-count", type=int, default=3000, help="number of faces for --data synthetic")
-    g.add_argument("--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)")
-    g.add_argument("--preset", default=None, choices=PRESETS, help="a report's setup: concepcion (its classifier, RMSprop, batch "
-                   "50, 15 epochs, 218x178, a balanced sample; one attribute per run) or utec (Arch 2, Adam 1e-3, gender and "
-                   "age group); flags given explicitly still win")
+    g.add_argument(
+        "--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)"
+    )
+    g.add_argument(
+        "--preset",
+        default=None,
+        choices=PRESETS,
+        help="a report's setup: concepcion (its classifier, RMSprop, batch "
+        "50, 15 epochs, 218x178, a balanced sample; one attribute per run) or utec (Arch 2, Adam 1e-3, gender and "
+        "age group); flags given explicitly still win",
+    )
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vgg", choices=models.MODELS, metavar="NAME", help="architecture (list below)")
     g.add_argument("--width", type=int, default=None, help="channels of the first stage of --model vgg")
-    g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="any keyword of the model's "
-                   "constructor, e.g. dropout=0.3; repeatable")
-    g.add_argument("--age-sigma", type=float, default=2.0, help="the age head learns a normal distribution of this spread "
-                   "(years) around the true age, plus the error of its mean (DLDL)")
+    g.add_argument(
+        "--model-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any keyword of the model's constructor, e.g. dropout=0.3; repeatable",
+    )
+    g.add_argument(
+        "--age-sigma",
+        type=float,
+        default=2.0,
+        help="the age head learns a normal distribution of this spread "
+        "(years) around the true age, plus the error of its mean (DLDL)",
+    )
 
     g = p.add_argument_group("augmentation (training batches only, on the training device)")
     g.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
@@ -101,9 +209,16 @@ def build_parser():
     g.add_argument("--rotate", type=float, default=0.0, help="random rotation, +- degrees")
     g.add_argument("--zoom", type=float, default=0.0, help="random zoom, scale in [1-z, 1+z]")
     g.add_argument("--erasing", type=float, default=0.0, help="probability of random erasing per image")
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup with lambda ~ Beta(a, a) per batch: every head learns the "
-                   "same blend of the two images' labels; 0 = off")
-    g.add_argument("--tta", default="flip", choices=("none", "flip"), help="test-time augmentation: average with the mirror image")
+    g.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        help="mixup with lambda ~ Beta(a, a) per batch: every head learns the "
+        "same blend of the two images' labels; 0 = off",
+    )
+    g.add_argument(
+        "--tta", default="flip", choices=("none", "flip"), help="test-time augmentation: average with the mirror image"
+    )
 
     training.add_optimizer_flags(p, epochs=30, batch_size=64, lr=0.1, label_smoothing=0.0, ema=0.0)
     runs.add_run_flags(p, out="runs/attributes", task="labels")
@@ -124,12 +239,25 @@ def parse_args(argv=None):
         p.error("--val-fraction must be in [0, 1)")
     if min(args.sample_sizes) < 2 or args.synthetic_count < 100 or args.age_sigma <= 0:
         p.error("--sample-sizes must be at least 2 each, --synthetic-count at least 100, --age-sigma positive")
-    if not (0 <= args.translate < 1 and 0 <= args.zoom < 1 and 0 <= args.erasing <= 1 and args.rotate >= 0 and args.mixup >= 0):
-        p.error("--translate and --zoom must be in [0, 1), --erasing (a probability) in [0, 1], --rotate and --mixup 0 or more")
+    if not (
+        0 <= args.translate < 1
+        and 0 <= args.zoom < 1
+        and 0 <= args.erasing <= 1
+        and args.rotate >= 0
+        and args.mixup >= 0
+    ):
+        p.error(
+            "--translate and --zoom must be in [0, 1), --erasing (a probability) in [0, 1], "
+            "--rotate and --mixup 0 or more"
+        )
     if args.preset == "concepcion" and len(args.attrs) != 1 or args.split == "concepcion" and args.attrs == ["all"]:
-        p.error("the Concepción protocol trains one model per attribute: give one --attrs (make concepcion runs all three)")
+        p.error(
+            "the Concepción protocol trains one model per attribute: give one --attrs (make concepcion runs all three)"
+        )
     try:
-        args.model_options = runs.key_values(args.model_opt, "--model-opt") | ({} if args.width is None else {"width": args.width})
+        args.model_options = runs.key_values(args.model_opt, "--model-opt") | (
+            {} if args.width is None else {"width": args.width}
+        )
         args.model_options = models.check_options(args.model, args.model_options)
     except ValueError as e:
         p.error(str(e))
@@ -153,17 +281,20 @@ def infer_task(cfg: dict) -> str:
     if cfg["attrs"] != ["all"] or cfg["split"] in ("official", "concepcion"):
         return "celeba"  # read_celeba_labels then says which of its lists is missing, and where it looked
     where = f"{root.absolute()}" + ("" if root.exists() else " (no such folder)")
-    raise data.DataError(f"neither CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) nor UTKFace images "
-                         f"(<age>_<gender>_<race>_<datetime>.jpg) were found in {where}: for CelebA's attributes, "
-                         f"{data.GET_CELEBA}; for UTKFace, {data.GET_UTKFACE}")
+    raise data.DataError(
+        f"neither CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) nor UTKFace images "
+        f"(<age>_<gender>_<race>_<datetime>.jpg) were found in {where}: for CelebA's attributes, "
+        f"{data.GET_CELEBA}; for UTKFace, {data.GET_UTKFACE}"
+    )
 
 
 def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
     """The decoded faces at the model's size and the split, {"train", "val", "test"} indices into them."""
     size = tuple(cfg["image_size"]) if len(cfg["image_size"]) == 2 else cfg["image_size"][0]
     if cfg["data"] == "synthetic":
-        faces = data.synthetic_attribute_faces(cfg["synthetic_count"], cfg["task"], size if isinstance(size, int) else size[0],
-                                               seed=cfg["seed"])
+        faces = data.synthetic_attribute_faces(
+            cfg["synthetic_count"], cfg["task"], size if isinstance(size, int) else size[0], seed=cfg["seed"]
+        )
     elif cfg["task"] == "celeba":
         names, attributes, columns, partition = data.read_celeba_labels(cfg["data"], need_partition=True)
         if cfg["split"] == "concepcion":
@@ -178,10 +309,13 @@ def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
             raise data.DataError("UTKFace faces are square: give --image-size one size, e.g. 64")
         faces = data.load_utkface(cfg["data"], size, cfg["cache"], cfg["crop_faces"])
     if cfg["task"] == "celeba":  # the official partitions (which the Concepción sample was drawn from too)
-        return faces, {part: (faces.partition == i).nonzero().flatten() for i, part in enumerate(("train", "val", "test"))}
+        return faces, {
+            part: (faces.partition == i).nonzero().flatten() for i, part in enumerate(("train", "val", "test"))
+        }
     split_seed = cfg.get("split_seed", cfg["seed"])  # runs saved before --split-seed split with their --seed
-    return faces, data.utkface_split(faces.targets, cfg["split"], split_seed, cfg["age_groups"],
-                                     cfg.get("val_fraction", 0.0))
+    return faces, data.utkface_split(
+        faces.targets, cfg["split"], split_seed, cfg["age_groups"], cfg.get("val_fraction", 0.0)
+    )
 
 
 def make_heads(cfg: dict, faces: data.AttributeFaces) -> list[dict]:
@@ -196,10 +330,12 @@ def make_heads(cfg: dict, faces: data.AttributeFaces) -> list[dict]:
         kind = "class" if cfg["model"] == "concepcion_classifier" else "binary"
         return [{"name": faces.columns[c], "kind": kind, "column": c, "classes": ["no", "yes"]} for c in chosen]
     groups = list(data.age_group_names(cfg["age_groups"]))
-    heads = {"gender": {"kind": "class", "classes": list(data.UTKFACE_GENDERS)},
-             "age_group": {"kind": "class", "classes": groups},
-             "age": {"kind": "age", "classes": []},
-             "joint": {"kind": "class", "classes": [f"{g} {a}" for g in data.UTKFACE_GENDERS for a in groups]}}
+    heads = {
+        "gender": {"kind": "class", "classes": list(data.UTKFACE_GENDERS)},
+        "age_group": {"kind": "class", "classes": groups},
+        "age": {"kind": "age", "classes": []},
+        "joint": {"kind": "class", "classes": [f"{g} {a}" for g in data.UTKFACE_GENDERS for a in groups]},
+    }
     return [{"name": name, **heads[name]} for name in cfg["targets"]]
 
 
@@ -209,8 +345,12 @@ def head_targets(heads: list[dict], faces: data.AttributeFaces, cfg: dict) -> to
         return faces.targets[:, [h["column"] for h in heads]]
     gender, age = faces.targets[:, faces.columns.index("gender")], faces.targets[:, faces.columns.index("age")]
     group = data.age_group(age, cfg["age_groups"])
-    columns = {"gender": gender, "age_group": group, "age": age.clamp(max=AGE_BINS - 1),
-               "joint": gender * (len(cfg["age_groups"]) + 1) + group}
+    columns = {
+        "gender": gender,
+        "age_group": group,
+        "age": age.clamp(max=AGE_BINS - 1),
+        "joint": gender * (len(cfg["age_groups"]) + 1) + group,
+    }
     return torch.stack([columns[h["name"]] for h in heads], 1)
 
 
@@ -235,7 +375,7 @@ def heads_loss(heads: list[dict], logits: torch.Tensor, y: torch.Tensor, cfg: di
     """The sum of the heads' losses; logits [B, outputs] hold the heads' outputs side by side, y [B, heads]."""
     start, total = 0, 0.0
     for h, head in enumerate(heads):
-        total = total + head_loss(head, logits[:, start:start + outputs(head)].float(), y[:, h], cfg)
+        total = total + head_loss(head, logits[:, start : start + outputs(head)].float(), y[:, h], cfg)
         start += outputs(head)
     return total
 
@@ -260,16 +400,17 @@ def predict(model, images: torch.Tensor, heads: list[dict], cfg: dict, batch_siz
     model.eval()
     out = [[] for _ in heads]
     for i in range(0, len(images), batch_size):
-        x = model_input(images[i:i + batch_size])
+        x = model_input(images[i : i + batch_size])
         views = [x, x.flip(-1)] if cfg["tta"] == "flip" else [x]
         with training.autocast(x.device, cfg["precision"]):
             logits = [model(v.contiguous(memory_format=torch.channels_last)).float() for v in views]
         start, probabilities = 0, {}
         for head in heads:
-            part = [lg[:, start:start + outputs(head)] for lg in logits]
+            part = [lg[:, start : start + outputs(head)] for lg in logits]
             start += outputs(head)
-            probabilities[head["name"]] = torch.stack([p[:, 0].sigmoid() if head["kind"] == "binary" else p.softmax(1)
-                                                       for p in part]).mean(0)
+            probabilities[head["name"]] = torch.stack(
+                [p[:, 0].sigmoid() if head["kind"] == "binary" else p.softmax(1) for p in part]
+            ).mean(0)
         if "age" in probabilities and "age_group" in probabilities:
             # the age distribution's share in each group is a second opinion on the group: they are averaged
             edges = [0] + [bound + 1 for bound in cfg["age_groups"]] + [AGE_BINS]
@@ -324,20 +465,34 @@ def settle_task(cfg: dict) -> None:
     if cfg["split"] == "auto":
         cfg["split"] = "official" if cfg["task"] == "celeba" else "stratified"
     if (cfg["task"] == "celeba") != (cfg["split"] in ("official", "concepcion")):
-        raise runs.RunError(f"--split {cfg['split']} is not a {cfg['task']} protocol: use "
-                            + ("official or concepcion" if cfg["task"] == "celeba" else "stratified or utec"))
+        raise runs.RunError(
+            f"--split {cfg['split']} is not a {cfg['task']} protocol: use "
+            + ("official or concepcion" if cfg["task"] == "celeba" else "stratified or utec")
+        )
     if cfg["task"] == "celeba" and cfg["val_fraction"]:
-        raise runs.RunError("--val-fraction is for UTKFace: CelebA's official partitions have their own validation part")
+        raise runs.RunError(
+            "--val-fraction is for UTKFace: CelebA's official partitions have their own validation part"
+        )
     if cfg["task"] == "utkface" and cfg["attrs"] != ["all"]:
-        raise runs.RunError(f"--attrs names CelebA attributes, but this run is on UTKFace ({cfg['data']}): pass "
-                            "a CelebA folder (list_attr_celeba.txt), or choose UTKFace's heads with --targets")
+        raise runs.RunError(
+            f"--attrs names CelebA attributes, but this run is on UTKFace ({cfg['data']}): pass "
+            "a CelebA folder (list_attr_celeba.txt), or choose UTKFace's heads with --targets"
+        )
 
 
 def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
-    run = runs.Run(args, command, device, "train_attributes.py", RESUME_KEYS, NOT_SAVED, best="best_score",
-                   added={"split_seed": lambda old: old["seed"]})  # before --split-seed: the --seed
+    run = runs.Run(
+        args,
+        command,
+        device,
+        "train_attributes.py",
+        RESUME_KEYS,
+        NOT_SAVED,
+        best="best_score",
+        added={"split_seed": lambda old: old["seed"]},
+    )  # before --split-seed: the --seed
     cfg = run.cfg
     if not run.resuming:
         settle_task(cfg)
@@ -346,10 +501,15 @@ def train(args, command: str):
     faces, split = load_faces(cfg)
     heads = make_heads(cfg, faces)
     y_all = head_targets(heads, faces, cfg)
-    print(f"data: {len(faces)} {cfg['task']} faces from {cfg['data']} at {'x'.join(map(str, faces.images.shape[-2:]))} "
-          f"in {time.perf_counter() - t0:.1f}s; split {cfg['split']}: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+    print(
+        f"data: {len(faces)} {cfg['task']} faces from {cfg['data']} at {'x'.join(map(str, faces.images.shape[-2:]))} "
+        f"in {time.perf_counter() - t0:.1f}s; split {cfg['split']}: "
+        + ", ".join(f"{k} {len(v)}" for k, v in split.items())
+    )
     if not len(split["train"]) or not len(split["test"]):
-        raise data.DataError(f"the {cfg['split']} split of {cfg['data']} leaves no training or no test images: use more images")
+        raise data.DataError(
+            f"the {cfg['split']} split of {cfg['data']} leaves no training or no test images: use more images"
+        )
     x_train, y_train = faces.images[split["train"]].to(device), y_all[split["train"]].to(device)
     x_val, y_val = faces.images[split["val"]].to(device), y_all[split["val"]].to(device)
     count = sum(outputs(h) for h in heads)
@@ -361,12 +521,20 @@ def train(args, command: str):
     average = training.WeightAverage(model, cfg["ema"]) if cfg["ema"] else None
     ema = None if average is None else average.module
     evaluated = model if ema is None else ema  # the average is what validates, tests and predicts
-    run.start(f"{cfg['task']}-{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}",
-              {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}, data=x_train,
-              check={"heads": heads}, plot=lambda: plot_curves(run.history, run.folder / "curves.png"))
-    print(f"model: {cfg['model']}" + (f" {cfg['model_options']}" if cfg["model_options"] else "")
-          + f", {models.count_parameters(model):,} parameters, heads: " + ", ".join(h["name"] for h in heads)
-          + f", on {device}")
+    run.start(
+        f"{cfg['task']}-{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}",
+        {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler},
+        data=x_train,
+        check={"heads": heads},
+        plot=lambda: plot_curves(run.history, run.folder / "curves.png"),
+    )
+    print(
+        f"model: {cfg['model']}"
+        + (f" {cfg['model_options']}" if cfg["model_options"] else "")
+        + f", {models.count_parameters(model):,} parameters, heads: "
+        + ", ".join(h["name"] for h in heads)
+        + f", on {device}"
+    )
     step_model, gen = training.compiled(model, device) if cfg["compile"] else model, run.generator
 
     for epoch in run.epochs():
@@ -399,29 +567,42 @@ def train(args, command: str):
         if cfg["scheduler"] == "plateau":
             scheduler.step(-row["val_score"] if row["val_score"] is not None else train_loss)
         row.update(lr=optimizer.param_groups[0]["lr"], seconds=round(run.seconds, 2))
-        print(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f}" + "".join(f"  {k} {v}" for k, v in row.items()
-              if k.startswith("val_") and v is not None) + f"  {run.seconds:.1f}s  {steps * batch_size / run.seconds:.0f} img/s")
+        print(
+            f"epoch {epoch + 1:3d}  train loss {train_loss:.4f}"
+            + "".join(f"  {k} {v}" for k, v in row.items() if k.startswith("val_") and v is not None)
+            + f"  {run.seconds:.1f}s  {steps * batch_size / run.seconds:.0f} img/s"
+        )
         run.end_epoch(row, score=row["val_score"])
 
     # Test once, with the weights chosen on validation (or the last ones).
     best = run.best_weights(model=model, ema=ema)
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]
     result, named, each = test(evaluated, heads, faces, test_idx, y_all[test_idx], cfg, run.folder, device)
-    result = run.finish({**result, "best_epoch": best["epoch"], "best_val_score": run.best if math.isfinite(run.best)
-                         else None, "parameters": models.count_parameters(model),
-                         "split_sizes": {k: len(v) for k, v in split.items()},
-                         **({"split_seed": cfg["split_seed"]} if cfg["task"] == "utkface" else {})})
-    print(", ".join(f"{n} {v:.4f}" for n, v in named) + (f", age MAE {each['age']:.2f}" if "age" in each else "")
-          + f" on the test part, with the weights of epoch {best['epoch']}; training took {run.train_seconds:.0f}s on "
-          f"{result['device']}; results in {run.folder}")
+    result = run.finish(
+        {
+            **result,
+            "best_epoch": best["epoch"],
+            "best_val_score": run.best if math.isfinite(run.best) else None,
+            "parameters": models.count_parameters(model),
+            "split_sizes": {k: len(v) for k, v in split.items()},
+            **({"split_seed": cfg["split_seed"]} if cfg["task"] == "utkface" else {}),
+        }
+    )
+    print(
+        ", ".join(f"{n} {v:.4f}" for n, v in named)
+        + (f", age MAE {each['age']:.2f}" if "age" in each else "")
+        + f" on the test part, with the weights of epoch {best['epoch']}; training took {run.train_seconds:.0f}s on "
+        f"{result['device']}; results in {run.folder}"
+    )
     return 0
 
 
 def plot_curves(history: list[dict], path: Path):
     """Training loss and validation score per epoch; the accuracy panel only where there is a validation part."""
     if any(h["val_score"] is not None for h in history):
-        metrics.plot_curves([{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_acc": h["val_score"]}
-                             for h in history], path)
+        metrics.plot_curves(
+            [{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_acc": h["val_score"]} for h in history], path
+        )
     else:
         metrics.plot_lines([("training loss", {"train": [(h["epoch"], h["train_loss"]) for h in history]})], path)
 
@@ -449,16 +630,22 @@ def test(evaluated, heads, faces, test_idx, y_test, cfg, folder, device) -> tupl
             # children's faces are where gender goes wrong: its accuracy per true age group shows how much
             by_group = metrics.mean_by_group(decided == truth, age_groups, group_names)
             result["heads"]["gender"]["accuracy_by_age_group"] = by_group
-            print("gender accuracy by age group: "
-                  + ", ".join(f"{n} {100 * v:.1f}%" for n, v in by_group.items() if v is not None))
+            print(
+                "gender accuracy by age group: "
+                + ", ".join(f"{n} {100 * v:.1f}%" for n, v in by_group.items() if v is not None)
+            )
         if len(heads) <= 6:  # forty attributes get one bar chart instead
             metrics.plot_confusion(cm, head["classes"], folder / f"confusion-{head['name']}.png")
             print(f"{head['name']}:\n" + metrics.format_table(metrics.per_class_table(cm, head["classes"])))
     named = [(name, v) for name, v in each.items() if name != "age"]
     if len(named) > 6:
         result["mean_attribute_accuracy"] = sum(v for _, v in named) / len(named)
-        metrics.plot_bars([n for n, _ in named], [v for _, v in named], folder / "attributes.png",
-                          f"test accuracy per attribute (mean {100 * result['mean_attribute_accuracy']:.2f}%)")
+        metrics.plot_bars(
+            [n for n, _ in named],
+            [v for _, v in named],
+            folder / "attributes.png",
+            f"test accuracy per attribute (mean {100 * result['mean_attribute_accuracy']:.2f}%)",
+        )
         print(metrics.format_table([{"attribute": n, "accuracy": v} for n, v in named]))
     result["test_accuracy"] = {n: round(v, 5) for n, v in named}
     return result, named, each
@@ -496,14 +683,26 @@ def predict_photos(args):
                     k = int(p.argmax())
                     said.append(f"{head['name']} {head['classes'][k]} {p[k]:.2f}")
                     name = head["name"].replace("_", " ")
-                    shown.append(f"{name} {head['classes'][k]}" if len(heads) >= 4 or head["name"] == "age_group"
-                                 else head["classes"][k])
+                    shown.append(
+                        f"{name} {head['classes'][k]}"
+                        if len(heads) >= 4 or head["name"] == "age_group"
+                        else head["classes"][k]
+                    )
             faces.append((", ".join(said), ", ".join(shown[:4]) or "none of the attributes"))
         return faces
 
     size = tuple(cfg["image_size"]) if len(cfg["image_size"]) == 2 else cfg["image_size"][0]
-    data.predict_photos(args.predict, runs.predictions_folder(args), "attributes", describe, size, grayscale=False,
-                        margin=PHOTO_MARGIN[cfg["task"]], device=str(device), inside=True)
+    data.predict_photos(
+        args.predict,
+        runs.predictions_folder(args),
+        "attributes",
+        describe,
+        size,
+        grayscale=False,
+        margin=PHOTO_MARGIN[cfg["task"]],
+        device=str(device),
+        inside=True,
+    )
     return 0
 
 

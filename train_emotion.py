@@ -5,7 +5,7 @@ built-in synthetic faces; or run a trained model on photos.
     python train_emotion.py --data data/fer2013 --compile  # the recipe (the defaults), = make emotion: 71.1% on
                                                            # PublicTest (3 seeds: 70.3-71.9%), 36 s training on an H100
     make emotion-cpu DATA=data/fer2013                     # 64.4% on PublicTest in 24-25 minutes on 2 CPU cores
-    make monterrey DATA=data/fer2013                       # a report's experiment: 52-53% (by CPU) in 3-4 min on 2 cores
+    make monterrey DATA=data/fer2013                       # a report's experiment: 52-53% (by CPU), 3-4 min, 2 cores
     python train_emotion.py --predict photo.jpg --checkpoint runs/emotion/<run>/best.pt
     python train_emotion.py --data data/fer2013 --compile --ensemble 4       # 4 networks at once; test: their mean
     python train_emotion.py --data data/fer2013 --compile --distill runs/emotion/<ensemble run>/best.pt
@@ -17,6 +17,7 @@ sits on the training device as uint8 and is augmented there in batches: no DataL
 REPRODUCING.md has every report's experiment (exact command, what it reaches, how long it takes) and how the
 recipe was chosen.
 """
+
 import signal
 import sys
 
@@ -41,58 +42,158 @@ from facenets import augment, data, metrics, models, runs, training
 def build_parser():
     p = runs.FlagParser(__doc__, epilog="models: " + ", ".join(models.MODELS))
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="data/fer2013", help="FER2013 image folders, the Kaggle .zip, fer2013.csv / icml_face_data.csv, "
-                   "a folder of photos per class (with --crop-faces), or 'synthetic'")
-    g.add_argument("--crop-faces", action="store_true", help="--data holds photos in <class>/ folders: crop the faces with MTCNN first (UTEC report)")
+    g.add_argument(
+        "--data",
+        default="data/fer2013",
+        help="FER2013 image folders, the Kaggle .zip, fer2013.csv / icml_face_data.csv, "
+        "a folder of photos per class (with --crop-faces), or 'synthetic'",
+    )
+    g.add_argument(
+        "--crop-faces",
+        action="store_true",
+        help="--data holds photos in <class>/ folders: crop the faces with MTCNN first (UTEC report)",
+    )
     g.add_argument("--synthetic-count", type=int, default=4000, help="number of faces for --data synthetic")
-    g.add_argument("--split", default="official", choices=data.SPLITS, help="official: Training vs test images; publictest: PublicTest "
-                   "is validation, PrivateTest test; monterrey / udine / utec: the reports' own protocols")
-    g.add_argument("--val-fraction", type=float, default=0.0, help="with --split official: stratified share of Training held out for validation and model selection (0 = none: best.pt is the last epoch)")
-    g.add_argument("--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)")
+    g.add_argument(
+        "--split",
+        default="official",
+        choices=data.SPLITS,
+        help="official: Training vs test images; publictest: PublicTest "
+        "is validation, PrivateTest test; monterrey / udine / utec: the reports' own protocols",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="with --split official: stratified share of Training held out for validation and model selection "
+        "(0 = none: best.pt is the last epoch)",
+    )
+    g.add_argument(
+        "--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)"
+    )
 
     g = p.add_argument_group("model and input")
     g.add_argument("--model", default="vgg", choices=models.MODELS, metavar="NAME", help="architecture (list below)")
     g.add_argument("--width", type=int, default=None, help="channels of the first stage of --model vgg")
-    g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="any keyword of the model's constructor, "
-                   "e.g. inceptions=30 multiplier=3 dropout=0.62 for udine_r2, downsample=stride for rna_cifar; repeatable")
-    g.add_argument("--pretrained", action="store_true", help="rna_resnet50 / rna_resnet152: start from torchvision's ImageNet weights (needs them downloaded)")
-    g.add_argument("--sobel-channels", action="store_true", help="feed gray, sobel magnitude and histogram-equalised gray as 3 channels (Udine report)")
-    g.add_argument("--brightness", type=float, default=0.0, help="brightness added to every image, train and test (UTEC report)")
-    g.add_argument("--contrast", type=float, default=1.0, help="contrast factor for every image, train and test (UTEC report)")
+    g.add_argument(
+        "--model-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any keyword of the model's constructor, "
+        "e.g. inceptions=30 multiplier=3 dropout=0.62 for udine_r2, downsample=stride for rna_cifar; repeatable",
+    )
+    g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="rna_resnet50 / rna_resnet152: start from torchvision's ImageNet weights (needs them downloaded)",
+    )
+    g.add_argument(
+        "--sobel-channels",
+        action="store_true",
+        help="feed gray, sobel magnitude and histogram-equalised gray as 3 channels (Udine report)",
+    )
+    g.add_argument(
+        "--brightness", type=float, default=0.0, help="brightness added to every image, train and test (UTEC report)"
+    )
+    g.add_argument(
+        "--contrast", type=float, default=1.0, help="contrast factor for every image, train and test (UTEC report)"
+    )
 
     g = p.add_argument_group("augmentation (training batches only, on the training device)")
     g.add_argument("--rotate", type=float, default=0.0, help="random rotation, +- degrees")
-    g.add_argument("--shear", type=float, default=0.0, help="random shear, +- degrees (Keras shear_range is degrees too)")
+    g.add_argument(
+        "--shear", type=float, default=0.0, help="random shear, +- degrees (Keras shear_range is degrees too)"
+    )
     g.add_argument("--zoom", type=float, default=0.0, help="random zoom, scale in [1-z, 1+z] (Keras zoom_range)")
     g.add_argument("--translate", type=float, default=0.0, help="random shift, +- fraction of the image size")
     g.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
-    g.add_argument("--crop", type=int, default=40, help="train on random CROPxCROP crops, evaluate the centre crop (or --tta tencrop); 0 = off")
-    g.add_argument("--cutout", type=int, default=0, help="zero one random CUTOUTxCUTOUT square per image (Trabajo final RNA: 8)")
+    g.add_argument(
+        "--crop",
+        type=int,
+        default=40,
+        help="train on random CROPxCROP crops, evaluate the centre crop (or --tta tencrop); 0 = off",
+    )
+    g.add_argument(
+        "--cutout", type=int, default=0, help="zero one random CUTOUTxCUTOUT square per image (Trabajo final RNA: 8)"
+    )
     g.add_argument("--erasing", type=float, default=0.25, help="probability of random erasing per image")
     g.add_argument("--mixup", type=float, default=0.2, help="mixup with lambda ~ Beta(a, a) per batch; 0 = off")
-    g.add_argument("--mixup-lam", type=float, default=None, help="mixup with this fixed share of the first image (Trabajo final RNA: 0.7)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix instead of mixup: paste a box of another image into each, of area "
-                   "~ Beta(a, a); 0 = off (with --mixup 0)")
-    g.add_argument("--no-augment", action="store_true", help="turn off rotation, shear, zoom, shift, flip, cutout, erasing, mixup and cutmix; --crop stays as "
-                   "given (the Monterrey report used none)")
-    g.add_argument("--tta", default="tencrop", choices=("none", "flip", "tencrop"), help="test-time augmentation; tencrop needs --crop")
+    g.add_argument(
+        "--mixup-lam",
+        type=float,
+        default=None,
+        help="mixup with this fixed share of the first image (Trabajo final RNA: 0.7)",
+    )
+    g.add_argument(
+        "--cutmix",
+        type=float,
+        default=0.0,
+        help="cutmix instead of mixup: paste a box of another image into each, of area "
+        "~ Beta(a, a); 0 = off (with --mixup 0)",
+    )
+    g.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="turn off rotation, shear, zoom, shift, flip, cutout, erasing, mixup and cutmix; --crop stays as "
+        "given (the Monterrey report used none)",
+    )
+    g.add_argument(
+        "--tta",
+        default="tencrop",
+        choices=("none", "flip", "tencrop"),
+        help="test-time augmentation; tencrop needs --crop",
+    )
 
     g = training.add_optimizer_flags(p, epochs=100, batch_size=512, lr=0.2, label_smoothing=0.1, ema=0.999)
-    g.add_argument("--sam", type=float, default=0.0, help="sharpness-aware minimisation with this radius rho (e.g. 0.05): "
-                   "each step takes the gradient at weights moved rho uphill; twice the compute per step; 0 = off")
-    g.add_argument("--stop-loss", type=float, default=0.0, help="stop once the training loss of an epoch is at or below this (UTEC report); 0 = off")
+    g.add_argument(
+        "--sam",
+        type=float,
+        default=0.0,
+        help="sharpness-aware minimisation with this radius rho (e.g. 0.05): "
+        "each step takes the gradient at weights moved rho uphill; twice the compute per step; 0 = off",
+    )
+    g.add_argument(
+        "--stop-loss",
+        type=float,
+        default=0.0,
+        help="stop once the training loss of an epoch is at or below this (UTEC report); 0 = off",
+    )
     g = p.add_argument_group("ensemble and distillation")
-    g.add_argument("--ensemble", type=int, default=1, metavar="N", help="train N networks at once, as one network of grouped "
-                   "layers; each has its own initial weights, batch order and augmentation; tests and --predict average "
-                   f"their softmaxes ({' and '.join(models.STACKABLE)})")
-    g.add_argument("--distill", metavar="CKPT", default=None, help="train on the softened outputs of this train_emotion.py "
-                   "checkpoint (e.g. an --ensemble run's best.pt) beside the labels, computed on each augmented batch")
+    g.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N networks at once, as one network of grouped "
+        "layers; each has its own initial weights, batch order and augmentation; tests and --predict average "
+        f"their softmaxes ({' and '.join(models.STACKABLE)})",
+    )
+    g.add_argument(
+        "--distill",
+        metavar="CKPT",
+        default=None,
+        help="train on the softened outputs of this train_emotion.py "
+        "checkpoint (e.g. an --ensemble run's best.pt) beside the labels, computed on each augmented batch",
+    )
     # T = 4 as in the usual knowledge-distillation baselines (e.g. Tian et al. 2020). Hinton et al. (2015) weigh the
     # teacher most, but a FER2013 teacher is wrong on about one image in four: the labels keep half the say.
-    g.add_argument("--distill-weight", type=float, default=0.5, metavar="A", help="share of the loss given to the teacher: (1 - A) * "
-                   "cross-entropy with the labels + A * T^2 * KL(teacher || student) at temperature T")
-    g.add_argument("--distill-temperature", type=float, default=4.0, metavar="T", help="softmax temperature of teacher "
-                   "and student in the distillation term: above 1, the teacher's small probabilities count too")
+    g.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.5,
+        metavar="A",
+        help="share of the loss given to the teacher: (1 - A) * "
+        "cross-entropy with the labels + A * T^2 * KL(teacher || student) at temperature T",
+    )
+    g.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=4.0,
+        metavar="T",
+        help="softmax temperature of teacher "
+        "and student in the distillation term: above 1, the teacher's small probabilities count too",
+    )
     runs.add_run_flags(p, out="runs/emotion", task="emotion probabilities")
     return p
 
@@ -126,10 +227,15 @@ def parse_args(argv=None):
     if args.ensemble < 1:
         p.error("--ensemble N takes a number of networks, 1 or more")
     if args.ensemble > 1 and args.model not in models.STACKABLE:
-        p.error(f"--ensemble supports {' and '.join(models.STACKABLE)}, whose layers stack into grouped ones: not {args.model}")
+        p.error(
+            f"--ensemble supports {' and '.join(models.STACKABLE)}, whose layers stack into grouped ones: "
+            f"not {args.model}"
+        )
     if args.ensemble > 1 and (args.sam or args.distill):
-        p.error("--ensemble trains without --sam (its step size depends on all members' gradients at once) and without "
-                "--distill (distil the ensemble into one network instead)")
+        p.error(
+            "--ensemble trains without --sam (its step size depends on all members' gradients at once) and without "
+            "--distill (distil the ensemble into one network instead)"
+        )
     if not args.distill and {"distill_weight", "distill_temperature"} & args.given.keys():
         p.error("--distill-weight and --distill-temperature need --distill CKPT")
     if not 0 <= args.distill_weight <= 1 or args.distill_temperature <= 0:
@@ -201,7 +307,7 @@ def predict_proba(model, images: torch.Tensor, cfg: dict, batch_size=1024, each_
     out = []
     batch_size //= getattr(model, "members", 1)  # an ensemble's members each see the batch: the same memory per batch
     for i in range(0, len(images), batch_size):
-        x = model_input(images[i:i + batch_size], cfg)
+        x = model_input(images[i : i + batch_size], cfg)
         if cfg["tta"] == "tencrop":
             views = augment.ten_crop_flip(x, cfg["crop"])
         else:
@@ -226,7 +332,8 @@ def evaluate(model, images, labels, cfg) -> tuple[float, float, torch.Tensor]:
 
 
 def accuracy_by_usage(hits, usage) -> dict:
-    """{FER2013 Usage: accuracy} from whether each test image was right (hits [images], or [images, members]: their mean)."""
+    """{FER2013 Usage: accuracy} from whether each test image was right (hits [images], or [images, members]:
+    their mean)."""
     return {data.USAGES[u]: round(hits[usage == u].float().mean().item(), 5) for u in usage.unique().tolist()}
 
 
@@ -236,11 +343,17 @@ def accuracy_by_usage(hits, usage) -> dict:
 def make_model(cfg, in_channels, num_classes, image_size, device):
     members = cfg.get("ensemble", 1)  # checkpoints from before --ensemble hold one network
     try:  # an ensemble's members one after the other: each draws its own initial weights from the seeded generator
-        nets = [models.build_model(cfg["model"], in_channels, num_classes, image_size, **cfg["model_options"])
-                for _ in range(members)]
+        nets = [
+            models.build_model(cfg["model"], in_channels, num_classes, image_size, **cfg["model_options"])
+            for _ in range(members)
+        ]
     except (TypeError, ValueError, models.WeightsUnavailableError) as e:
         too_small = cfg["crop"] and isinstance(e, models.ImageTooSmallError)
-        hint = f"; it sees {image_size}x{image_size} crops (--crop {cfg['crop']}): --crop 0 gives it whole images" if too_small else ""
+        hint = (
+            f"; it sees {image_size}x{image_size} crops (--crop {cfg['crop']}): --crop 0 gives it whole images"
+            if too_small
+            else ""
+        )
         raise runs.RunError(f"model {cfg['model']}: {e}{hint}") from None
     model = nets[0] if members == 1 else models.stack_networks(nets)
     # channels_last: faster convolutions on GPU tensor cores, and 0-40% faster on CPU (oneDNN) for these nets
@@ -248,14 +361,19 @@ def make_model(cfg, in_channels, num_classes, image_size, device):
 
 
 def load_trained(checkpoint, device):
-    """(network in eval mode, config, classes) of a train_emotion.py checkpoint: its averaged weights when it kept them."""
+    """(network in eval mode, config, classes) of a train_emotion.py checkpoint: its averaged weights when it kept
+    them."""
     ckpt = runs.load_checkpoint(checkpoint, map_location=device, needs=PREDICT_KEYS)
     where = Path(checkpoint)
     cfg, classes = ckpt["config"], ckpt["classes"]
-    missing = [k for k in ("model", "model_options", "crop", "tta", "sobel_channels", "brightness", "contrast") if k not in cfg]
+    missing = [
+        k for k in ("model", "model_options", "crop", "tta", "sobel_channels", "brightness", "contrast") if k not in cfg
+    ]
     if missing or not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise runs.RunError(f"{where} was not saved by train_emotion.py (its config or classes are not this script's): "
-                            "use a checkpoint from runs/emotion/")
+        raise runs.RunError(
+            f"{where} was not saved by train_emotion.py (its config or classes are not this script's): "
+            "use a checkpoint from runs/emotion/"
+        )
     in_channels = 3 if cfg["sobel_channels"] else 1
     model = make_model(cfg, in_channels, len(classes), cfg["crop"] or 48, device)
     with runs.loading(where, "weights"):
@@ -267,12 +385,16 @@ def load_teacher(cfg, classes, device):
     """--distill's network; it must have been trained on these classes and on images prepared as this run's."""
     teacher, taught, its_classes = load_trained(cfg["distill"], device)
     if its_classes != classes:
-        raise runs.RunError(f"--distill {cfg['distill']} was trained on other classes ({', '.join(its_classes)}): "
-                            "use a checkpoint of a run on the same data")
+        raise runs.RunError(
+            f"--distill {cfg['distill']} was trained on other classes ({', '.join(its_classes)}): "
+            "use a checkpoint of a run on the same data"
+        )
     for key in ("crop", "sobel_channels", "brightness", "contrast"):
         if taught[key] != cfg[key]:
-            raise runs.RunError(f"--distill {cfg['distill']} was trained with --{key.replace('_', '-')} {taught[key]}, this run "
-                                f"has {cfg[key]}: the teacher must see the images as the student does")
+            raise runs.RunError(
+                f"--distill {cfg['distill']} was trained with --{key.replace('_', '-')} {taught[key]}, this run "
+                f"has {cfg[key]}: the teacher must see the images as the student does"
+            )
     return teacher
 
 
@@ -295,12 +417,18 @@ def mix(x, y, cfg, gen):
 
 def mix_members(x, y, cfg, gen):
     """mix for an ensemble's batch x [N, B, C, H, W], y [N, B]: each member within its own batch, with its own lambda
-    (lam [N, B]). x comes back as the stacked network takes it, [B, N*C, H, W], member i's images in channels i*C:(i+1)*C."""
+    (lam [N, B]). x comes back as the stacked network takes it, [B, N*C, H, W], member i's images in channels
+    i*C:(i+1)*C."""
     xs, ys, y_bs, lams = zip(*[mix(x_i, y_i, cfg, gen) for x_i, y_i in zip(x, y)])
     x, y = torch.stack(xs, 1).flatten(1, 2), torch.stack(ys)
     if y_bs[0] is None:
         return x, y, None, None
-    return x, y, torch.stack(y_bs), torch.stack([torch.as_tensor(lam, device=x.device).expand(y.shape[1]) for lam in lams])
+    return (
+        x,
+        y,
+        torch.stack(y_bs),
+        torch.stack([torch.as_tensor(lam, device=x.device).expand(y.shape[1]) for lam in lams]),
+    )
 
 
 def train_step(step_model, optimizer, x, y, cfg, gen, teacher=None):
@@ -325,13 +453,18 @@ def train_step(step_model, optimizer, x, y, cfg, gen, teacher=None):
             if y_b is None:
                 loss = F.cross_entropy(flat, y.flatten(), label_smoothing=cfg["label_smoothing"])
             else:
+
                 def per_image(target):
-                    return F.cross_entropy(flat, target.flatten(), label_smoothing=cfg["label_smoothing"],
-                                           reduction="none").view(target.shape)
+                    return F.cross_entropy(
+                        flat, target.flatten(), label_smoothing=cfg["label_smoothing"], reduction="none"
+                    ).view(target.shape)
+
                 loss = (lam * per_image(y) + (1 - lam) * per_image(y_b)).mean()
             if soft is not None:  # Hinton et al. 2015; T^2 keeps the soft term's gradients the same size whatever T
                 T, a = cfg["distill_temperature"], cfg["distill_weight"]
-                loss = (1 - a) * loss + a * T**2 * F.kl_div(F.log_softmax(logits.float() / T, -1), soft, reduction="batchmean")
+                loss = (1 - a) * loss + a * T**2 * F.kl_div(
+                    F.log_softmax(logits.float() / T, -1), soft, reduction="batchmean"
+                )
         optimizer.zero_grad(set_to_none=True)
         # The SUM of the members' mean losses (the mean over all images is 1/N of it): each member then gets the
         # gradient it would get alone, and the elementwise optimizer does to each what it would do alone.
@@ -366,11 +499,15 @@ def load_split(cfg: dict) -> tuple[data.FaceImages, dict]:
     t0 = time.perf_counter()
     faces = load_faces(cfg)
     split = data.split_indices(faces, cfg["split"], cfg["val_fraction"], cfg["seed"])
-    print(f"data: {len(faces)} images from {cfg['data']} in {time.perf_counter() - t0:.1f}s; split {cfg['split']}: "
-          + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+    print(
+        f"data: {len(faces)} images from {cfg['data']} in {time.perf_counter() - t0:.1f}s; split {cfg['split']}: "
+        + ", ".join(f"{k} {len(v)}" for k, v in split.items())
+    )
     if len(split["test"]) == 0:  # e.g. photo folders, which are all Training
-        raise data.DataError(f"split {cfg['split']} leaves no test images in {cfg['data']}: "
-                             "use a protocol that pools all images, --split utec or --split udine")
+        raise data.DataError(
+            f"split {cfg['split']} leaves no test images in {cfg['data']}: "
+            "use a protocol that pools all images, --split utec or --split udine"
+        )
     return faces, split
 
 
@@ -386,8 +523,11 @@ def train(args, command: str):
     x_val, y_val = faces.images[split["val"]].to(device), faces.labels[split["val"]].to(device)
     classes = list(faces.classes)
     in_channels, size = 3 if cfg["sobel_channels"] else faces.images.shape[1], cfg["crop"] or faces.images.shape[-1]
-    training.check_memory(device, run.cfg["batch_size"], (lambda: make_model(cfg, in_channels, len(classes), size, "meta"),
-                                                          [(in_channels * members, size, size)]))
+    training.check_memory(
+        device,
+        run.cfg["batch_size"],
+        (lambda: make_model(cfg, in_channels, len(classes), size, "meta"), [(in_channels * members, size, size)]),
+    )
     model = make_model(cfg, in_channels, len(classes), size, device)
     teacher = load_teacher(cfg, classes, device) if cfg["distill"] else None
     batch_size, steps = run.batching(len(x_train))
@@ -397,12 +537,20 @@ def train(args, command: str):
     average = training.WeightAverage(model, cfg["ema"]) if cfg["ema"] else None
     ema = None if average is None else average.module
     evaluated = model if ema is None else ema
-    run.start(f"{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}",
-              {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}, data=x_train,
-              check={"classes": classes}, plot=lambda: metrics.plot_curves(run.history, run.folder / "curves.png"))
-    print(f"model: {cfg['model']}" + (f" {cfg['model_options']}" if cfg["model_options"] else "")
-          + (f" x {members}, stacked" if members > 1 else "") + f", {models.count_parameters(model):,} parameters, "
-          f"on {device}" + (f"; teacher {cfg['distill']}" if teacher else ""))
+    run.start(
+        f"{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}",
+        {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler},
+        data=x_train,
+        check={"classes": classes},
+        plot=lambda: metrics.plot_curves(run.history, run.folder / "curves.png"),
+    )
+    print(
+        f"model: {cfg['model']}"
+        + (f" {cfg['model_options']}" if cfg["model_options"] else "")
+        + (f" x {members}, stacked" if members > 1 else "")
+        + f", {models.count_parameters(model):,} parameters, "
+        f"on {device}" + (f"; teacher {cfg['distill']}" if teacher else "")
+    )
     step_model, gen = training.compiled(model, device) if cfg["compile"] else model, run.generator
 
     for epoch in run.epochs():
@@ -429,13 +577,20 @@ def train(args, command: str):
             warn_if_dead(val_proba)
         if cfg["scheduler"] == "plateau":
             scheduler.step(val_loss if val_loss is not None else train_loss)
-        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
-               "val_loss": None if val_loss is None else round(val_loss, 5),
-               "val_acc": None if val_acc is None else round(val_acc, 5),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(run.seconds, 2)}
-        print(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}"
-              + (f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else "")
-              + f"  {run.seconds:.1f}s  {seen / run.seconds:.0f} img/s")
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": round(train_loss, 5),
+            "train_acc": round(train_acc, 5),
+            "val_loss": None if val_loss is None else round(val_loss, 5),
+            "val_acc": None if val_acc is None else round(val_acc, 5),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(run.seconds, 2),
+        }
+        print(
+            f"epoch {epoch + 1:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}"
+            + (f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else "")
+            + f"  {run.seconds:.1f}s  {seen / run.seconds:.0f} img/s"
+        )
         stopping = bool(cfg["stop_loss"]) and train_loss <= cfg["stop_loss"]
         run.end_epoch(row, score=val_acc, last=stopping)
         if stopping:
@@ -445,14 +600,23 @@ def train(args, command: str):
     best = run.best_weights(model=model, ema=ema)
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]
     result, cm = test(evaluated, model, teacher, faces, test_idx, cfg, device)
-    result = run.finish({**result, "best_epoch": best["epoch"], "best_val_accuracy": run.best if run.best >= 0 else None,
-                         "parameters": models.count_parameters(model), **metrics.summarize(cm, classes),
-                         "split_sizes": {k: len(v) for k, v in split.items()}})
+    result = run.finish(
+        {
+            **result,
+            "best_epoch": best["epoch"],
+            "best_val_accuracy": run.best if run.best >= 0 else None,
+            "parameters": models.count_parameters(model),
+            **metrics.summarize(cm, classes),
+            "split_sizes": {k: len(v) for k, v in split.items()},
+        }
+    )
     metrics.plot_confusion(cm, classes, run.folder / "confusion.png")
     print(metrics.format_table(metrics.per_class_table(cm, classes)))
     by_usage = ", ".join(f"{k} {v:.4f}" for k, v in result["test_accuracy_by_usage"].items())
-    print(f"test accuracy {result['test_accuracy']:.4f} ({by_usage}) with the weights of epoch {best['epoch']}; "
-          f"training took {run.train_seconds:.0f}s on {result['device']}; results in {run.folder}")
+    print(
+        f"test accuracy {result['test_accuracy']:.4f} ({by_usage}) with the weights of epoch {best['epoch']}; "
+        f"training took {run.train_seconds:.0f}s on {result['device']}; results in {run.folder}"
+    )
     return 0
 
 
@@ -461,8 +625,10 @@ def warn_if_dead(val_proba: torch.Tensor):
     # input: its loss diverged, or a whole layer of ReLUs died, and dead ReLUs pass no gradient, so it will not
     # recover. Said at once, this spares the hours left of a doomed CPU run.
     if len(val_proba) > 1 and not (val_proba.amax(0) - val_proba.amin(0)).amax() > 1e-6:
-        warnings.warn("the model gives the same output for every validation image: it has stopped learning (its "
-                      "loss diverged or its ReLUs died); start again with a lower --lr or another --seed")
+        warnings.warn(
+            "the model gives the same output for every validation image: it has stopped learning (its "
+            "loss diverged or its ReLUs died); start again with a lower --lr or another --seed"
+        )
 
 
 def test(evaluated, model, teacher, faces, test_idx, cfg, device) -> tuple[dict, torch.Tensor]:
@@ -474,8 +640,11 @@ def test(evaluated, model, teacher, faces, test_idx, cfg, device) -> tuple[dict,
     proba = each.mean(1)
     test_loss, test_acc = scores(proba, y_test)
     pred, usage = proba.argmax(1).cpu(), faces.usage[test_idx]
-    result = {"test_accuracy": round(test_acc, 5), "test_loss": round(test_loss, 5),
-              "test_accuracy_by_usage": accuracy_by_usage(pred == y_test.cpu(), usage)}
+    result = {
+        "test_accuracy": round(test_acc, 5),
+        "test_loss": round(test_loss, 5),
+        "test_accuracy_by_usage": accuracy_by_usage(pred == y_test.cpu(), usage),
+    }
     if each.shape[1] > 1:
         hits = (each.argmax(-1) == y_test[:, None]).cpu()  # [images, members]
         result["member_test_accuracies"] = [round(a, 5) for a in hits.float().mean(0).tolist()]
@@ -502,19 +671,23 @@ def predict(args):
     def describe(crops):
         proba = predict_proba(model, crops.to(device), cfg).cpu()
         ranked = proba.argsort(1, descending=True)
-        return [(", ".join(f"{classes[k]} {p[k]:.2f}" for k in order), f"{classes[order[0]]} {p[order[0]]:.0%}")
-                for p, order in zip(proba, ranked)]
+        return [
+            (", ".join(f"{classes[k]} {p[k]:.2f}" for k in order), f"{classes[order[0]]} {p[order[0]]:.0%}")
+            for p, order in zip(proba, ranked)
+        ]
 
-    data.predict_photos(args.predict, runs.predictions_folder(args), "emotions", describe, size=48, grayscale=True,
-                        device=str(device))
+    data.predict_photos(
+        args.predict, runs.predictions_folder(args), "emotions", describe, size=48, grayscale=True, device=str(device)
+    )
     return 0
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    return runs.one_line_errors(lambda: predict(args) if args.predict else train(args, shlex.join(["train_emotion.py", *argv])),
-                                data.DataError)
+    return runs.one_line_errors(
+        lambda: predict(args) if args.predict else train(args, shlex.join(["train_emotion.py", *argv])), data.DataError
+    )
 
 
 if __name__ == "__main__":

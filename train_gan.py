@@ -2,16 +2,20 @@
 DCGAN, on face crops (CelebA's, or any folder or .zip of face images) or built-in synthetic faces; or write a trained
 generator's images as PNG files.
 
-    python train_gan.py --data synthetic --epochs 1     # a complete run folder, a check of the machinery: 7 steps draw
-                                                        # 64 alike grey noise squares, no faces yet
-    make gan DATA=data/celeba-faces                     # the recipe: DCGAN generator with its weight average, a spectral-norm
-                                                        # discriminator, hinge loss, two learning rates, DiffAugment
-    make gan-cpu DATA=data/celeba-faces                 # the recipe at width 32 for 45 minutes in bf16: on 12,476 CelebA faces,
-                                                        # one CPU core with AMX, 99% of its images hold a face (MTCNN), Fréchet 0.19
-    make dcgan-concepcion DATA=data/celeba-faces        # the Concepción report's Keras DCGAN: BCE, Adam 1e-4, batch 32, 30 epochs;
-                                                        # in the same 45 minutes: 20% faces, Fréchet 2.98, collapsed
+    python train_gan.py --data synthetic --epochs 1 # a complete run folder, a check of the machinery: 7 steps draw
+                                                    # 64 alike grey noise squares, no faces yet
+    make gan DATA=data/celeba-faces                 # the recipe: DCGAN generator with its weight average, a
+                                                    # spectral-norm discriminator, hinge loss, two learning rates,
+                                                    # DiffAugment
+    make gan-cpu DATA=data/celeba-faces             # the recipe at width 32 for 45 minutes in bf16: on 12,476 CelebA
+                                                    # faces, one CPU core with AMX, 99% of its images hold a face
+                                                    # (MTCNN), Fréchet 0.19
+    make dcgan-concepcion DATA=data/celeba-faces    # the Concepción report's Keras DCGAN: BCE, Adam 1e-4, batch 32,
+                                                    # 30 epochs; in the same 45 minutes: 20% faces, Fréchet 2.98,
+                                                    # collapsed
     python train_gan.py --preset radford --data data/celeba-faces     # pytorch/examples' DCGAN, 25 epochs
-    python train_gan.py --sample 5000 --checkpoint runs/gan/<run>/best.pt --out fakes/   # PNGs for pytorch-fid or torch-fidelity
+    python train_gan.py --sample 5000 --checkpoint runs/gan/<run>/best.pt --out fakes/
+                                                    # PNGs for pytorch-fid or torch-fidelity
 
 What each reaches and how long it takes: see REPRODUCING.md. Every run writes runs/gan/<name>/: config.json, log.csv,
 a grid of the same 64 latent vectors after every epoch (grid-epoch-001.png, ...: the report's "monitor"), last.pt,
@@ -25,6 +29,7 @@ last.pt is rewritten every 30 s: --resume RUN_DIR continues a stopped or killed 
 into a cached uint8 tensor that sits on the training device. Exit status: 0 done, 2 bad input, 3 diverged (stopped,
 the last good checkpoints kept), 130 stopped by Ctrl-C or SIGTERM (saved: --resume goes on).
 """
+
 import signal
 import sys
 
@@ -51,11 +56,33 @@ from facenets import augment, data, metrics, models, runs, training
 PRESETS = {
     # Report 004 §3.2.4: its Keras models, binary cross-entropy, Adam lr 1e-4 for both (Keras' betas), batch 32, 30
     # epochs, images in [0, 1] (the generator's sigmoid), nothing else.
-    "concepcion": dict(model="concepcion", loss="bce", lr_g=1e-4, lr_d=1e-4, betas=[0.9, 0.999], batch_size=32,
-                       epochs=30, ema=0.0, diffaugment="none", flip=False, spectral_norm=False),
+    "concepcion": dict(
+        model="concepcion",
+        loss="bce",
+        lr_g=1e-4,
+        lr_d=1e-4,
+        betas=[0.9, 0.999],
+        batch_size=32,
+        epochs=30,
+        ema=0.0,
+        diffaugment="none",
+        flip=False,
+        spectral_norm=False,
+    ),
     # pytorch/examples dcgan/main.py: BatchNorm in D, BCE, Adam 2e-4 with beta1 0.5, batch 64, 25 epochs, [-1, 1].
-    "radford": dict(model="dcgan", loss="bce", lr_g=2e-4, lr_d=2e-4, betas=[0.5, 0.999], batch_size=64, epochs=25,
-                    ema=0.0, diffaugment="none", flip=False, spectral_norm=False),
+    "radford": dict(
+        model="dcgan",
+        loss="bce",
+        lr_g=2e-4,
+        lr_d=2e-4,
+        betas=[0.5, 0.999],
+        batch_size=64,
+        epochs=25,
+        ema=0.0,
+        diffaugment="none",
+        flip=False,
+        spectral_norm=False,
+    ),
 }
 HOLDOUT_SEED = 0  # the held-out images are the same for every --seed, so that runs compare on the same images
 # The headline scores first (they fail on mode collapse and on noise alike), then the diagnostics.
@@ -68,68 +95,170 @@ DIVERGED = runs.DIVERGED  # exit status of a run stopped because it diverged
 
 
 def build_parser():
-    p = runs.FlagParser(__doc__, epilog="GANs: " + ", ".join(models.GANS) + f"; exit status {DIVERGED}: the run diverged "
-                        "(NaN losses, or D certain of every image for --diverge-steps steps) and stopped, keeping its last "
-                        "good last.pt and best.pt")
+    p = runs.FlagParser(
+        __doc__,
+        epilog="GANs: " + ", ".join(models.GANS) + f"; exit status {DIVERGED}: the run diverged "
+        "(NaN losses, or D certain of every image for --diverge-steps steps) and stopped, keeping its last "
+        "good last.pt and best.pt",
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="data/celeba-faces", help="a folder of face images (subfolders are read too), e.g. "
-                   "celeba-faces/ or CelebA's img_align_celeba/ (centre square crop), a .zip of them, or 'synthetic'")
-    g.add_argument("--image-size", type=int, default=64, help="side of the square images the GAN draws: 64 (the reports); "
-                   "dcgan takes powers of two from 16, concepcion multiples of 16")
-    g.add_argument("--holdout", type=int, default=5000, help="images held out and never trained on; quality is measured "
-                   "against them. The same images for every --seed; at most half of the images")
-    g.add_argument("--synthetic-count", type=int, default=1000, help="number of faces for --data synthetic (held-out part "
-                   "included)")
-    g.add_argument("--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)")
-    g.add_argument("--preset", default=None, choices=PRESETS, help="a source's setup: concepcion (the report's Keras DCGAN, "
-                   "BCE, Adam 1e-4 with Keras' betas, batch 32, 30 epochs, images in [0, 1]) or radford (pytorch/examples' "
-                   "DCGAN: BCE, Adam 2e-4 with beta1 0.5, batch 64, 25 epochs); flags given explicitly still win")
+    g.add_argument(
+        "--data",
+        default="data/celeba-faces",
+        help="a folder of face images (subfolders are read too), e.g. "
+        "celeba-faces/ or CelebA's img_align_celeba/ (centre square crop), a .zip of them, or 'synthetic'",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=64,
+        help="side of the square images the GAN draws: 64 (the reports); "
+        "dcgan takes powers of two from 16, concepcion multiples of 16",
+    )
+    g.add_argument(
+        "--holdout",
+        type=int,
+        default=5000,
+        help="images held out and never trained on; quality is measured "
+        "against them. The same images for every --seed; at most half of the images",
+    )
+    g.add_argument(
+        "--synthetic-count",
+        type=int,
+        default=1000,
+        help="number of faces for --data synthetic (held-out part included)",
+    )
+    g.add_argument(
+        "--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)"
+    )
+    g.add_argument(
+        "--preset",
+        default=None,
+        choices=PRESETS,
+        help="a source's setup: concepcion (the report's Keras DCGAN, "
+        "BCE, Adam 1e-4 with Keras' betas, batch 32, 30 epochs, images in [0, 1]) or radford (pytorch/examples' "
+        "DCGAN: BCE, Adam 2e-4 with beta1 0.5, batch 64, 25 epochs); flags given explicitly still win",
+    )
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="dcgan", choices=models.GANS, help="dcgan: Radford et al.'s generator and "
-                   "discriminator (pytorch/examples); concepcion: the report's Keras DCGAN, exactly")
-    g.add_argument("--latent", type=int, default=None, help="size of the latent vector (default: the model's, dcgan 100, "
-                   "concepcion 64)")
-    g.add_argument("--width", type=int, default=None, help="dcgan: channels of the generator's last and the discriminator's "
-                   "first layer (ngf = ndf, 64); 32 is 4x less compute")
-    g.add_argument("--no-spectral-norm", dest="spectral_norm", action="store_false", help="no spectral normalisation "
-                   "in D (Miyato et al. 2018; it bounds how fast D's output can change, the usual cure for a D that "
-                   "overpowers G); dcgan's D then has Radford's BatchNorm")
+    g.add_argument(
+        "--model",
+        default="dcgan",
+        choices=models.GANS,
+        help="dcgan: Radford et al.'s generator and "
+        "discriminator (pytorch/examples); concepcion: the report's Keras DCGAN, exactly",
+    )
+    g.add_argument(
+        "--latent",
+        type=int,
+        default=None,
+        help="size of the latent vector (default: the model's, dcgan 100, concepcion 64)",
+    )
+    g.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="dcgan: channels of the generator's last and the discriminator's "
+        "first layer (ngf = ndf, 64); 32 is 4x less compute",
+    )
+    g.add_argument(
+        "--no-spectral-norm",
+        dest="spectral_norm",
+        action="store_false",
+        help="no spectral normalisation "
+        "in D (Miyato et al. 2018; it bounds how fast D's output can change, the usual cure for a D that "
+        "overpowers G); dcgan's D then has Radford's BatchNorm",
+    )
 
     g = p.add_argument_group("augmentation (what the discriminator sees, real and generated)")
-    g.add_argument("--diffaugment", default="color,translation,cutout", metavar="POLICY", help="DiffAugment (Zhao et "
-                   "al. 2020): the same kind of random colour, shift and cutout on every image D sees, real or generated, "
-                   "kept differentiable for G; it keeps D from memorising a data set of thousands. 'none': off")
-    g.add_argument("--no-flip", dest="flip", action="store_false", help="no random mirroring of the real images "
-                   "(faces are near-symmetric, so mirroring doubles the data; StyleGAN's --mirror)")
+    g.add_argument(
+        "--diffaugment",
+        default="color,translation,cutout",
+        metavar="POLICY",
+        help="DiffAugment (Zhao et "
+        "al. 2020): the same kind of random colour, shift and cutout on every image D sees, real or generated, "
+        "kept differentiable for G; it keeps D from memorising a data set of thousands. 'none': off",
+    )
+    g.add_argument(
+        "--no-flip",
+        dest="flip",
+        action="store_false",
+        help="no random mirroring of the real images "
+        "(faces are near-symmetric, so mirroring doubles the data; StyleGAN's --mirror)",
+    )
 
     g = p.add_argument_group("optimisation (Adam for both networks)")
     g.add_argument("--epochs", type=int, default=100, help="passes over the training images; on --resume, a new total")
     g.add_argument("--batch-size", type=int, default=64, help="real (and as many generated) images per step")
-    g.add_argument("--loss", default="hinge", choices=("hinge", "bce"), help="hinge: D pushes real logits above 1 and "
-                   "generated ones below -1, G raises D's logit of its images (SN-GAN, SAGAN, BigGAN); bce: the original "
-                   "GAN loss, cross-entropy on D's sigmoid with G trained to be called real (DCGAN, the Concepción report)")
+    g.add_argument(
+        "--loss",
+        default="hinge",
+        choices=("hinge", "bce"),
+        help="hinge: D pushes real logits above 1 and "
+        "generated ones below -1, G raises D's logit of its images (SN-GAN, SAGAN, BigGAN); bce: the original "
+        "GAN loss, cross-entropy on D's sigmoid with G trained to be called real (DCGAN, the Concepción report)",
+    )
     g.add_argument("--lr-g", type=float, default=1e-4, help="generator learning rate")
-    g.add_argument("--lr-d", type=float, default=4e-4, help="discriminator learning rate: 4x G's is the two time-scale "
-                   "update rule (TTUR, Heusel et al. 2017) at SAGAN's values")
-    g.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.9], metavar=("B1", "B2"), help="Adam's betas for both "
-                   "(SAGAN's; DCGAN: 0.5 0.999, Keras' default: 0.9 0.999)")
-    g.add_argument("--ema", type=float, default=0.999, help="also keep a moving average of the generator's weights with "
-                   "this decay per step; it draws the grids, the samples and is scored (Yazici et al. 2019); 0 = off")
-    g.add_argument("--seed", type=int, default=0, help="seeds the weights, the batch order, the noise and the augmentation")
-    g.add_argument("--time-budget", type=float, default=None, metavar="MINUTES", help="end training after this many "
-                   "minutes of training steps, in the middle of an epoch if need be, then the final pictures and quality "
-                   "as after the last epoch: compares recipes at equal compute (default: none, --epochs decides)")
+    g.add_argument(
+        "--lr-d",
+        type=float,
+        default=4e-4,
+        help="discriminator learning rate: 4x G's is the two time-scale "
+        "update rule (TTUR, Heusel et al. 2017) at SAGAN's values",
+    )
+    g.add_argument(
+        "--betas",
+        type=float,
+        nargs=2,
+        default=[0.0, 0.9],
+        metavar=("B1", "B2"),
+        help="Adam's betas for both (SAGAN's; DCGAN: 0.5 0.999, Keras' default: 0.9 0.999)",
+    )
+    g.add_argument(
+        "--ema",
+        type=float,
+        default=0.999,
+        help="also keep a moving average of the generator's weights with "
+        "this decay per step; it draws the grids, the samples and is scored (Yazici et al. 2019); 0 = off",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seeds the weights, the batch order, the noise and the augmentation"
+    )
+    g.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="end training after this many "
+        "minutes of training steps, in the middle of an epoch if need be, then the final pictures and quality "
+        "as after the last epoch: compares recipes at equal compute (default: none, --epochs decides)",
+    )
 
     g = p.add_argument_group("quality and divergence")
-    g.add_argument("--quality-every", type=int, default=5, help="measure quality every this many epochs and after the "
-                   "last (0: only at the end, best.pt is then the last epoch); needs facenet-pytorch")
-    g.add_argument("--quality-count", type=int, nargs=2, default=[1000, 5000], metavar=("DURING", "END"),
-                   help="generated images per quality check during training, and at the end (each against as many "
-                   "held-out images, at most --holdout): the Fréchet distance depends on the count")
-    g.add_argument("--diverge-steps", type=int, default=1000, help=f"stop with exit status {DIVERGED} when D tells every "
-                   "real from every generated image with certainty (99%%; beyond the hinge margin) for this many steps "
-                   "in a row; NaN losses stop at once")
+    g.add_argument(
+        "--quality-every",
+        type=int,
+        default=5,
+        help="measure quality every this many epochs and after the "
+        "last (0: only at the end, best.pt is then the last epoch); needs facenet-pytorch",
+    )
+    g.add_argument(
+        "--quality-count",
+        type=int,
+        nargs=2,
+        default=[1000, 5000],
+        metavar=("DURING", "END"),
+        help="generated images per quality check during training, and at the end (each against as many "
+        "held-out images, at most --holdout): the Fréchet distance depends on the count",
+    )
+    g.add_argument(
+        "--diverge-steps",
+        type=int,
+        default=1000,
+        help=f"stop with exit status {DIVERGED} when D tells every "
+        "real from every generated image with certainty (99%%; beyond the hinge margin) for this many steps "
+        "in a row; NaN losses stop at once",
+    )
     runs.add_run_flags(p, out="runs/gan", task=None)
     return p
 
@@ -142,7 +271,10 @@ def parse_args(argv=None):
     if not (0 <= args.betas[0] < 1 and 0 <= args.betas[1] < 1 and 0 <= args.ema < 1):
         p.error("--betas and --ema must each be in [0, 1)")
     if args.holdout < 10 or args.synthetic_count < 40 or min(args.quality_count) < 10 or args.quality_every < 0:
-        p.error("--holdout and --quality-count need at least 10 images each, --synthetic-count 40; --quality-every 0 or more")
+        p.error(
+            "--holdout and --quality-count need at least 10 images each, --synthetic-count 40; "
+            "--quality-every 0 or more"
+        )
     if args.time_budget is not None and args.time_budget <= 0:
         p.error("--time-budget must be a positive number of minutes")
     if args.diverge_steps < 1 or (args.sample is not None and args.sample < 1):
@@ -150,10 +282,15 @@ def parse_args(argv=None):
     try:
         augment.diff_augment(torch.zeros(1, 3, 16, 16), args.diffaugment)
         given = {"latent": args.latent, "width": args.width}
-        args.gan_options = models.check_gan_options(args.model, {"spectral_norm": args.spectral_norm,
-                                                                **{k: v for k, v in given.items() if v is not None}})
+        args.gan_options = models.check_gan_options(
+            args.model, {"spectral_norm": args.spectral_norm, **{k: v for k, v in given.items() if v is not None}}
+        )
     except ValueError as e:
-        p.error(str(e).replace("option width", "option width (--width)").replace("option latent", "option latent (--latent)"))
+        p.error(
+            str(e)
+            .replace("option width", "option width (--width)")
+            .replace("option latent", "option latent (--latent)")
+        )
     return args
 
 
@@ -161,14 +298,19 @@ def parse_args(argv=None):
 
 
 def load_faces(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [N, 3, S, S] training images and the held-out ones, disjoint; the held-out part is seeded apart from --seed."""
+    """uint8 [N, 3, S, S] training images and the held-out ones, disjoint; the held-out part is seeded apart from
+    --seed."""
     if cfg["data"] == "synthetic":
-        images = data.synthetic_attribute_faces(cfg["synthetic_count"], "celeba", cfg["image_size"], seed=cfg["seed"]).images
+        images = data.synthetic_attribute_faces(
+            cfg["synthetic_count"], "celeba", cfg["image_size"], seed=cfg["seed"]
+        ).images
     else:
         images = data.load_face_images(cfg["data"], cfg["image_size"], cfg["cache"]).images
     if len(images) < 40:
-        raise data.DataError(f"{cfg['data']} holds {len(images)} readable images: a GAN needs thousands to learn faces "
-                             "(at least 40 to run)")
+        raise data.DataError(
+            f"{cfg['data']} holds {len(images)} readable images: a GAN needs thousands to learn faces "
+            "(at least 40 to run)"
+        )
     train, held_out = data.holdout_split(len(images), min(cfg["holdout"], len(images) // 2), HOLDOUT_SEED)
     return images[train], images[held_out]
 
@@ -261,12 +403,20 @@ def interpolation(latent: int, seed: int, device: torch.device, rows: int = 8, c
     a, b = noise(2 * rows, latent, seed, device).chunk(2)
     angle = torch.arccos((F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1, keepdim=True).clamp(-1, 1))[:, None]
     t = torch.linspace(0, 1, columns, device=device)[None, :, None]
-    walk = (torch.sin((1 - t) * angle) * a[:, None] + torch.sin(t * angle) * b[:, None]) / torch.sin(angle).clamp_min(1e-6)
+    walk = (torch.sin((1 - t) * angle) * a[:, None] + torch.sin(t * angle) * b[:, None]) / torch.sin(angle).clamp_min(
+        1e-6
+    )
     return walk.flatten(0, 1)
 
 
-def quality(g: torch.nn.Module, held_out: torch.Tensor, count: int, device: torch.device, precision: str,
-            train_images: torch.Tensor | None = None) -> dict | None:
+def quality(
+    g: torch.nn.Module,
+    held_out: torch.Tensor,
+    count: int,
+    device: torch.device,
+    precision: str,
+    train_images: torch.Tensor | None = None,
+) -> dict | None:
     """metrics.gan_quality of count generated images against as many held-out ones; None (with a warning) where
     facenet-pytorch, which holds ONet's weights, is missing or the images cannot be scored: training goes on."""
     count = min(count, len(held_out))
@@ -280,8 +430,13 @@ def quality(g: torch.nn.Module, held_out: torch.Tensor, count: int, device: torc
 
 def plot_losses(trace: list[dict], path: Path):
     points = {key: [(t["epoch"], t[key]) for t in trace] for key in ("g_loss", "d_loss", "d_real", "d_fake")}
-    metrics.plot_lines([("loss", {"G": points["g_loss"], "D": points["d_loss"]}),
-                        ("D's probability of real", {"D(real)": points["d_real"], "D(fake)": points["d_fake"]})], path)
+    metrics.plot_lines(
+        [
+            ("loss", {"G": points["g_loss"], "D": points["d_loss"]}),
+            ("D's probability of real", {"D(real)": points["d_real"], "D(fake)": points["d_fake"]}),
+        ],
+        path,
+    )
 
 
 # ----------------------------------------------------------------------------- samples for other tools
@@ -298,49 +453,84 @@ def sample(args):
         g.load_state_dict(ckpt["ema"] or ckpt["model"])  # the averaged weights when the run kept them
     out = runs.make_folder(runs.predictions_folder(args, "samples"))
     if any(out.glob("*.png")):
-        raise runs.RunError(f"{out} already holds PNG files: pick an empty --out, so that scores count only these images")
+        raise runs.RunError(
+            f"{out} already holds PNG files: pick an empty --out, so that scores count only these images"
+        )
     size = cfg["image_size"]
     need, free = args.sample * 3 * size * size, shutil.disk_usage(out).free  # a PNG holds at most about its pixels
     if need > free:
-        raise runs.RunError(f"{args.sample:,} images of {size}x{size} take up to {need / 1e9:,.1f} GB and {out} has "
-                            f"{free / 1e9:,.1f} GB free: ask for fewer, or write them elsewhere with --out")
-    drawer, noise_source, written = drawing_copy(g, device, args.precision), torch.Generator().manual_seed(args.seed), []
+        raise runs.RunError(
+            f"{args.sample:,} images of {size}x{size} take up to {need / 1e9:,.1f} GB and {out} has "
+            f"{free / 1e9:,.1f} GB free: ask for fewer, or write them elsewhere with --out"
+        )
+    drawer, noise_source, written = (
+        drawing_copy(g, device, args.precision),
+        torch.Generator().manual_seed(args.seed),
+        [],
+    )
     try:
         for start in range(0, args.sample, 500):  # 500 latent vectors at a time: any count fits in memory
             z = torch.randn(min(500, args.sample - start), g.latent, generator=noise_source).to(device)
             for i, image in enumerate(draw(drawer, z, args.precision), start):
-                written.append(runs.replace_atomically(out / f"{i:06d}.png", lambda tmp: Image.fromarray(
-                    image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")))
+                written.append(
+                    runs.replace_atomically(
+                        out / f"{i:06d}.png",
+                        lambda tmp: Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG"),
+                    )
+                )
     except (runs.RunError, KeyboardInterrupt):
         for path in written:  # a part of the set would be scored as if it were all of it
             path.unlink()
         raise
-    print(f"wrote {args.sample} images of {cfg['image_size']}x{cfg['image_size']} from {where} (seed {args.seed}) to {out}")
+    print(
+        f"wrote {args.sample} images of {cfg['image_size']}x{cfg['image_size']} from {where} (seed {args.seed}) "
+        f"to {out}"
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- training
 
 NOT_SAVED = runs.NOT_SETTINGS + ("sample", "preset", "latent", "spectral_norm")  # the last two: in gan_options
-SAMPLE_KEYS = ("model", "config", "ema", "discriminator")  # what --sample needs of a checkpoint; to go on training, also:
+SAMPLE_KEYS = (
+    "model",
+    "config",
+    "ema",
+    "discriminator",
+)  # what --sample needs of a checkpoint; to go on training, also:
 RESUME_KEYS = runs.TRAINING_STATE + ("discriminator", "d_optimizer", "trace", "best_frechet", "streak")
 
 
 def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
-    run = runs.Run(args, command, device, "train_gan.py", RESUME_KEYS, NOT_SAVED, best="best_frechet",
-                   lower_is_better=True, advice="lower --lr-d / --lr-g, another --loss or --seed")
+    run = runs.Run(
+        args,
+        command,
+        device,
+        "train_gan.py",
+        RESUME_KEYS,
+        NOT_SAVED,
+        best="best_frechet",
+        lower_is_better=True,
+        advice="lower --lr-d / --lr-g, another --loss or --seed",
+    )
     cfg = run.cfg
     training.suggest_precision(device, cfg["precision"])
     size = cfg["image_size"]
-    training.check_memory(device, cfg["batch_size"], (lambda: make_gan(cfg, "meta")[0], lambda g: [(g.latent,)]),
-                          (lambda: make_gan(cfg, "meta")[1], [(3, size, size)]))
+    training.check_memory(
+        device,
+        cfg["batch_size"],
+        (lambda: make_gan(cfg, "meta")[0], lambda g: [(g.latent,)]),
+        (lambda: make_gan(cfg, "meta")[1], [(3, size, size)]),
+    )
     g, d = make_gan(cfg, device)  # before the data: a wrong size is said at once
     t0 = time.perf_counter()
     x_train, held_out = load_faces(cfg)
-    print(f"data: {len(x_train) + len(held_out)} faces from {cfg['data']} at {cfg['image_size']}x{cfg['image_size']} in "
-          f"{time.perf_counter() - t0:.1f}s: {len(x_train)} to train on, {len(held_out)} held out")
+    print(
+        f"data: {len(x_train) + len(held_out)} faces from {cfg['data']} at {cfg['image_size']}x{cfg['image_size']} in "
+        f"{time.perf_counter() - t0:.1f}s: {len(x_train)} to train on, {len(held_out)} held out"
+    )
     x_train = x_train.to(device)
     batch_size, steps = run.batching(len(x_train))
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"]))
@@ -350,12 +540,17 @@ def train(args, command: str):
     evaluated = g if ema is None else ema  # the average draws the grids, is scored and sampled
     trace = run.saved("trace", [])  # the losses every TRACE_EVERY steps, for losses.png
     streak = torch.tensor(run.saved("streak", 0), device=device)  # steps in a row D has been certain of everything
-    run.start(f"{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}",
-              {"model": g, "discriminator": d, "ema": ema, "optimizer": opt_g, "d_optimizer": opt_d, "scheduler": None},
-              data=x_train, keep={"trace": trace, "streak": streak},
-              plot=lambda: plot_losses(trace, run.folder / "losses.png"))
-    print(f"model: {cfg['model']} {cfg['gan_options']}, G {models.count_parameters(g):,} and D "
-          f"{models.count_parameters(d):,} parameters, {cfg['loss']} loss, on {device}")
+    run.start(
+        f"{cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}",
+        {"model": g, "discriminator": d, "ema": ema, "optimizer": opt_g, "d_optimizer": opt_d, "scheduler": None},
+        data=x_train,
+        keep={"trace": trace, "streak": streak},
+        plot=lambda: plot_losses(trace, run.folder / "losses.png"),
+    )
+    print(
+        f"model: {cfg['model']} {cfg['gan_options']}, G {models.count_parameters(g):,} and D "
+        f"{models.count_parameters(d):,} parameters, {cfg['loss']} loss, on {device}"
+    )
     step_g, step_d = (training.compiled(g, device), training.compiled(d, device)) if cfg["compile"] else (g, d)
     low, fixed, gen = g.low, noise(64, g.latent, GRID_SEED, device), run.generator
     quality_count = 64 if cfg["dry_run"] else cfg["quality_count"][0]
@@ -389,17 +584,27 @@ def train(args, command: str):
             if average is not None:
                 average.update(done=epoch * steps + step + 1)
             # Bookkeeping on the device; the host looks only every TRACE_EVERY steps (that waits for the GPU).
-            stats = torch.stack([loss_g.detach(), loss_d.detach(), real_logits.detach().sigmoid().mean(),
-                                 fake_logits.detach().sigmoid().mean()])
+            stats = torch.stack(
+                [
+                    loss_g.detach(),
+                    loss_d.detach(),
+                    real_logits.detach().sigmoid().mean(),
+                    fake_logits.detach().sigmoid().mean(),
+                ]
+            )
             sums["totals"] += stats
             sums["window"] += stats
             streak.add_(1).mul_(certain(real_logits.detach(), fake_logits.detach(), cfg["loss"]))
             if (step + 1) % TRACE_EVERY == 0 or step + 1 == steps:
                 watch(run, trace, sums["window"], streak, step, cfg)
         means = (sums["totals"] / run.steps_done).tolist()
-        row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in zip(("g_loss", "d_loss", "d_real", "d_fake"), means)},
-               **dict.fromkeys(QUALITY_KEYS), "seconds": round(run.seconds, 2),
-               "images_per_second": round(run.steps_done * batch_size / run.seconds, 1)}
+        row = {
+            "epoch": epoch + 1,
+            **{k: round(v, 5) for k, v in zip(("g_loss", "d_loss", "d_real", "d_fake"), means)},
+            **dict.fromkeys(QUALITY_KEYS),
+            "seconds": round(run.seconds, 2),
+            "images_per_second": round(run.steps_done * batch_size / run.seconds, 1),
+        }
         drawer = drawing_copy(evaluated, device, cfg["precision"])
         metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run.folder / f"grid-epoch-{epoch + 1:03d}.png")
         measured = None
@@ -408,18 +613,28 @@ def train(args, command: str):
             measured = quality(drawer, held_out, quality_count, device, cfg["precision"])
             quality_ok = measured is not None
             row.update({k: round(measured[k], 5) for k in QUALITY_KEYS} if measured else {})
-        print(f"epoch {epoch + 1:3d}  G loss {means[0]:.4f}  D loss {means[1]:.4f}  D(real) {means[2]:.3f}  D(fake) "
-              f"{means[3]:.3f}" + (f"  Fréchet {measured['frechet_distance']:.2f} coverage {measured['coverage']:.3f} "
-                                   f"recall {measured['recall']:.3f}" if measured else "")
-              + f"  {run.seconds:.1f}s  {row['images_per_second']:.0f} img/s")
+        print(
+            f"epoch {epoch + 1:3d}  G loss {means[0]:.4f}  D loss {means[1]:.4f}  D(real) {means[2]:.3f}  D(fake) "
+            f"{means[3]:.3f}"
+            + (
+                f"  Fréchet {measured['frechet_distance']:.2f} coverage {measured['coverage']:.3f} "
+                f"recall {measured['recall']:.3f}"
+                if measured
+                else ""
+            )
+            + f"  {run.seconds:.1f}s  {row['images_per_second']:.0f} img/s"
+        )
         run.end_epoch(row, score=measured["frechet_distance"] if measured else None)
 
     # The chosen generator: its pictures, then its quality on more images (and what real images reach).
     best = run.best_weights(model=g, ema=ema)
     drawer = drawing_copy(evaluated, device, cfg["precision"])
     metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run.folder / "grid.png")
-    metrics.save_image_grid(draw(drawer, interpolation(g.latent, GRID_SEED, device), cfg["precision"]),
-                            run.folder / "interpolation.png", columns=10)
+    metrics.save_image_grid(
+        draw(drawer, interpolation(g.latent, GRID_SEED, device), cfg["precision"]),
+        run.folder / "interpolation.png",
+        columns=10,
+    )
     plot_losses(trace, run.folder / "losses.png")
     count = min(64 if cfg["dry_run"] else cfg["quality_count"][1], len(held_out), len(x_train))
     pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(QUALITY_SEED))[:count]
@@ -427,17 +642,28 @@ def train(args, command: str):
     if quality_ok:
         final = quality(drawer, held_out, count, device, cfg["precision"], train_images=x_train[pick.to(device)].cpu())
     images_per_second = sum(h["images_per_second"] * h["seconds"] for h in run.history) / max(run.train_seconds, 1e-9)
-    result = run.finish({"quality": final, "best_epoch": best["epoch"], "best_frechet_during_training":
-                         run.best if math.isfinite(run.best) else None, "images_per_second": round(images_per_second, 1),
-                         "parameters": {"generator": models.count_parameters(g),
-                                        "discriminator": models.count_parameters(d)},
-                         "images": {"train": len(x_train), "held_out": len(held_out)}})
-    said = (f"Fréchet distance {final['frechet_distance']:.2f} (real vs real {final['real_vs_real_frechet']:.2f}), "
-            f"coverage {final['coverage']:.3f}, recall {final['recall']:.3f} (diagnostics: precision "
-            f"{final['precision']:.3f}, faces {final['face_rate']:.3f}, near-duplicates "
-            f"{final['near_duplicates']:.3f}) on {final['fake_count']} images" if final else "quality not measured")
-    print(f"{said}, with the generator of epoch {best['epoch']}; training took {run.train_seconds:.0f}s on "
-          f"{result['device']}; results in {run.folder}")
+    result = run.finish(
+        {
+            "quality": final,
+            "best_epoch": best["epoch"],
+            "best_frechet_during_training": run.best if math.isfinite(run.best) else None,
+            "images_per_second": round(images_per_second, 1),
+            "parameters": {"generator": models.count_parameters(g), "discriminator": models.count_parameters(d)},
+            "images": {"train": len(x_train), "held_out": len(held_out)},
+        }
+    )
+    said = (
+        f"Fréchet distance {final['frechet_distance']:.2f} (real vs real {final['real_vs_real_frechet']:.2f}), "
+        f"coverage {final['coverage']:.3f}, recall {final['recall']:.3f} (diagnostics: precision "
+        f"{final['precision']:.3f}, faces {final['face_rate']:.3f}, near-duplicates "
+        f"{final['near_duplicates']:.3f}) on {final['fake_count']} images"
+        if final
+        else "quality not measured"
+    )
+    print(
+        f"{said}, with the generator of epoch {best['epoch']}; training took {run.train_seconds:.0f}s on "
+        f"{result['device']}; results in {run.folder}"
+    )
     return 0
 
 
@@ -445,14 +671,20 @@ def watch(run, trace: list, window: torch.Tensor, streak: torch.Tensor, step: in
     """Every TRACE_EVERY steps: a point of losses.png from the window's means, and a stop where the run diverged."""
     means = (window / (step % TRACE_EVERY + 1)).tolist()
     window.zero_()
-    trace.append({"epoch": round(run.epoch + (step + 1) / run.steps, 4),
-                  **dict(zip(("g_loss", "d_loss", "d_real", "d_fake"), means))})
+    trace.append(
+        {
+            "epoch": round(run.epoch + (step + 1) / run.steps, 4),
+            **dict(zip(("g_loss", "d_loss", "d_real", "d_fake"), means)),
+        }
+    )
     where = f"in epoch {run.epoch + 1} by step {step + 1}"
     if not all(map(math.isfinite, means)):
         run.diverged("the losses are NaN or infinite", where)
     if int(streak) >= cfg["diverge_steps"]:
-        run.diverged(f"D has told every real from every generated image with certainty for {int(streak)} steps: G "
-                     "has lost", where)
+        run.diverged(
+            f"D has told every real from every generated image with certainty for {int(streak)} steps: G has lost",
+            where,
+        )
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,10 @@
 """Ablation of the emotion recipe: train_emotion.py once per variant and seed, then what each part is worth.
 
-    make ablation DATA=data/fer2013                                      # what each part of the recipe is worth, seeds 0, 1
+    make ablation DATA=data/fer2013                 # what each part of the recipe is worth, seeds 0, 1
     python benchmarks/ablate_emotion.py --data data/fer2013 --parallel 4 # 4 runs at once: one GPU has room for them
     python benchmarks/ablate_emotion.py --small                          # CPU smoke run on synthetic faces
-    make ablation DATA=data/fer2013 ARGS='--variants "upsample 2" resnet18 sam "width 96" recipe "fc head" cutmix "batch 256" "batch 128"'
+    make ablation DATA=data/fer2013 ARGS='--variants "upsample 2" resnet18 sam "width 96" recipe "fc head" cutmix \
+        "batch 256" "batch 128"'
                                                                          # candidates the recipe does not have yet
 
 A variant is the recipe (train_emotion.py's defaults) with one thing changed. Every run holds out a stratified 10%
@@ -14,6 +15,7 @@ accuracy without the test-time augmentation and without the weight average. Run 
 REPRODUCING.md. The same command again continues an ablation that was stopped (Ctrl-C) or cut short: finished runs
 are kept, stopped ones resume.
 """
+
 import json
 import shlex
 import shutil
@@ -48,22 +50,41 @@ VARIANTS = {  # name: the train_emotion.py flags that differ from the recipe
 }
 # what each part of the recipe is worth; "no affine" is left out since the recipe has none: it would repeat "recipe"
 DEFAULT_VARIANTS = ["recipe", "no mixup", "no label smoothing", "no random erasing", "with affine", "half the peak lr"]
-SMALL = dict(data="synthetic", seeds=[0], epochs=1, variants=["recipe", "no mixup"],
-             extra=["--width", "8", "--batch-size", "64", "--synthetic-count", "700"])
+SMALL = dict(
+    data="synthetic",
+    seeds=[0],
+    epochs=1,
+    variants=["recipe", "no mixup"],
+    extra=["--width", "8", "--batch-size", "64", "--synthetic-count", "700"],
+)
 
 
 def build_parser():
     p = runs.FlagParser(__doc__)
     p.add_argument("--data", default="data/fer2013", help="FER2013 (image folders, .zip or .csv), or 'synthetic'")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME", help="which variants: " + "; ".join(VARIANTS))
+    p.add_argument(
+        "--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME", help="which variants: " + "; ".join(VARIANTS)
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per variant and seed")
     p.add_argument("--epochs", type=int, default=None, help="epochs of every run; None: the recipe's")
-    p.add_argument("--parallel", type=int, default=1, help="runs at once (a GPU loop at these sizes leaves room for 3-4)")
+    p.add_argument(
+        "--parallel", type=int, default=1, help="runs at once (a GPU loop at these sizes leaves room for 3-4)"
+    )
     p.add_argument("--out", default="runs/ablation", help="folder for the run folders, logs and results.json")
-    p.add_argument("--small", action="store_true", help="CPU smoke run; flags given explicitly still win. Sets "
-                   + ", ".join(f"--{k} {v}" for k, v in SMALL.items() if k != "extra") + " and width 8, batch 64, 700 faces")
-    p.add_argument("extra", nargs="*", default=[], help="after --: train_emotion.py flags for every run, before the variant's "
-                   "own (which win), e.g. -- --device cpu")
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="CPU smoke run; flags given explicitly still win. Sets "
+        + ", ".join(f"--{k} {v}" for k, v in SMALL.items() if k != "extra")
+        + " and width 8, batch 64, 700 faces",
+    )
+    p.add_argument(
+        "extra",
+        nargs="*",
+        default=[],
+        help="after --: train_emotion.py flags for every run, before the variant's "
+        "own (which win), e.g. -- --device cpu",
+    )
     return p
 
 
@@ -93,8 +114,15 @@ def train_flags(args, variant, seed):
 
 
 def command(args, variant, seed):
-    return [sys.executable, str(ROOT / "train_emotion.py"), "--out", str(args.out), "--name", run_name(variant, seed),
-            *train_flags(args, variant, seed)]
+    return [
+        sys.executable,
+        str(ROOT / "train_emotion.py"),
+        "--out",
+        str(args.out),
+        "--name",
+        run_name(variant, seed),
+        *train_flags(args, variant, seed),
+    ]
 
 
 def run_all(args):
@@ -114,7 +142,9 @@ def run_all(args):
         if name in results or (out / name / "last.pt").exists():
             started_with = flags_file.read_text() if flags_file.exists() else "unknown"
             if started_with != flags:
-                raise runs.RunError(f"{out / name} was run with other flags ({started_with}, now {flags}): pick a new --out")
+                raise runs.RunError(
+                    f"{out / name} was run with other flags ({started_with}, now {flags}): pick a new --out"
+                )
             if name in results:
                 continue
         queue.append((variant, seed, name, flags))
@@ -144,9 +174,14 @@ def run_all(args):
                     continue
                 results[name] = {"variant": key[0], "seed": key[1], **json.loads(metrics_file.read_text())}
                 r = results[name]
-                print(f"{name}: validation {spread([r['best_val_accuracy']])}, PublicTest {spread([r['test_accuracy']])}, "
-                      f"{r['train_seconds']:.0f} s")
-                runs.write_json(out / "results.json", results)  # after every run: a cut-short ablation keeps what finished
+                print(
+                    f"{name}: validation {spread([r['best_val_accuracy']])}, "
+                    f"PublicTest {spread([r['test_accuracy']])}, "
+                    f"{r['train_seconds']:.0f} s"
+                )
+                runs.write_json(
+                    out / "results.json", results
+                )  # after every run: a cut-short ablation keeps what finished
     except KeyboardInterrupt:  # Ctrl-C reached the runs too: each saves its last.pt, so wait for them
         for proc, log in running.values():
             proc.wait()
@@ -174,12 +209,26 @@ def table(results, variants):
             continue
         test = [r["test_accuracy"] for r in rs]
         gain = f"{statistics.mean(test) - base_test:+.2%}" if base_test is not None and v != "recipe" else ""
-        rows.append((v, " ".join(VARIANTS[v]) or "(none)", str(len(rs)), spread([r["best_val_accuracy"] for r in rs]), spread(test),
-                     gain, f"{statistics.mean(r['train_seconds'] for r in rs):.0f}"))
-    for key, what in (("test_accuracy_without_tta", "recipe, tested without TTA"), ("test_accuracy_without_ema", "recipe, tested without EMA")):
+        rows.append(
+            (
+                v,
+                " ".join(VARIANTS[v]) or "(none)",
+                str(len(rs)),
+                spread([r["best_val_accuracy"] for r in rs]),
+                spread(test),
+                gain,
+                f"{statistics.mean(r['train_seconds'] for r in rs):.0f}",
+            )
+        )
+    for key, what in (
+        ("test_accuracy_without_tta", "recipe, tested without TTA"),
+        ("test_accuracy_without_ema", "recipe, tested without EMA"),
+    ):
         test = [r[key] for r in base if key in r]
         if test:
-            rows.append((what, "(same runs)", str(len(test)), "", spread(test), f"{statistics.mean(test) - base_test:+.2%}", ""))
+            rows.append(
+                (what, "(same runs)", str(len(test)), "", spread(test), f"{statistics.mean(test) - base_test:+.2%}", "")
+            )
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
     return "\n".join(lines)
@@ -199,7 +248,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nstopped: the runs saved where they were; the same command continues the ablation", file=sys.stderr)
         return 130
-    print(f"\n{len(results)} runs finished in {args.out}; {time.perf_counter() - started:.0f} s wall, {args.parallel} at a time\n")
+    print(
+        f"\n{len(results)} runs finished in {args.out}; {time.perf_counter() - started:.0f} s wall, "
+        f"{args.parallel} at a time\n"
+    )
     if not results:
         print("error: no run finished; the logs in", args.out, "say why", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ It prints the device, torch version and settings; images/s of each loop and the 
 PublicTest accuracy after each epoch; the training time (evaluation excluded) at which accuracy first reached
 70% and 72%, and the final accuracy. --out FILE also writes every result as JSON.
 """
+
 import os
 import sys
 import time
@@ -44,13 +45,22 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=512, help="images per step, in both parts")
     p.add_argument("--steps", type=int, default=100, help="timed steps of each throughput loop")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (worker start, compilation, caches)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader workers of the reference loop: min(8, CPU cores)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="DataLoader workers of the reference loop: min(8, CPU cores)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: the GPU when there is one")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in both parts")
     p.add_argument("--epochs", type=int, default=100, help="epochs of the time-to-accuracy part; 0 skips it")
-    p.add_argument("--small", action="store_true", help="CPU smoke run; flags given explicitly still win. Sets "
-                   + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMALL.items()) + ", and --width 8 for vgg")
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="CPU smoke run; flags given explicitly still win. Sets "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMALL.items())
+        + ", and --width 8 for vgg",
+    )
     p.add_argument("--out", default=None, help="also write every result to this JSON file")
     return p
 
@@ -73,14 +83,30 @@ def parse_args(argv=None):
 def recipe(args, *flags):
     """train_emotion's settings (its defaults are the recipe) on all Training images, with `flags` changed."""
     flags = [*flags, *(["--width", str(args.width)] if args.width else []), *(["--compile"] if args.compile else [])]
-    return vars(train_emotion.parse_args(["--data", args.data, "--synthetic-count", str(args.synthetic_count),
-                                          "--model", args.model, "--batch-size", str(args.batch_size),
-                                          "--val-fraction", "0", *flags]))
+    return vars(
+        train_emotion.parse_args(
+            [
+                "--data",
+                args.data,
+                "--synthetic-count",
+                str(args.synthetic_count),
+                "--model",
+                args.model,
+                "--batch-size",
+                str(args.batch_size),
+                "--val-fraction",
+                "0",
+                *flags,
+            ]
+        )
+    )
 
 
 def new_model(cfg, faces, device):
     torch.manual_seed(cfg["seed"])  # the same initial weights in every loop
-    image_size = cfg["crop"] or faces.images.shape[-1]  # the recipe trains on crops: a model's head may depend on the size
+    image_size = (
+        cfg["crop"] or faces.images.shape[-1]
+    )  # the recipe trains on crops: a model's head may depend on the size
     model = train_emotion.make_model(cfg, faces.images.shape[1], len(faces.classes), image_size, device)
     return model, (training.compiled(model, device) if cfg["compile"] else model)
 
@@ -96,7 +122,7 @@ def facenets_batches(images, labels, cfg, gen):
     steps = len(images) // cfg["batch_size"]  # the ragged last batch is dropped, as in train_emotion.py
     while True:
         order = torch.randperm(len(images), device=images.device, generator=gen)
-        for idx in order[:steps * cfg["batch_size"]].view(steps, -1):
+        for idx in order[: steps * cfg["batch_size"]].view(steps, -1):
             yield train_emotion.augment_batch(train_emotion.model_input(images[idx], cfg), cfg, gen), labels[idx]
 
 
@@ -109,15 +135,21 @@ class OneImageAtATime(torch.utils.data.Dataset):
         # x and y apart, as Keras did), zeros in the corners (facenets repeats the edge pixels) and normal noise in
         # the erased box (facenets: uniform in [0, 1]). That changes how images look, hardly the work per image.
         crop = [v2.RandomCrop(cfg["crop"])] if cfg["crop"] else []
-        self.transform = v2.Compose([
-            v2.ToImage(),
-            v2.RandomAffine(cfg["rotate"], translate=(cfg["translate"],) * 2, scale=(1 - cfg["zoom"], 1 + cfg["zoom"]),
-                            interpolation=v2.InterpolationMode.BILINEAR),  # bilinear as facenets (default: nearest)
-            *crop,
-            v2.RandomHorizontalFlip(0.5 if cfg["flip"] else 0.0),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.RandomErasing(cfg["erasing"], value="random"),
-        ])
+        self.transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomAffine(
+                    cfg["rotate"],
+                    translate=(cfg["translate"],) * 2,
+                    scale=(1 - cfg["zoom"], 1 + cfg["zoom"]),
+                    interpolation=v2.InterpolationMode.BILINEAR,
+                ),  # bilinear as facenets (default: nearest)
+                *crop,
+                v2.RandomHorizontalFlip(0.5 if cfg["flip"] else 0.0),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.RandomErasing(cfg["erasing"], value="random"),
+            ]
+        )
 
     def __len__(self):
         return len(self.labels)
@@ -127,9 +159,15 @@ class OneImageAtATime(torch.utils.data.Dataset):
 
 
 def reference_batches(images, labels, cfg, workers, device):
-    loader = torch.utils.data.DataLoader(OneImageAtATime(images, labels, cfg), cfg["batch_size"], shuffle=True,
-                                         num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        OneImageAtATime(images, labels, cfg),
+        cfg["batch_size"],
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
     while True:
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -172,21 +210,35 @@ def time_to_accuracy(x, y, x_test, y_test, cfg, faces, device):
                 average.update(done)
             scheduler.step()
         seconds += clock(device) - start  # the evaluation below is not training time
-        accuracy = (train_emotion.predict_proba(model if average is None else average.module, x_test, cfg).argmax(1) == y_test).float().mean().item()
+        accuracy = (
+            (train_emotion.predict_proba(model if average is None else average.module, x_test, cfg).argmax(1) == y_test)
+            .float()
+            .mean()
+            .item()
+        )
         history.append({"epoch": epoch, "train_seconds": round(seconds, 2), "test_accuracy": round(accuracy, 5)})
         print(f"epoch {epoch:3d}/{cfg['epochs']}  training {seconds:7.1f} s  PublicTest accuracy {accuracy:.4f}")
         for target in TARGETS:
             if accuracy >= target and reached[f"{target:.2f}"] is None:
                 reached[f"{target:.2f}"] = {"epoch": epoch, "train_seconds": round(seconds, 2)}
-    return {"epochs": cfg["epochs"], "train_images": len(x), "test_images": len(x_test), "reached": reached,
-            "final_accuracy": history[-1]["test_accuracy"], "train_seconds": round(seconds, 2), "history": history}
+    return {
+        "epochs": cfg["epochs"],
+        "train_images": len(x),
+        "test_images": len(x_test),
+        "reached": reached,
+        "final_accuracy": history[-1]["test_accuracy"],
+        "train_seconds": round(seconds, 2),
+        "history": history,
+    }
 
 
 def bench(args):
     device = training.pick_device(args.device)
     if args.out:  # refused now, not after minutes of measuring
         if Path(args.out).is_dir():
-            raise runs.RunError(f"--out {args.out} is a folder: name the JSON file to write, e.g. {Path(args.out) / 'bench.json'}")
+            raise runs.RunError(
+                f"--out {args.out} is a folder: name the JSON file to write, e.g. {Path(args.out) / 'bench.json'}"
+            )
         runs.make_folder(Path(args.out).parent)
     training.keep_freed_memory()  # set for the whole process, so both loops run with it
     cfg = recipe(args, *THROUGHPUT_AUGMENT)
@@ -201,32 +253,49 @@ def bench(args):
     x_on_device, y_on_device = x.to(device), y.to(device)  # facenets' way: the whole training set on the device
     device_name = runs.device_name(device)
     model_name = " ".join([args.model, *(f"{k}={v}" for k, v in cfg["model_options"].items())])
-    print(f"device {device_name}, torch {torch.__version__}; data {args.data}: "
-          f"{len(x):,} Training, {int(test.sum()):,} PublicTest images")
-    print(f"model {model_name}; batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up steps; "
-          f"reference with {args.workers} DataLoader workers\n")
+    print(
+        f"device {device_name}, torch {torch.__version__}; data {args.data}: "
+        f"{len(x):,} Training, {int(test.sum()):,} PublicTest images"
+    )
+    print(
+        f"model {model_name}; batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up steps; "
+        f"reference with {args.workers} DataLoader workers\n"
+    )
 
     gen = torch.Generator(device).manual_seed(cfg["seed"])
-    speed = {"facenets": images_per_second(facenets_batches(x_on_device, y_on_device, cfg, gen), cfg, faces, args, device),
-             "reference": images_per_second(reference_batches(x, y, cfg, args.workers, device), cfg, faces, args, device)}
+    speed = {
+        "facenets": images_per_second(facenets_batches(x_on_device, y_on_device, cfg, gen), cfg, faces, args, device),
+        "reference": images_per_second(reference_batches(x, y, cfg, args.workers, device), cfg, faces, args, device),
+    }
     ratio = speed["facenets"] / speed["reference"]
     print(f"{'loop':40s} {'images/s':>9s}")
     print(f"{'facenets (uint8 on device, batched)':40s} {speed['facenets']:9.0f}")
     print(f"{f'reference (DataLoader, {args.workers} workers)':40s} {speed['reference']:9.0f}")
     print(f"{'ratio facenets / reference':40s} {ratio:8.2f}x")
-    results = {"device": device_name, "torch": torch.__version__, "settings": vars(args),
-               "images_per_second": speed, "ratio": ratio, "time_to_accuracy": None}
+    results = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "settings": vars(args),
+        "images_per_second": speed,
+        "ratio": ratio,
+        "time_to_accuracy": None,
+    }
 
     if args.epochs:
-        print(f"\ntime to accuracy: the recipe for {args.epochs} epochs on all Training images, PublicTest tested "
-              "after each epoch (reported only: it selects nothing)")
+        print(
+            f"\ntime to accuracy: the recipe for {args.epochs} epochs on all Training images, PublicTest tested "
+            "after each epoch (reported only: it selects nothing)"
+        )
         x_test, y_test = faces.images[test].to(device), faces.labels[test].to(device)
-        found = time_to_accuracy(x_on_device, y_on_device, x_test, y_test, recipe(args, "--epochs", str(args.epochs)),
-                                 faces, device)
+        found = time_to_accuracy(
+            x_on_device, y_on_device, x_test, y_test, recipe(args, "--epochs", str(args.epochs)), faces, device
+        )
         for target, hit in found["reached"].items():
             when = f"{hit['train_seconds']:.1f} s of training (epoch {hit['epoch']})" if hit else "not reached"
             print(f"{float(target):.0%}: {when}")
-        print(f"final: {found['final_accuracy']:.4f} after {args.epochs} epochs, {found['train_seconds']:.1f} s training")
+        print(
+            f"final: {found['final_accuracy']:.4f} after {args.epochs} epochs, {found['train_seconds']:.1f} s training"
+        )
         results["time_to_accuracy"] = found
     if args.out:
         runs.write_json(args.out, results)  # written to a temporary name, then renamed: never half a file

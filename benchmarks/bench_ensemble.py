@@ -14,6 +14,7 @@ round, rounds one after the other, so that a busy spell of a shared machine hits
 (min-max over the rounds) and, for each way, the median step of N networks over the median of one (N = 1 is the
 plain network, the same for all three ways).
 """
+
 import argparse
 import copy
 import statistics
@@ -119,8 +120,9 @@ def ms_per_step(way, n, args, device):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--members", type=int, nargs="+", default=[1, 2, 4], help="numbers of networks N; 1 is the baseline")
     p.add_argument("--width", type=int, default=8, help="channels of vgg's first stage")
     p.add_argument("--batch-size", type=int, default=64, help="images per member and step")
@@ -131,8 +133,12 @@ def build_parser():
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train")
     # One thread by default: on a CPU shared with other jobs, several threads wait on each other at every operator
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--small", action="store_true", help="CI smoke run; flags given explicitly still win. Sets "
-                   + ", ".join(f"--{k} {v}" for k, v in SMALL.items()))
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="CI smoke run; flags given explicitly still win. Sets "
+        + ", ".join(f"--{k} {v}" for k, v in SMALL.items()),
+    )
     return p
 
 
@@ -152,8 +158,10 @@ def main(argv=None):
         for case in cases:
             times[case].append(ms_per_step(*case, args, device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
-    print(f"{name}, torch {torch.__version__}; vgg width {args.width}, batch {args.batch_size} per member, "
-          f"{args.steps} steps after {args.warmup}, {args.rounds} rounds{', bf16' if args.bf16 else ''}\n")
+    print(
+        f"{name}, torch {torch.__version__}; vgg width {args.width}, batch {args.batch_size} per member, "
+        f"{args.steps} steps after {args.warmup}, {args.rounds} rounds{', bf16' if args.bf16 else ''}\n"
+    )
     one = statistics.median(times[("plain", 1)])
     print(f"{'way':10s} {'N':>3s} {'ms per step (min-max)':>22s} {'N nets / one':>13s}")
     for (way, n), ms in times.items():

@@ -14,6 +14,7 @@ the same command again keeps the finished rows, resumes the stopped one and runs
 about run first (one recipe run, the teacher ensemble, its distilled network, the other ensemble), so that a short slot
 still answers it; the other seeds and the benchmark, measured before (README.md), come last.
 """
+
 import json
 import signal
 import statistics
@@ -27,24 +28,69 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is not a package
 from facenets import runs  # noqa: E402
 
 # --small: each run checks its whole pipeline (train, save, test, metrics) in seconds, on 280 synthetic faces
-SMALL_TRAINING = ["--data", "synthetic", "--synthetic-count", "280", "--width", "4", "--batch-size", "32", "--dry-run",
-                  "--device", "cpu"]
-SMALL_BENCH = ["--small", "--synthetic-count", "280", "--batch-size", "32", "--epochs", "1", "--steps", "2", "--warmup", "1",
-               "--workers", "0", "--device", "cpu"]
+SMALL_TRAINING = [
+    "--data",
+    "synthetic",
+    "--synthetic-count",
+    "280",
+    "--width",
+    "4",
+    "--batch-size",
+    "32",
+    "--dry-run",
+    "--device",
+    "cpu",
+]
+SMALL_BENCH = [
+    "--small",
+    "--synthetic-count",
+    "280",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "1",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 def build_parser():
     p = runs.FlagParser(__doc__)
-    p.add_argument("--data", default="data/fer2013", help="FER2013 (image folders, .zip or .csv); --small uses synthetic faces")
+    p.add_argument(
+        "--data", default="data/fer2013", help="FER2013 (image folders, .zip or .csv); --small uses synthetic faces"
+    )
     p.add_argument("--runs", default="runs/gpu-evidence", help="folder for the run folders, the logs and bench.json")
     p.add_argument("--out", default="gpu-evidence.md", help="the Markdown table, rewritten after every row")
-    p.add_argument("--teacher", type=int, default=4, choices=(4, 8), help="which ensemble the distilled network learns "
-                   "from: 4 costs less per step, since the teacher runs on every batch")
-    p.add_argument("--deadline", type=float, default=510, help="seconds after which no row starts and a running one is "
-                   "stopped (9 minutes less half a minute to write the table)")
-    p.add_argument("--small", action="store_true", help="CPU smoke run on synthetic faces: vgg width 4 on 280 faces, "
-                   "each training a --dry-run, the benchmark's --small for one epoch")
-    p.add_argument("extra", nargs="*", default=[], help="after --: train_emotion.py flags for every training, e.g. -- --epochs 60")
+    p.add_argument(
+        "--teacher",
+        type=int,
+        default=4,
+        choices=(4, 8),
+        help="which ensemble the distilled network learns "
+        "from: 4 costs less per step, since the teacher runs on every batch",
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=510,
+        help="seconds after which no row starts and a running one is "
+        "stopped (9 minutes less half a minute to write the table)",
+    )
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="CPU smoke run on synthetic faces: vgg width 4 on 280 faces, "
+        "each training a --dry-run, the benchmark's --small for one epoch",
+    )
+    p.add_argument(
+        "extra", nargs="*", default=[], help="after --: train_emotion.py flags for every training, e.g. -- --epochs 60"
+    )
     return p
 
 
@@ -54,10 +100,24 @@ def rows(args) -> list[tuple[str, str, list[str]]]:
     seeds = [(f"recipe, seed {seed}", f"recipe-seed{seed}", [*training, "--seed", str(seed)]) for seed in (0, 1, 2)]
     ensembles = {n: (f"ensemble of {n}", f"ensemble-{n}", [*training, "--ensemble", str(n)]) for n in (4, 8)}
     teacher = Path(args.runs) / f"ensemble-{args.teacher}" / "best.pt"
-    distilled = (f"one network distilled from the ensemble of {args.teacher}", "distilled", [*training, "--distill", str(teacher)])
-    bench = [*(SMALL_BENCH if args.small else ["--data", args.data, "--compile"]), "--out", str(Path(args.runs) / "bench.json")]
-    return [seeds[0], ensembles[args.teacher], distilled, ensembles[12 - args.teacher], *seeds[1:],
-            ("bench_emotion.py", "bench", bench)]
+    distilled = (
+        f"one network distilled from the ensemble of {args.teacher}",
+        "distilled",
+        [*training, "--distill", str(teacher)],
+    )
+    bench = [
+        *(SMALL_BENCH if args.small else ["--data", args.data, "--compile"]),
+        "--out",
+        str(Path(args.runs) / "bench.json"),
+    ]
+    return [
+        seeds[0],
+        ensembles[args.teacher],
+        distilled,
+        ensembles[12 - args.teacher],
+        *seeds[1:],
+        ("bench_emotion.py", "bench", bench),
+    ]
 
 
 def run_until(command: list[str], log: Path, deadline: float) -> str | None:
@@ -91,32 +151,51 @@ def run_row(name: str, flags: list[str], folder: Path, deadline: float) -> dict:
         done = folder / "bench.json"
         if not done.is_file():
             start = time.monotonic()
-            why = run_until([sys.executable, str(ROOT / "benchmarks" / "bench_emotion.py"), *flags], folder / "bench.log", deadline)
+            why = run_until(
+                [sys.executable, str(ROOT / "benchmarks" / "bench_emotion.py"), *flags], folder / "bench.log", deadline
+            )
             if why:
                 return {"notes": why}
             runs.write_json(done, {**json.loads(done.read_text()), "wall_seconds": time.monotonic() - start})
         result = json.loads(done.read_text())
         speed, timed = result["images_per_second"], result["time_to_accuracy"] or {}
         reached = (timed.get("reached") or {}).get("0.70")
-        return {"wall": result["wall_seconds"], "training": timed.get("train_seconds"), "accuracy": timed.get("final_accuracy"),
-                "device": result["device"],
-                "notes": f"facenets {speed['facenets']:,.0f} img/s vs DataLoader {speed['reference']:,.0f} img/s "
-                         f"({result['ratio']:.1f}x); 70% after " + (f"{reached['train_seconds']:.0f} s" if reached else "never")}
+        return {
+            "wall": result["wall_seconds"],
+            "training": timed.get("train_seconds"),
+            "accuracy": timed.get("final_accuracy"),
+            "device": result["device"],
+            "notes": f"facenets {speed['facenets']:,.0f} img/s vs DataLoader {speed['reference']:,.0f} img/s "
+            f"({result['ratio']:.1f}x); 70% after " + (f"{reached['train_seconds']:.0f} s" if reached else "never"),
+        }
     run = folder / name
     if not (run / "metrics.json").is_file():
         # a run stopped earlier goes on where it was; a new one starts
-        flags = ["--resume", str(run)] if (run / "last.pt").is_file() else [*flags, "--out", str(folder), "--name", name]
+        flags = (
+            ["--resume", str(run)] if (run / "last.pt").is_file() else [*flags, "--out", str(folder), "--name", name]
+        )
         why = run_until([sys.executable, str(ROOT / "train_emotion.py"), *flags], folder / f"{name}.log", deadline)
         if why:
             return {"notes": why}
     result = json.loads((run / "metrics.json").read_text())
     public = result["test_accuracy_by_usage"].get("PublicTest", result["test_accuracy"])
-    members = result.get("mean_member_test_accuracy_by_usage", {}).get("PublicTest", result.get("mean_member_test_accuracy"))
+    members = result.get("mean_member_test_accuracy_by_usage", {}).get(
+        "PublicTest", result.get("mean_member_test_accuracy")
+    )
     notes = "" if members is None else f"members: {', '.join(f'{a:.2%}' for a in result['member_test_accuracies'])}"
     if "teacher_test_accuracy" in result:
-        notes = f"teacher on all test images {result['teacher_test_accuracy']:.2%}, the student {result['test_accuracy']:.2%}"
-    return {"wall": result["wall_seconds"], "training": result["train_seconds"], "accuracy": public, "members": members,
-            "notes": notes, "device": result["device"]}
+        notes = (
+            f"teacher on all test images {result['teacher_test_accuracy']:.2%}, "
+            f"the student {result['test_accuracy']:.2%}"
+        )
+    return {
+        "wall": result["wall_seconds"],
+        "training": result["train_seconds"],
+        "accuracy": public,
+        "members": members,
+        "notes": notes,
+        "device": result["device"],
+    }
 
 
 def table(done: list[tuple[str, dict]]) -> str:
@@ -124,15 +203,24 @@ def table(done: list[tuple[str, dict]]) -> str:
         return "-" if value is None else f"{value:.1f} s" if unit == "s" else f"{value:.2%}"
 
     device = next((row["device"] for _, row in done if "device" in row), "no device: no row finished")
-    lines = [f"Evidence for ensembles, {time.strftime('%Y-%m-%d')}, on {device} (train_emotion.py's device_name)",
-             "", "| run | wall time | training | PublicTest | members' mean | notes |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Evidence for ensembles, {time.strftime('%Y-%m-%d')}, on {device} (train_emotion.py's device_name)",
+        "",
+        "| run | wall time | training | PublicTest | members' mean | notes |",
+        "|---|---|---|---|---|---|",
+    ]
     for what, row in done:
-        lines.append(f"| {what} | {cell(row.get('wall'), 's')} | {cell(row.get('training'), 's')} | "
-                     f"{cell(row.get('accuracy'), '%')} | {cell(row.get('members'), '%')} | {row.get('notes', '')} |")
+        lines.append(
+            f"| {what} | {cell(row.get('wall'), 's')} | {cell(row.get('training'), 's')} | "
+            f"{cell(row.get('accuracy'), '%')} | {cell(row.get('members'), '%')} | {row.get('notes', '')} |"
+        )
     seeds = [row["accuracy"] for what, row in done if what.startswith("recipe") and row.get("accuracy") is not None]
     if len(seeds) > 1:
-        lines += ["", f"The recipe over {len(seeds)} seeds: mean {statistics.mean(seeds):.2%}, "
-                      f"from {min(seeds):.2%} to {max(seeds):.2%}."]
+        lines += [
+            "",
+            f"The recipe over {len(seeds)} seeds: mean {statistics.mean(seeds):.2%}, "
+            f"from {min(seeds):.2%} to {max(seeds):.2%}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ filter the readers use, then saved as JPEG at --quality under its own name (UTKF
 holds its data set's folder, so unpacked it is laid out as in DATA. A pack over --limit MiB is named as too big:
 a GPU machine takes at most 64 MiB of files per run, the working tree included.
 """
+
 import io
 import sys
 import tarfile
@@ -28,8 +29,11 @@ AS_THEY_ARE = {"fer2013"}  # 48x48 already: re-encoding would only lose detail
 def build_parser():
     p = runs.FlagParser(__doc__)
     p.add_argument("--data", default="data", help="the folder holding fer2013/, utkface/ and celeba-faces/")
-    p.add_argument("--out", default=".data", help="folder for the packs (.data/ is git-ignored: name a pack in the "
-                   "device tool's carry list)")
+    p.add_argument(
+        "--out",
+        default=".data",
+        help="folder for the packs (.data/ is git-ignored: name a pack in the device tool's carry list)",
+    )
     p.add_argument("--sets", nargs="+", default=list(DATA_SETS), choices=DATA_SETS, help="the data sets to pack")
     p.add_argument("--size", type=int, default=64, help="side in pixels of the resized utkface and celeba-faces images")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the resized images")
@@ -75,8 +79,11 @@ def main(argv=None):
     data, out = Path(args.data), Path(args.out)
     missing = [name for name in args.sets if not (data / name).is_dir()]
     if missing:
-        print(f"error: no {', '.join(missing)} folder in {data}: pass --data the folder holding them, or --sets the "
-              f"ones it has", file=sys.stderr)
+        print(
+            f"error: no {', '.join(missing)} folder in {data}: pass --data the folder holding them, or --sets the "
+            f"ones it has",
+            file=sys.stderr,
+        )
         return 2
     if args.size <= 0 or not 1 <= args.quality <= 100:
         print("error: --size must be above 0 and --quality from 1 to 100", file=sys.stderr)
@@ -97,8 +104,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if too_big:
-        print(f"error: over --limit {args.limit:g} MiB: {', '.join(too_big)}; lower --size or --quality",
-              file=sys.stderr)
+        print(
+            f"error: over --limit {args.limit:g} MiB: {', '.join(too_big)}; lower --size or --quality", file=sys.stderr
+        )
         return 1
     return 0
 

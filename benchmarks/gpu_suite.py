@@ -24,6 +24,7 @@ resumes the stopped one and runs the rest. A failed row says why in the table an
 status is 1 when a row failed. --pack FILE unpacks a pack once into a temporary folder kept for later calls (a
 resumed training finds its data where it was), and the parts read their data set from there.
 """
+
 import importlib.util
 import json
 import signal
@@ -37,16 +38,37 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # benchmarks/ is not a package
-from facenets import runs  # noqa: E402
 from gpu_evidence import run_until  # noqa: E402
+
+from facenets import runs  # noqa: E402
 
 PARTS = ("smoke", "emotion", "attributes", "gan", "reports")
 DATA_SET = {"emotion": "fer2013", "attributes": "utkface", "gan": "celeba-faces", "reports": "fer2013"}
 HAVE_FACENET = importlib.util.find_spec("facenet_pytorch") is not None
 PHOTO = ROOT / "docs" / "gan-recipe-cpu-45min.png"  # 32 generated faces, all found by MTCNN: a photo that travels
 # REPRODUCING.md's common Udine flags (its "U")
-UDINE = ["--split", "udine", "--sobel-channels", "--optimizer", "adam", "--scheduler", "none", "--no-augment", "--crop",
-         "0", "--tta", "none", "--ema", "0", "--batch-size", "128", "--label-smoothing", "0", "--weight-decay", "0"]
+UDINE = [
+    "--split",
+    "udine",
+    "--sobel-channels",
+    "--optimizer",
+    "adam",
+    "--scheduler",
+    "none",
+    "--no-augment",
+    "--crop",
+    "0",
+    "--tta",
+    "none",
+    "--ema",
+    "0",
+    "--batch-size",
+    "128",
+    "--label-smoothing",
+    "0",
+    "--weight-decay",
+    "0",
+]
 
 
 @dataclass
@@ -62,17 +84,33 @@ class Row:
 def build_parser():
     p = runs.FlagParser(__doc__)
     p.add_argument("--part", default="all", choices=("all", *PARTS), help="the part to run; all: every part in order")
-    p.add_argument("--data", default="data", help="a folder holding the data sets as ../shared/data does: fer2013/, "
-                   "utkface/, celeba-faces/ (a part whose data set is missing says so in its table)")
+    p.add_argument(
+        "--data",
+        default="data",
+        help="a folder holding the data sets as ../shared/data does: fer2013/, "
+        "utkface/, celeba-faces/ (a part whose data set is missing says so in its table)",
+    )
     p.add_argument("--pack", help="a .tar.gz of benchmarks/gpu_pack.py, read instead of --data")
-    p.add_argument("--out", help="folder for each part's table (<part>.md), its run folders and logs (<part>/); "
-                   "default runs/gpu-suite, with --small runs/gpu-suite-small (a finished row is kept, so the two must "
-                   "not share a folder)")
-    p.add_argument("--deadline", type=float, default=450, help="seconds each part may take before a running training "
-                   "is stopped and no row starts (7.5 minutes: a part and its start-up fit a 10-minute call)")
-    p.add_argument("--small", action="store_true", help="every part on CPU on synthetic data with tiny networks and "
-                   "counts, two batches per training (--dry-run) where an epoch is not the point, no --compile: a CI "
-                   "check")
+    p.add_argument(
+        "--out",
+        help="folder for each part's table (<part>.md), its run folders and logs (<part>/); "
+        "default runs/gpu-suite, with --small runs/gpu-suite-small (a finished row is kept, so the two must "
+        "not share a folder)",
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=450,
+        help="seconds each part may take before a running training "
+        "is stopped and no row starts (7.5 minutes: a part and its start-up fit a 10-minute call)",
+    )
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="every part on CPU on synthetic data with tiny networks and "
+        "counts, two batches per training (--dry-run) where an epoch is not the point, no --compile: a CI "
+        "check",
+    )
     return p
 
 
@@ -95,72 +133,190 @@ def unpack(pack: Path) -> Path:
 
 # ---------------------------------------------------------------- the rows of each part
 
+
 def smoke_rows(small: bool, folder: Path) -> list[Row]:
     device = ["--device", "cpu" if small else "cuda"]  # cuda, not auto: a machine without a GPU fails, not falls back
     compiled = [] if small else ["--compile"]  # on a CPU inductor compiles for minutes: --small leaves it out
     count, tiny = ("280", ["--width", "4", "--batch-size", "32"]) if small else ("2000", [])
-    synthetic = {"emotion": ["--data", "synthetic", "--synthetic-count", count, *tiny],
-                 "attributes": ["--data", "synthetic", "--synthetic-count", count, *tiny],
-                 "gan": ["--data", "synthetic", "--synthetic-count", count, "--holdout", "50" if small else "500",
-                         "--quality-count", *(["50", "50"] if small else ["200", "500"]),
-                         # --small: quality once, at the end (ONet on a CPU costs more than the epoch)
-                         *(["--width", "16", "--batch-size", "32", "--image-size", "32", "--quality-every", "0"]
-                           if small else [])]}
+    synthetic = {
+        "emotion": ["--data", "synthetic", "--synthetic-count", count, *tiny],
+        "attributes": ["--data", "synthetic", "--synthetic-count", count, *tiny],
+        "gan": [
+            "--data",
+            "synthetic",
+            "--synthetic-count",
+            count,
+            "--holdout",
+            "50" if small else "500",
+            "--quality-count",
+            *(["50", "50"] if small else ["200", "500"]),
+            # --small: quality once, at the end (ONet on a CPU costs more than the epoch)
+            *(["--width", "16", "--batch-size", "32", "--image-size", "32", "--quality-every", "0"] if small else []),
+        ],
+    }
     rows = []
     for task, flags in synthetic.items():
         script, epoch = f"train_{task}.py", [*flags, *device, "--epochs", "1"]
-        rows += [Row(f"{task}: an epoch, fp32", f"{task}-fp32", script, [*epoch, "--precision", "fp32"]),
-                 Row(f"{task}: an epoch, bf16" + (", --compile" if compiled else " (--small: no --compile)"),
-                     f"{task}-bf16-compile", script, [*epoch, "--precision", "bf16", *compiled])]
+        rows += [
+            Row(f"{task}: an epoch, fp32", f"{task}-fp32", script, [*epoch, "--precision", "fp32"]),
+            Row(
+                f"{task}: an epoch, bf16" + (", --compile" if compiled else " (--small: no --compile)"),
+                f"{task}-bf16-compile",
+                script,
+                [*epoch, "--precision", "bf16", *compiled],
+            ),
+        ]
         if task == "emotion":
-            rows.append(Row("emotion: --ensemble 2, an epoch, bf16", "emotion-ensemble2", script,
-                            [*epoch, "--precision", "bf16", "--ensemble", "2"]))
+            rows.append(
+                Row(
+                    "emotion: --ensemble 2, an epoch, bf16",
+                    "emotion-ensemble2",
+                    script,
+                    [*epoch, "--precision", "bf16", "--ensemble", "2"],
+                )
+            )
         # enough epochs that a GPU is still training when the SIGTERM comes
-        rows.append(Row(f"{task}: stopped by SIGTERM in epoch 2, then --resume", f"{task}-resumed", script,
-                        [*flags, *device, "--epochs", "2" if small else "20"], kind="stop"))
+        rows.append(
+            Row(
+                f"{task}: stopped by SIGTERM in epoch 2, then --resume",
+                f"{task}-resumed",
+                script,
+                [*flags, *device, "--epochs", "2" if small else "20"],
+                kind="stop",
+            )
+        )
         checkpoint = ["--checkpoint", str(folder / f"{task}-fp32" / "best.pt"), "--out", str(folder / f"{task}-use")]
         if task == "gan":
             rows.append(Row("gan: --sample 16", "gan-sample", script, ["--sample", "16", *checkpoint, *device], "use"))
         else:
-            rows.append(Row(f"{task}: --predict, MTCNN on {device[1]}", f"{task}-predict", script,
-                            ["--predict", str(PHOTO), *checkpoint, *device], "use"))
+            rows.append(
+                Row(
+                    f"{task}: --predict, MTCNN on {device[1]}",
+                    f"{task}-predict",
+                    script,
+                    ["--predict", str(PHOTO), *checkpoint, *device],
+                    "use",
+                )
+            )
     return rows
 
 
 def part_rows(part: str, small: bool, data: Path) -> list[Row]:
     """The trainings of the attributes, gan and reports parts; data is the part's data set."""
+
     def on(small_size=()):  # --small: two batches on CPU at small_size; on the GPU: compiled
         return [*small_size, "--dry-run", "--device", "cpu"] if small else ["--compile"]
 
     if part == "attributes":
-        source = ["--data", str(data)] if not small else ["--data", "synthetic", "--synthetic-count", "200",
-                                                           "--batch-size", "32"]
-        utkface = ["--width", "4" if small else "32", "--ema", "0.999", "--label-smoothing", "0.1", "--epochs", "50",
-                   "--precision", "bf16"]  # the Makefile's utkface target
-        return [Row("make utkface (vgg width 32, EMA, label smoothing, 50 epochs, bf16)", "utkface",
-                    "train_attributes.py", [*source, *utkface, *on()]),
-                Row("make utec (the UTEC report's Arch 2, Adam 1e-3, 30 epochs)", "utec", "train_attributes.py",
-                    [*source, "--preset", "utec", *on()])]
+        source = (
+            ["--data", str(data)]
+            if not small
+            else ["--data", "synthetic", "--synthetic-count", "200", "--batch-size", "32"]
+        )
+        utkface = [
+            "--width",
+            "4" if small else "32",
+            "--ema",
+            "0.999",
+            "--label-smoothing",
+            "0.1",
+            "--epochs",
+            "50",
+            "--precision",
+            "bf16",
+        ]  # the Makefile's utkface target
+        return [
+            Row(
+                "make utkface (vgg width 32, EMA, label smoothing, 50 epochs, bf16)",
+                "utkface",
+                "train_attributes.py",
+                [*source, *utkface, *on()],
+            ),
+            Row(
+                "make utec (the UTEC report's Arch 2, Adam 1e-3, 30 epochs)",
+                "utec",
+                "train_attributes.py",
+                [*source, "--preset", "utec", *on()],
+            ),
+        ]
     if part == "gan":
-        source = (["--data", "synthetic", "--synthetic-count", "200", "--holdout", "50", "--quality-count", "50", "50",
-                   "--quality-every", "0"] if small else ["--data", str(data)])
+        source = (
+            [
+                "--data",
+                "synthetic",
+                "--synthetic-count",
+                "200",
+                "--holdout",
+                "50",
+                "--quality-count",
+                "50",
+                "50",
+                "--quality-every",
+                "0",
+            ]
+            if small
+            else ["--data", str(data)]
+        )
         # budgets in minutes, so that both rows, their data and their final quality fit the part's deadline
-        return [Row("the Concepcion DCGAN (--preset concepcion), its report's 30 epochs, 2.5 min at most", "concepcion",
-                    "train_gan.py", [*source, "--preset", "concepcion", "--epochs", "30", "--time-budget", "2.5",
-                                     *on(["--image-size", "32"])]),
-                Row("the recipe (make gan), 3 min at most", "recipe", "train_gan.py",
-                    [*source, "--time-budget", "3", *on(["--width", "16", "--batch-size", "32"])])]
-    source = ["--data", str(data)] if not small else ["--data", "synthetic", "--synthetic-count", "280",
-                                                       "--batch-size", "32"]
+        return [
+            Row(
+                "the Concepcion DCGAN (--preset concepcion), its report's 30 epochs, 2.5 min at most",
+                "concepcion",
+                "train_gan.py",
+                [
+                    *source,
+                    "--preset",
+                    "concepcion",
+                    "--epochs",
+                    "30",
+                    "--time-budget",
+                    "2.5",
+                    *on(["--image-size", "32"]),
+                ],
+            ),
+            Row(
+                "the recipe (make gan), 3 min at most",
+                "recipe",
+                "train_gan.py",
+                [*source, "--time-budget", "3", *on(["--width", "16", "--batch-size", "32"])],
+            ),
+        ]
+    source = (
+        ["--data", str(data)]
+        if not small
+        else ["--data", "synthetic", "--synthetic-count", "280", "--batch-size", "32"]
+    )
     inceptions = "1" if small else "30"  # --small: one block per stage, not the report's 30
-    return [Row("Udine R1, ConvDrop fat net, lr 1e-4, 50 epochs", "udine-r1", "train_emotion.py",
-                [*UDINE, *source, "--model", "udine_r1", "--lr", "1e-4", "--epochs", "50", *on()]),
-            Row(f"Udine R2, {inceptions} inception blocks x3, lr 1e-4, 50 epochs", "udine-r2", "train_emotion.py",
-                [*UDINE, *source, "--model", "udine_r2", "--model-opt", f"inceptions={inceptions}", "--lr", "1e-4",
-                 "--epochs", "50", *on()])]
+    return [
+        Row(
+            "Udine R1, ConvDrop fat net, lr 1e-4, 50 epochs",
+            "udine-r1",
+            "train_emotion.py",
+            [*UDINE, *source, "--model", "udine_r1", "--lr", "1e-4", "--epochs", "50", *on()],
+        ),
+        Row(
+            f"Udine R2, {inceptions} inception blocks x3, lr 1e-4, 50 epochs",
+            "udine-r2",
+            "train_emotion.py",
+            [
+                *UDINE,
+                *source,
+                "--model",
+                "udine_r2",
+                "--model-opt",
+                f"inceptions={inceptions}",
+                "--lr",
+                "1e-4",
+                "--epochs",
+                "50",
+                *on(),
+            ],
+        ),
+    ]
 
 
 # ---------------------------------------------------------------- running a row
+
 
 def script(name: str) -> list[str]:
     return [sys.executable, str(ROOT / name)]
@@ -209,8 +365,10 @@ def summary(row: Row, result: dict) -> tuple[str, str]:
         public = result["test_accuracy_by_usage"].get("PublicTest")
         shown = f"PublicTest {public:.2%}" if public is not None else f"test {result['test_accuracy']:.2%}"
         members = result.get("member_test_accuracies")
-        return (f"{shown}, mean per-class {result['mean_per_class_accuracy']:.2%}",
-                epochs + (f"; members {', '.join(f'{a:.2%}' for a in members)}" if members else ""))
+        return (
+            f"{shown}, mean per-class {result['mean_per_class_accuracy']:.2%}",
+            epochs + (f"; members {', '.join(f'{a:.2%}' for a in members)}" if members else ""),
+        )
     if row.script == "train_attributes.py":
         heads = [f"{head.replace('_', ' ')} {accuracy:.2%}" for head, accuracy in result["test_accuracy"].items()]
         age = result["heads"].get("age")
@@ -219,10 +377,12 @@ def summary(row: Row, result: dict) -> tuple[str, str]:
     if quality is None:
         why = "facenet-pytorch is not installed" if not HAVE_FACENET else "see the log"
         return f"quality not measured: {why}", f"{epochs}; grid.png in the run folder"
-    return (f"Frechet {quality['frechet_distance']:.2f} (real vs real {quality['real_vs_real_frechet']:.3f}), "
-            f"precision {quality['precision']:.2f}, recall {quality['recall']:.2f}, "
-            f"coverage {quality['coverage']:.2f}, faces {quality['face_rate']:.1%}",
-            f"{epochs}; grid.png in the run folder")
+    return (
+        f"Frechet {quality['frechet_distance']:.2f} (real vs real {quality['real_vs_real_frechet']:.3f}), "
+        f"precision {quality['precision']:.2f}, recall {quality['recall']:.2f}, "
+        f"coverage {quality['coverage']:.2f}, faces {quality['face_rate']:.1%}",
+        f"{epochs}; grid.png in the run folder",
+    )
 
 
 def run_row(row: Row, folder: Path, deadline: float) -> dict:
@@ -244,8 +404,14 @@ def run_row(row: Row, folder: Path, deadline: float) -> dict:
     if row.kind == "stop":
         resumed = result.get("resumed_with")
         notes = f"{notes}; resumed with: {resumed[0]}" if resumed else f"{notes}; NOT resumed: no resumed_with"
-    return {"wall": result["wall_seconds"], "training": result["train_seconds"], "result": shown, "notes": notes,
-            "device": result["device"], "failed": row.kind == "stop" and not result.get("resumed_with")}
+    return {
+        "wall": result["wall_seconds"],
+        "training": result["train_seconds"],
+        "result": shown,
+        "notes": notes,
+        "device": result["device"],
+        "failed": row.kind == "stop" and not result.get("resumed_with"),
+    }
 
 
 def table(part: str, done: list[tuple[str, dict]]) -> str:
@@ -253,10 +419,17 @@ def table(part: str, done: list[tuple[str, dict]]) -> str:
         return "-" if value is None else f"{value:.1f} s"
 
     device = next((row["device"] for _, row in done if row.get("device")), "no device: no training finished")
-    lines = [f"GPU suite, part {part}, {time.strftime('%Y-%m-%d')}, on {device}", "",
-             "| row | wall time | training | result | notes |", "|---|---|---|---|---|"]
-    lines += [f"| {what} | {seconds(row.get('wall'))} | {seconds(row.get('training'))} | {row.get('result', '-')} | "
-              f"{row.get('notes', '')} |" for what, row in done]
+    lines = [
+        f"GPU suite, part {part}, {time.strftime('%Y-%m-%d')}, on {device}",
+        "",
+        "| row | wall time | training | result | notes |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {what} | {seconds(row.get('wall'))} | {seconds(row.get('training'))} | {row.get('result', '-')} | "
+        f"{row.get('notes', '')} |"
+        for what, row in done
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -266,15 +439,29 @@ def run_part(part: str, args, root: Path | None) -> tuple[str, bool]:
     deadline = time.monotonic() + args.deadline
     data = None if args.small or part == "smoke" else root / DATA_SET[part]
     if data is not None and not data.exists():
-        why = (f"not run: no {DATA_SET[part]} in {root}: give --data the folder holding it, or --pack its pack "
-               f"(benchmarks/gpu_pack.py)")
+        why = (
+            f"not run: no {DATA_SET[part]} in {root}: give --data the folder holding it, or --pack its pack "
+            f"(benchmarks/gpu_pack.py)"
+        )
         text = table(part, [(f"part {part}", {"notes": why})])
         runs.replace_atomically(out, lambda tmp: tmp.write_text(text))
         return text, False
     if part == "emotion":  # gpu_evidence.py has the rows, the table and the resuming; it stops by the same deadline
         source = ["--small"] if args.small else ["--data", str(data)]
-        why = run_until([*script("benchmarks/gpu_evidence.py"), *source, "--runs", str(folder), "--out", str(out),
-                         "--deadline", str(args.deadline)], Path(args.out) / "emotion.log", deadline + 90)
+        why = run_until(
+            [
+                *script("benchmarks/gpu_evidence.py"),
+                *source,
+                "--runs",
+                str(folder),
+                "--out",
+                str(out),
+                "--deadline",
+                str(args.deadline),
+            ],
+            Path(args.out) / "emotion.log",
+            deadline + 90,
+        )
         text = out.read_text() if out.is_file() else table(part, [])
         return text + (f"\ngpu_evidence.py {why}\n" if why else ""), bool(why)
     done = []

@@ -18,6 +18,7 @@ per step, the syncs (SyncCounter: torch.Tensor's syncing methods wrapped; also u
 --code runs in its own process, round-robin over the repeats, so that a busy spell of a shared machine hits all.
 It prints per checkout its commit, ms per step (min-max), syncs and operators per step, and where the syncs are.
 """
+
 import argparse
 import collections
 import contextlib
@@ -35,8 +36,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 # The methods by which Python reads a tensor's value on the host; on a GPU each waits for the queued work
-SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__",
-                "__repr__")
+SYNC_METHODS = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__format__",
+    "__repr__",
+)
 TORCH_DIR = str(Path(torch.__file__).parent)
 # Tiny network and batch (compute negligible) and 56 steps per epoch as FER2013's 28,709 images at batch 512, so
 # that what the loop does once per epoch weighs per step what it weighs in the recipe: 1120 faces, 80% Training.
@@ -78,8 +89,8 @@ class SyncCounter:
                 return method(tensor, *args, **kwargs)
             finally:
                 self._depth -= 1
-        return counted
 
+        return counted
 
 
 # Operators whose output size depends on the data, so that a GPU must finish them before the host goes on
@@ -117,12 +128,15 @@ def caller():
 def import_from(code: Path):
     """train_emotion as checked out in `code`, with the facenets beside it."""
     sys.path.insert(0, str(code))
-    import train_emotion
     import facenets
+    import train_emotion
+
     for module in (train_emotion, facenets):
         if not Path(module.__file__).resolve().is_relative_to(code):
-            sys.exit(f"error: {module.__name__} was already imported from {module.__file__}, not from {code}: "
-                     "measure each checkout in a fresh process")
+            sys.exit(
+                f"error: {module.__name__} was already imported from {module.__file__}, not from {code}: "
+                "measure each checkout in a fresh process"
+            )
     return train_emotion
 
 
@@ -142,11 +156,14 @@ def train(train_emotion, flags, counters=()):
         stack.enter_context(contextlib.redirect_stdout(log))
         stack.enter_context(contextlib.redirect_stderr(log))
         stack.callback(register_optimizer_step_post_hook(step_done).remove)
-        status = train_emotion.main(["--data", "synthetic", "--val-fraction", "0", "--tta", "none", "--out", out,
-                                     "--name", "overhead", *flags])
+        status = train_emotion.main(
+            ["--data", "synthetic", "--val-fraction", "0", "--tta", "none", "--out", out, "--name", "overhead", *flags]
+        )
     if status != 0 or len(times) < 2:
-        sys.exit(f"error: train_emotion.py {' '.join(flags)} ended with {status} after {len(times)} steps:\n"
-                 + log.getvalue()[-2000:])
+        sys.exit(
+            f"error: train_emotion.py {' '.join(flags)} ended with {status} after {len(times)} steps:\n"
+            + log.getvalue()[-2000:]
+        )
     return times
 
 
@@ -173,16 +190,26 @@ def by_place(events, first, last):
 
 def commit(code: Path) -> str:
     """The checkout's short commit, marked when its files differ from it."""
+
     def git(*words):
         return subprocess.run(["git", "-C", str(code), *words], capture_output=True, text=True).stdout.strip()
+
     head = git("rev-parse", "--short", "HEAD") or "no git"
     return head + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def shape_flags(args):
     """The flags of this script that train_emotion.py has too (same names): they shape every run."""
-    return ["--width", str(args.width), "--batch-size", str(args.batch_size), "--synthetic-count",
-            str(args.synthetic_count), "--epochs", str(args.epochs)]
+    return [
+        "--width",
+        str(args.width),
+        "--batch-size",
+        str(args.batch_size),
+        "--synthetic-count",
+        str(args.synthetic_count),
+        "--epochs",
+        str(args.epochs),
+    ]
 
 
 def measure(code: Path, args) -> dict:
@@ -198,9 +225,15 @@ def measure(code: Path, args) -> dict:
     for _ in range(args.repeats):  # without counters, which slow the host down
         times = train(train_emotion, flags)
         ms.append(round(1000 * (times[last - 1] - times[0]) / (last - 1), 3))
-    return {"code": str(code), "commit": commit(code), "ms_per_step": ms, "steps": last - 1,
-            "syncs_per_step": round(sum(places.values()) / (last - 1), 4), "syncs": dict(places.most_common()),
-            "ops_per_step": round(sum(1 <= done < last for done in ops.ops) / (last - 1), 1)}
+    return {
+        "code": str(code),
+        "commit": commit(code),
+        "ms_per_step": ms,
+        "steps": last - 1,
+        "syncs_per_step": round(sum(places.values()) / (last - 1), 4),
+        "syncs": dict(places.most_common()),
+        "ops_per_step": round(sum(1 <= done < last for done in ops.ops) / (last - 1), 1),
+    }
 
 
 def measure_apart(args) -> list[dict]:
@@ -210,8 +243,21 @@ def measure_apart(args) -> list[dict]:
         for repeat in range(args.repeats):
             for i, code in enumerate(args.code):
                 out = Path(tmp) / f"{i}-{repeat}.json"
-                command = [sys.executable, __file__, "--code", str(code), "--repeats", "1", "--threads",
-                           str(args.threads), "--out", str(out), *shape_flags(args), "--", *args.extra]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--code",
+                    str(code),
+                    "--repeats",
+                    "1",
+                    "--threads",
+                    str(args.threads),
+                    "--out",
+                    str(out),
+                    *shape_flags(args),
+                    "--",
+                    *args.extra,
+                ]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
                     sys.exit(done.stderr.strip() or f"error: {' '.join(command)} ended with {done.returncode}")
@@ -221,25 +267,49 @@ def measure_apart(args) -> list[dict]:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--code", nargs="+", type=Path, default=[ROOT], help="checkouts to measure (each its own "
-                   "train_emotion.py and facenets/), e.g. one made with git worktree add /tmp/old <commit>")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--code",
+        nargs="+",
+        type=Path,
+        default=[ROOT],
+        help="checkouts to measure (each its own "
+        "train_emotion.py and facenets/), e.g. one made with git worktree add /tmp/old <commit>",
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs of each checkout; the time is given as min-max")
-    p.add_argument("--width", type=int, default=FLAGS["width"], help="vgg's first-stage channels: tiny, so the host's "
-                   "work dominates")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=FLAGS["width"],
+        help="vgg's first-stage channels: tiny, so the host's work dominates",
+    )
     p.add_argument("--batch-size", type=int, default=FLAGS["batch_size"], help="images per step")
-    p.add_argument("--synthetic-count", type=int, default=FLAGS["synthetic_count"], help="synthetic faces, 80%% "
-                   "Training: 1120 make 56 steps of 16 per epoch, as FER2013 at batch 512")
+    p.add_argument(
+        "--synthetic-count",
+        type=int,
+        default=FLAGS["synthetic_count"],
+        help="synthetic faces, 80%% Training: 1120 make 56 steps of 16 per epoch, as FER2013 at batch 512",
+    )
     p.add_argument("--epochs", type=int, default=FLAGS["epochs"], help="epochs of each run")
     # One thread: the host's part is one Python thread anyway, and on a busy machine several threads make every small
     # operation wait for the slowest of them (measured on 2 shared cores: 15-22 ms per step with 1, 260-440 with 2).
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--small", action="store_true", help="CI smoke run; flags given explicitly still win. Sets "
-                   + ", ".join(f"--{k} {v}" for k, v in SMALL.items()))
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="CI smoke run; flags given explicitly still win. Sets "
+        + ", ".join(f"--{k} {v}" for k, v in SMALL.items()),
+    )
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    p.add_argument("extra", nargs="*", default=[], help="after --: train_emotion.py flags for every run, e.g. -- "
-                   "--ensemble 4 (they must exist in every checkout measured)")
+    p.add_argument(
+        "extra",
+        nargs="*",
+        default=[],
+        help="after --: train_emotion.py flags for every run, e.g. -- "
+        "--ensemble 4 (they must exist in every checkout measured)",
+    )
     return p
 
 
@@ -253,16 +323,22 @@ def main(argv=None):
         p.error("--repeats, --width, --batch-size, --epochs and --threads must be positive")
     args.code = [code.resolve() for code in args.code]
     results = [measure(args.code[0], args)] if len(args.code) == 1 else measure_apart(args)
-    print(f"torch {torch.__version__}, {args.threads} CPU threads; {args.repeats} timed runs of each checkout of "
-          f"train_emotion.py {' '.join([*shape_flags(args), *args.extra])}\n")
+    print(
+        f"torch {torch.__version__}, {args.threads} CPU threads; {args.repeats} timed runs of each checkout of "
+        f"train_emotion.py {' '.join([*shape_flags(args), *args.extra])}\n"
+    )
     print(f"{'commit':22s} {'ms per step (min-max)':>22s} {'syncs per step':>15s} {'ops per step':>13s}  code")
     for r in results:
         ms = r["ms_per_step"]
-        print(f"{r['commit']:22s} {f'{min(ms):.2f}-{max(ms):.2f}':>22s} {r['syncs_per_step']:15.3f} "
-              f"{r['ops_per_step']:13.1f}  {r['code']}")
+        print(
+            f"{r['commit']:22s} {f'{min(ms):.2f}-{max(ms):.2f}':>22s} {r['syncs_per_step']:15.3f} "
+            f"{r['ops_per_step']:13.1f}  {r['code']}"
+        )
     for r in results:
-        print(f"\nsyncs of {r['commit']} over {r['steps']} steps: "
-              + (", ".join(f"{where} x{n}" for where, n in r["syncs"].items()) or "none"))
+        print(
+            f"\nsyncs of {r['commit']} over {r['steps']} steps: "
+            + (", ".join(f"{where} x{n}" for where, n in r["syncs"].items()) or "none")
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

@@ -79,8 +79,9 @@ def random_affine(x, degrees=0.0, shear=0.0, zoom=0.0, translate=0.0, generator=
     # around the centre: rotation @ shear @ zoom as in Keras, then the shift.
     cos, sin = torch.cos(angle), torch.sin(angle)
     rotation = torch.stack([cos, -sin, sin, cos], 1).view(B, 2, 2)
-    shearing = torch.stack([torch.ones_like(slant), -torch.sin(slant),
-                            torch.zeros_like(slant), torch.cos(slant)], 1).view(B, 2, 2)
+    shearing = torch.stack(
+        [torch.ones_like(slant), -torch.sin(slant), torch.zeros_like(slant), torch.cos(slant)], 1
+    ).view(B, 2, 2)
     zooming = torch.diag_embed(torch.stack([zx, zy], 1))
     A = rotation @ shearing @ zooming
 
@@ -118,7 +119,7 @@ def random_crop(x, size, padding=0, generator=None):
 def center_crop(x, size):
     """The central size x size window (rounding towards the top-left when the margin is odd)."""
     top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
-    return x[:, :, top:top + size, left:left + size]
+    return x[:, :, top : top + size, left : left + size]
 
 
 def _box_mask(top, left, height, width, H, W):
@@ -169,7 +170,8 @@ def mixup(x, y, alpha=0.2, lam=None, generator=None):
 
     Returns (x_mixed, y_a, y_b, lam) with x_mixed = lam * x + (1 - lam) * x[perm]. lam is
     either fixed (lam=0.7 is the report's "70% of one image and 30% of the other") or drawn
-    once per batch from Beta(alpha, alpha), then a 0-dim tensor on x's device. Train with the same blend of the two losses:
+    once per batch from Beta(alpha, alpha), then a 0-dim tensor on x's device. Train with the same blend of the two
+    losses:
 
         loss = lam * F.cross_entropy(out, y_a) + (1 - lam) * F.cross_entropy(out, y_b)
     """
@@ -187,7 +189,8 @@ def cutmix(x, y, alpha=1.0, generator=None):
     left after the box is clipped at the border. Each image draws its own box, of area (1 - Beta(alpha, alpha))
     of the image and centred on any pixel. Train with the per-image blend of the two losses:
 
-        loss = (lam * F.cross_entropy(out, y_a, reduction="none") + (1 - lam) * F.cross_entropy(out, y_b, reduction="none")).mean()
+        loss = (lam * F.cross_entropy(out, y_a, reduction="none")
+                + (1 - lam) * F.cross_entropy(out, y_b, reduction="none")).mean()
     """
     B, _, H, W = x.shape
     g = _gamma(alpha, 2 * B, x, generator).view(2, B)
@@ -250,8 +253,13 @@ def ten_crop_flip(x, size):
     over the first dimension.
     """
     H, W = x.shape[2:]
-    crops = [x[:, :, :size, :size], x[:, :, :size, W - size:],
-             x[:, :, H - size:, :size], x[:, :, H - size:, W - size:], center_crop(x, size)]
+    crops = [
+        x[:, :, :size, :size],
+        x[:, :, :size, W - size :],
+        x[:, :, H - size :, :size],
+        x[:, :, H - size :, W - size :],
+        center_crop(x, size),
+    ]
     return torch.stack(crops + [c.flip(-1) for c in crops])
 
 
@@ -277,11 +285,15 @@ def diff_augment(x, policy="color,translation,cutout", generator=None):
     names = [name.strip() for name in policy.split(",") if name.strip() and name.strip() != "none"]
     unknown = sorted(set(names) - set(DIFF_AUGMENT))
     if unknown:
-        raise ValueError(f"unknown DiffAugment {unknown[0]!r}: the policy is a comma-separated choice of {', '.join(DIFF_AUGMENT)}")
+        raise ValueError(
+            f"unknown DiffAugment {unknown[0]!r}: the policy is a comma-separated choice of {', '.join(DIFF_AUGMENT)}"
+        )
     B, C, H, W = x.shape
     if "color" in names:
+
         def factor(low, high):
             return _uniform(B, low, high, x, generator).view(B, 1, 1, 1)
+
         x = x + factor(-0.5, 0.5)
         x = (x - x.mean(1, keepdim=True)) * factor(0.0, 2.0) + x.mean(1, keepdim=True)
         x = (x - x.mean((1, 2, 3), keepdim=True)) * factor(0.5, 1.5) + x.mean((1, 2, 3), keepdim=True)
@@ -300,6 +312,8 @@ def diff_augment(x, policy="color,translation,cutout", generator=None):
         side_h, side_w = int(H / 2 + 0.5), int(W / 2 + 0.5)
         cy = torch.randint(0, H + 1 - side_h % 2, (B,), device=x.device, generator=generator)
         cx = torch.randint(0, W + 1 - side_w % 2, (B,), device=x.device, generator=generator)
-        box = _box_mask(cy - side_h // 2, cx - side_w // 2, torch.full_like(cy, side_h), torch.full_like(cx, side_w), H, W)
+        box = _box_mask(
+            cy - side_h // 2, cx - side_w // 2, torch.full_like(cy, side_h), torch.full_like(cx, side_w), H, W
+        )
         x = x.masked_fill(box, 0.0)
     return x

@@ -17,12 +17,14 @@ The emotion readers return FaceImages: one uint8 tensor [N, C, H, W] with the la
 source name of each image. The attribute readers return AttributeFaces: RGB images with several labels each
 (CelebA's 40 attributes; UTKFace's gender, age and race) and CelebA's official partition. load_face_images returns
 UnlabelledFaces: RGB images and their file names, for a GAN. load_fer2013,
-face_folders, load_celeba, load_utkface and load_face_images keep the decoded tensors in a cache, so the second load of the 32k
+face_folders, load_celeba, load_utkface and load_face_images keep the decoded tensors in a cache, so the second load
+of the 32k
 FER-2013 images takes a fraction of a second instead of decoding 32k JPEGs again. CelebA is read in two steps:
 read_celeba_labels first (no image decoded), then load_celeba decodes only the sample drawn from the labels.
 Input the user can fix raises DataError (one line: the problem and what to do). Problems that cost only a
 few images (corrupt files, photos without a face) skip them and warn with a count and the first few names.
 """
+
 from __future__ import annotations
 
 import csv
@@ -77,16 +79,23 @@ class FaceImages:
     def __post_init__(self):
         # Catches a damaged cache as well as a reader bug: every field must describe the same N images.
         if not len(self.images) == len(self.labels) == len(self.usage) == len(self.files):
-            raise ValueError(f"FaceImages fields differ in length: {len(self.images)} images, "
-                             f"{len(self.labels)} labels, {len(self.usage)} usages, {len(self.files)} files")
+            raise ValueError(
+                f"FaceImages fields differ in length: {len(self.images)} images, "
+                f"{len(self.labels)} labels, {len(self.usage)} usages, {len(self.files)} files"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> FaceImages:
         """The images at index (an int64 index tensor), in that order."""
-        return FaceImages(self.images[index], self.labels[index], self.usage[index],
-                          [self.files[i] for i in index.tolist()], self.classes)
+        return FaceImages(
+            self.images[index],
+            self.labels[index],
+            self.usage[index],
+            [self.files[i] for i in index.tolist()],
+            self.classes,
+        )
 
 
 @dataclass
@@ -102,19 +111,28 @@ class AttributeFaces:
     def __post_init__(self):
         # Catches a damaged cache as well as a reader bug: every field must describe the same N images.
         if not len(self.images) == len(self.targets) == len(self.partition) == len(self.files):
-            raise ValueError(f"AttributeFaces fields differ in length: {len(self.images)} images, "
-                             f"{len(self.targets)} targets, {len(self.partition)} partitions, {len(self.files)} files")
+            raise ValueError(
+                f"AttributeFaces fields differ in length: {len(self.images)} images, "
+                f"{len(self.targets)} targets, {len(self.partition)} partitions, {len(self.files)} files"
+            )
         if self.targets.dim() != 2 or self.targets.shape[1] != len(self.columns):
-            raise ValueError(f"AttributeFaces targets have shape {tuple(self.targets.shape)}, expected "
-                             f"[N, {len(self.columns)}]: one column per name in columns")
+            raise ValueError(
+                f"AttributeFaces targets have shape {tuple(self.targets.shape)}, expected "
+                f"[N, {len(self.columns)}]: one column per name in columns"
+            )
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def subset(self, index: torch.Tensor) -> AttributeFaces:
         """The images at index (an int64 index tensor), in that order."""
-        return AttributeFaces(self.images[index], self.targets[index], self.columns, self.partition[index],
-                              [self.files[i] for i in index.tolist()])
+        return AttributeFaces(
+            self.images[index],
+            self.targets[index],
+            self.columns,
+            self.partition[index],
+            [self.files[i] for i in index.tolist()],
+        )
 
 
 def _first_few(names: list[str], shown: int = 5) -> str:
@@ -135,8 +153,10 @@ def _existing(path: str | Path, how_to_get: str) -> Path:
 
 
 def _cannot_read(path: Path, error: OSError) -> DataError:
-    return DataError(f"{path} cannot be read ({error.strerror or type(error).__name__}): check its permissions "
-                     f"(ls -ld {path}), or pass a copy you may read")
+    return DataError(
+        f"{path} cannot be read ({error.strerror or type(error).__name__}): check its permissions "
+        f"(ls -ld {path}), or pass a copy you may read"
+    )
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -164,15 +184,19 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 
 # ---------------------------------------------------------------- FER-2013 readers
 
+
 def _fer_layout(names: Iterable[str]) -> list[str]:
     """The names that sit at [top/]<train|test>/<class>/<image>, train first, each part sorted for determinism."""
     keep = []
     for name in names:
         parts = PurePosixPath(name).parts
         # macOS adds .DS_Store, ._<name> copies and, in zips, __MACOSX/: none of them are images.
-        if (len(parts) in (3, 4) and parts[-3].lower() in ("train", "test")
-                and parts[-1].lower().endswith(IMAGE_SUFFIXES)
-                and not any(part.startswith(".") or part == "__MACOSX" for part in parts)):
+        if (
+            len(parts) in (3, 4)
+            and parts[-3].lower() in ("train", "test")
+            and parts[-1].lower().endswith(IMAGE_SUFFIXES)
+            and not any(part.startswith(".") or part == "__MACOSX" for part in parts)
+        ):
             keep.append(name)
     return sorted(keep, key=lambda name: (PurePosixPath(name).parts[-3].lower() != "train", name))
 
@@ -181,8 +205,10 @@ def _emotion_id(folder: str, shown: str, where: Path) -> int:
     name = folder.lower()
     name = EMOTION_ALIASES.get(name, name)
     if name not in EMOTIONS:
-        raise DataError(f"unknown class folder '{shown}' in {where}: rename it to one of "
-                        f"{', '.join(EMOTIONS + tuple(EMOTION_ALIASES))} or remove it")
+        raise DataError(
+            f"unknown class folder '{shown}' in {where}: rename it to one of "
+            f"{', '.join(EMOTIONS + tuple(EMOTION_ALIASES))} or remove it"
+        )
     return EMOTIONS.index(name)
 
 
@@ -214,15 +240,18 @@ def _decode_fer(names: list[str], open_image: Callable[[str], Image.Image]) -> t
     _warn_skipped(unreadable, "unreadable images")
     _warn_oversized(oversized)
     if converted:
-        warnings.warn(f"converted {len(converted)} images that were not 48x48 grayscale to 48x48 grayscale: "
-                      f"{_first_few(converted)}")
-    return torch.from_numpy(pixels[:len(kept)]).unsqueeze(1), kept
+        warnings.warn(
+            f"converted {len(converted)} images that were not 48x48 grayscale to 48x48 grayscale: "
+            f"{_first_few(converted)}"
+        )
+    return torch.from_numpy(pixels[: len(kept)]).unsqueeze(1), kept
 
 
 def _read_fer_layout(names: list[str], open_image: Callable[[str], Image.Image], where: Path) -> FaceImages:
     if not names:
-        raise DataError(f"no images (.jpg, .jpeg, .png) in {where} under train/<class>/ or test/<class>/: "
-                        f"{GET_FER2013}")
+        raise DataError(
+            f"no images (.jpg, .jpeg, .png) in {where} under train/<class>/ or test/<class>/: {GET_FER2013}"
+        )
     labels, usage = [], []
     for name in names:
         split, folder, file_name = PurePosixPath(name).parts[-3:]
@@ -231,8 +260,13 @@ def _read_fer_layout(names: list[str], open_image: Callable[[str], Image.Image],
     images, kept = _decode_fer(names, open_image)
     if not kept:
         raise DataError(f"none of the {len(names)} images in {where} could be read: {GET_FER2013} again")
-    return FaceImages(images, torch.tensor(labels)[kept], torch.tensor(usage, dtype=torch.int8)[kept],
-                      [names[i] for i in kept], EMOTIONS)
+    return FaceImages(
+        images,
+        torch.tensor(labels)[kept],
+        torch.tensor(usage, dtype=torch.int8)[kept],
+        [names[i] for i in kept],
+        EMOTIONS,
+    )
 
 
 def fer2013_folders(root: str | Path) -> FaceImages:
@@ -241,9 +275,14 @@ def fer2013_folders(root: str | Path) -> FaceImages:
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: pass the folder that holds train/ and test/")
     # Listed by hand, not globbed: glob passes over a folder it may not read, and a class would vanish unsaid.
-    names = _fer_layout(f"{split.name}/{folder.name}/{file.name}" for split in _entries(root)
-                        if split.name.lower() in ("train", "test") and split.is_dir()
-                        for folder in _entries(split) if folder.is_dir() for file in _entries(folder))
+    names = _fer_layout(
+        f"{split.name}/{folder.name}/{file.name}"
+        for split in _entries(root)
+        if split.name.lower() in ("train", "test") and split.is_dir()
+        for folder in _entries(split)
+        if folder.is_dir()
+        for file in _entries(folder)
+    )
     return _read_fer_layout(names, lambda name: Image.open(root / name), root)
 
 
@@ -278,8 +317,11 @@ def _zip_image(archive: zipfile.ZipFile, name: str) -> Image.Image:
 
 
 def _warn_oversized(names: list[str]) -> None:
-    _warn_skipped(names, f"zip members that would inflate to over {_bytes_text(ZIP_MEMBER_MAX_BYTES)} or to over "
-                         f"{ZIP_MAX_RATIO}x their packed size, too much for a face image (a zip bomb?)")
+    _warn_skipped(
+        names,
+        f"zip members that would inflate to over {_bytes_text(ZIP_MEMBER_MAX_BYTES)} or to over "
+        f"{ZIP_MAX_RATIO}x their packed size, too much for a face image (a zip bomb?)",
+    )
 
 
 def fer2013_zip(path: str | Path) -> FaceImages:
@@ -309,8 +351,10 @@ def fer2013_csv(path: str | Path) -> FaceImages:
                 raise DataError(f"{path} is empty: pass fer2013.csv or icml_face_data.csv (download it again)")
             columns = [name.strip().lower() for name in header]
             if sorted(columns) != ["emotion", "pixels", "usage"]:
-                raise DataError(f"{path.name} has the header {_shown(header)}, expected the columns emotion, pixels, "
-                                f"Usage (any order): pass fer2013.csv or icml_face_data.csv")
+                raise DataError(
+                    f"{path.name} has the header {_shown(header)}, expected the columns emotion, pixels, "
+                    f"Usage (any order): pass fer2013.csv or icml_face_data.csv"
+                )
             label_at, pixels_at, usage_at = (columns.index(name) for name in ("emotion", "pixels", "usage"))
             label_ids = {str(i) for i in range(len(EMOTIONS))}
             for row in rows:
@@ -318,33 +362,41 @@ def fer2013_csv(path: str | Path) -> FaceImages:
                     continue
                 where = f"{path.name} row {rows.line_num}"
                 if len(row) != 3:
-                    raise DataError(f"{where} has {len(row)} fields, expected 3 (emotion, pixels, Usage): "
-                                    "fix or delete it")
+                    raise DataError(
+                        f"{where} has {len(row)} fields, expected 3 (emotion, pixels, Usage): fix or delete it"
+                    )
                 label = row[label_at].strip()
                 if label not in label_ids:
-                    raise DataError(f"{where}: emotion {label!r} is not a label id 0-6 ({', '.join(EMOTIONS)}): "
-                                    f"fix or delete it")
+                    raise DataError(
+                        f"{where}: emotion {label!r} is not a label id 0-6 ({', '.join(EMOTIONS)}): fix or delete it"
+                    )
                 try:  # numpy's C parser: about 2 s for the 35,887 rows, where str.split is 4x slower
                     values = np.fromstring(row[pixels_at], dtype=np.int32, sep=" ")
                 except ValueError:  # numpy >= 2; older numpy stops at the text, and the size check below catches it
-                    raise DataError(f"{where} has text that is not a number among its pixels: "
-                                    "fix or delete it") from None
+                    raise DataError(
+                        f"{where} has text that is not a number among its pixels: fix or delete it"
+                    ) from None
                 if values.size != FER_PIXELS:
-                    raise DataError(f"{where} has {values.size} pixel values, expected {FER_PIXELS} (48x48) "
-                                    f"separated by spaces: fix or delete it")
+                    raise DataError(
+                        f"{where} has {values.size} pixel values, expected {FER_PIXELS} (48x48) "
+                        f"separated by spaces: fix or delete it"
+                    )
                 if values.min() < 0 or values.max() > 255:
                     raise DataError(f"{where} has pixel values outside 0-255: fix or delete it")
                 name = row[usage_at].strip()
                 if name not in USAGES[:3]:
-                    raise DataError(f"{where}: Usage {name!r} is not Training, PublicTest or PrivateTest: "
-                                    "fix or delete it")
+                    raise DataError(
+                        f"{where}: Usage {name!r} is not Training, PublicTest or PrivateTest: fix or delete it"
+                    )
                 labels.append(int(label))
                 usage.append(USAGES.index(name))
                 pixels.append(values.astype(np.uint8))
                 files.append(f"csv row {rows.line_num}")
     except (UnicodeDecodeError, csv.Error) as e:  # e.g. a binary file named .csv
-        raise DataError(f"{path.name} is not a readable csv text file ({textwrap.shorten(str(e), 60)}): "
-                        "pass fer2013.csv or icml_face_data.csv") from None
+        raise DataError(
+            f"{path.name} is not a readable csv text file ({textwrap.shorten(str(e), 60)}): "
+            "pass fer2013.csv or icml_face_data.csv"
+        ) from None
     if not files:
         raise DataError(f"{path.name} has no data rows: {GET_FER2013} again")
     images = torch.from_numpy(np.stack(pixels).reshape(-1, 1, FER_SIZE, FER_SIZE))
@@ -360,11 +412,13 @@ def read_fer2013(path: str | Path) -> FaceImages:
         return fer2013_zip(path)
     if path.suffix.lower() == ".csv":
         return fer2013_csv(path)
-    raise DataError(f"{path} is not a folder, a .zip or a .csv: pass the FER-2013 image folder, the Kaggle .zip "
-                    f"or fer2013.csv")
+    raise DataError(
+        f"{path} is not a folder, a .zip or a .csv: pass the FER-2013 image folder, the Kaggle .zip or fer2013.csv"
+    )
 
 
 # ---------------------------------------------------------------- decode cache
+
 
 def _fingerprint(path: Path) -> list:
     """What changes when the data changes: a file's size and mtime; for a folder, those of every folder up to
@@ -390,9 +444,14 @@ def cache_folder(cache_dir=None) -> Path:
     return Path(cache_dir or os.environ.get("FACENETS_CACHE") or Path.home() / ".cache" / "facenets").expanduser()
 
 
-def _cached(kind: str, path: Path, settings: tuple, cache_dir: str | Path | None,
-            read: Callable[[], FaceImages | AttributeFaces],
-            container: type[FaceImages | AttributeFaces] = FaceImages) -> FaceImages | AttributeFaces:
+def _cached(
+    kind: str,
+    path: Path,
+    settings: tuple,
+    cache_dir: str | Path | None,
+    read: Callable[[], FaceImages | AttributeFaces],
+    container: type[FaceImages | AttributeFaces] = FaceImages,
+) -> FaceImages | AttributeFaces:
     """read() once; later calls load its result from cache_dir while path and settings are unchanged.
 
     container is the class read() returns, which the cache rebuilds; kind keeps the caches of the classes apart.
@@ -414,7 +473,11 @@ def _cached(kind: str, path: Path, settings: tuple, cache_dir: str | Path | None
         torch.save(vars(data), temporary)  # a dict of tensors, a list and a tuple of str: safe for weights_only
         os.replace(temporary, cache)
     except (OSError, RuntimeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0][:100]
+        reason = (
+            error.strerror
+            if isinstance(error, OSError) and error.strerror
+            else str(error).strip().splitlines()[0][:100]
+        )
         warnings.warn(f"could not write the cache {cache} ({reason}); set FACENETS_CACHE to a writable folder")
     finally:  # also after Ctrl-C or a full disk: no half-written file is left behind
         if temporary.exists():
@@ -442,8 +505,10 @@ def load_fer2013(path: str | Path, cache_dir: str | Path | None = None) -> FaceI
 
 # ---------------------------------------------------------------- splits
 
-def stratified_split(labels: torch.Tensor, fractions: list[float], seed: int,
-                     min_per_class: int = 0) -> list[torch.Tensor]:
+
+def stratified_split(
+    labels: torch.Tensor, fractions: list[float], seed: int, min_per_class: int = 0
+) -> list[torch.Tensor]:
     """Seeded split of the positions 0..N-1 into parts of round(fraction * N), each class in proportion.
 
     Every part holds its fraction of every class to within one image. Fractions sum to at most 1; the rest is
@@ -460,15 +525,16 @@ def stratified_split(labels: torch.Tensor, fractions: list[float], seed: int,
     for label in labels.unique():
         members = shuffled[labels[shuffled] == label]
         share = (torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members)
-        share[:min(min_per_class, len(members) // 2)] -= 1  # sorts before every other image, into the first part
+        share[: min(min_per_class, len(members) // 2)] -= 1  # sorts before every other image, into the first part
         quantile[members] = share
     order = shuffled[quantile[shuffled].sort(stable=True).indices]  # ties in shuffled order: no class goes first
-    ends = [round(sum(fractions[:i + 1]) * len(labels)) for i in range(len(fractions))]
+    ends = [round(sum(fractions[: i + 1]) * len(labels)) for i in range(len(fractions))]
     return [order[start:end].sort().values for start, end in zip([0] + ends, ends)]
 
 
-def split_indices(data: FaceImages, protocol: str = "official", val_fraction: float = 0.0,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+def split_indices(
+    data: FaceImages, protocol: str = "official", val_fraction: float = 0.0, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Indices "train", "val" (maybe empty) and "test" of one of the report protocols in SPLITS.
 
     official    train = Training images, less a stratified val_fraction of them as val; test = all the others
@@ -499,8 +565,10 @@ def split_indices(data: FaceImages, protocol: str = "official", val_fraction: fl
     elif protocol == "publictest":
         train, val, test = training, having("PublicTest"), having("PrivateTest")
         if len(test) == 0:
-            raise DataError("this copy of FER-2013 has no PrivateTest images (only the PublicTest half of the test "
-                            "set): use --split official")
+            raise DataError(
+                "this copy of FER-2013 has no PrivateTest images (only the PublicTest half of the test "
+                "set): use --split official"
+            )
     elif protocol == "monterrey":
         train, val = stratified(training, [20099 / 28709, 2151 / 28709])
         test = not_training
@@ -510,8 +578,10 @@ def split_indices(data: FaceImages, protocol: str = "official", val_fraction: fl
         train, test = stratified(everything, [0.70, 0.30], min_per_class=50)
         val = torch.zeros(0, dtype=torch.int64)
     if len(train) == 0:
-        raise DataError(f"split {protocol} leaves no training images: the data has no Training images "
-                        f"(check the train/ folder or the csv's Usage column), or use --split udine or utec")
+        raise DataError(
+            f"split {protocol} leaves no training images: the data has no Training images "
+            f"(check the train/ folder or the csv's Usage column), or use --split udine or utec"
+        )
     return {"train": train, "val": val, "test": test}
 
 
@@ -520,16 +590,18 @@ def split_indices(data: FaceImages, protocol: str = "official", val_fraction: fl
 # One row per emotion, in EMOTIONS order: how each expression bends the cartoon face.
 #   curve: mouth corners up (+) or down (-)   open: mouth opening   tilt: one mouth corner higher (asymmetry)
 #   width: mouth half-width   brow_tilt: inner brow ends down (+) or up (-)   brow_up: brows raised   eyes: eye opening
-_EXPRESSIONS = torch.tensor([
-    # curve  open  tilt  width brow_tilt brow_up eyes
-    [-0.06, 0.00, 0.00, 0.20, 0.18, -0.04, 0.5],  # angry: brows down inside, narrow eyes, pressed mouth
-    [-0.08, 0.02, 0.20, 0.22, 0.05, 0.00, 0.4],  # disgust: crooked mouth, squint
-    [0.00, 0.09, 0.00, 0.28, -0.08, 0.10, 1.5],  # fear: wide eyes, flat open mouth, brows up inside
-    [0.16, 0.02, 0.00, 0.28, 0.00, 0.00, 0.9],  # happy: smile
-    [-0.16, 0.00, 0.00, 0.22, -0.12, 0.02, 0.8],  # sad: frown, brows up inside
-    [0.00, 0.18, 0.00, 0.12, 0.00, 0.14, 1.5],  # surprise: round open mouth, raised brows, wide eyes
-    [0.00, 0.00, 0.00, 0.22, 0.00, 0.00, 1.0],  # neutral
-])
+_EXPRESSIONS = torch.tensor(
+    [
+        # curve  open  tilt  width brow_tilt brow_up eyes
+        [-0.06, 0.00, 0.00, 0.20, 0.18, -0.04, 0.5],  # angry: brows down inside, narrow eyes, pressed mouth
+        [-0.08, 0.02, 0.20, 0.22, 0.05, 0.00, 0.4],  # disgust: crooked mouth, squint
+        [0.00, 0.09, 0.00, 0.28, -0.08, 0.10, 1.5],  # fear: wide eyes, flat open mouth, brows up inside
+        [0.16, 0.02, 0.00, 0.28, 0.00, 0.00, 0.9],  # happy: smile
+        [-0.16, 0.00, 0.00, 0.22, -0.12, 0.02, 0.8],  # sad: frown, brows up inside
+        [0.00, 0.18, 0.00, 0.12, 0.00, 0.14, 1.5],  # surprise: round open mouth, raised brows, wide eyes
+        [0.00, 0.00, 0.00, 0.22, 0.00, 0.00, 1.0],  # neutral
+    ]
+)
 
 
 def _inside(distance: torch.Tensor, pixel: float) -> torch.Tensor:
@@ -546,7 +618,8 @@ def _draw_faces(labels: torch.Tensor, size: int, generator: torch.Generator) -> 
 
     strength = uniform(0.7, 1.3)
     curve, mouth_open, tilt, width, brow_tilt, brow_up, eyes = (
-        column.view(n, 1, 1) for column in _EXPRESSIONS[labels].T)
+        column.view(n, 1, 1) for column in _EXPRESSIONS[labels].T
+    )
     curve, mouth_open, tilt, brow_tilt, brow_up = (v * strength for v in (curve, mouth_open, tilt, brow_tilt, brow_up))
     # Face coordinates: the face is an oval about 1.4 wide and 1.8 tall around (0, 0); y grows downwards.
     axis = torch.linspace(-1, 1, size)
@@ -560,8 +633,8 @@ def _draw_faces(labels: torch.Tensor, size: int, generator: torch.Generator) -> 
     brow_y = -0.38 - brow_up + brow_tilt * (0.3 - side) / 0.14  # inner end (side 0.16) moves by brow_tilt
     brow = _inside(torch.maximum((y - brow_y).abs() - 0.05, (side - 0.3).abs() - 0.14), pixel)
     along = (x / width).clamp(-1, 1)  # -1..1 from one mouth corner to the other
-    mouth_y = 0.45 + curve * (1 - 2 * along ** 2) + tilt * along
-    mouth_half_height = 0.045 + mouth_open * (1 - along ** 2)
+    mouth_y = 0.45 + curve * (1 - 2 * along**2) + tilt * along
+    mouth_half_height = 0.045 + mouth_open * (1 - along**2)
     mouth = _inside(torch.maximum((y - mouth_y).abs() - mouth_half_height, x.abs() - width), pixel)
     features = torch.maximum(torch.maximum(eye, brow), mouth) * face
     background, skin, ink = uniform(0.05, 0.45), uniform(0.55, 0.85), uniform(0.35, 0.5)
@@ -584,11 +657,12 @@ def synthetic_faces(n: int = 2000, size: int = 48, seed: int = 0, test_fraction:
     image = torch.cat([_draw_faces(part, size, generator) for part in labels.split(256)])
     images = (image * 255).round().to(torch.uint8).unsqueeze(1)
     usage = torch.full((n,), USAGES.index("PublicTest"), dtype=torch.int8)
-    usage[:round((1 - test_fraction) * n)] = USAGES.index("Training")
+    usage[: round((1 - test_fraction) * n)] = USAGES.index("Training")
     return FaceImages(images, labels, usage, [f"synthetic {i}" for i in range(n)], EMOTIONS)
 
 
 # ---------------------------------------------------------------- MTCNN face crops
+
 
 @functools.lru_cache(maxsize=None)
 def _mtcnn(device: str):
@@ -617,8 +691,14 @@ def detect_faces(image: Image.Image, device: str = "cpu") -> list[tuple[float, f
     return sorted(found, key=lambda box: (box[2] - box[0]) * (box[3] - box[1]), reverse=True)
 
 
-def crop_face(image: Image.Image, box: tuple[float, float, float, float], size: int | tuple[int, int] = 48,
-              grayscale: bool = True, margin: float = 0.1, inside: bool = False) -> torch.Tensor:
+def crop_face(
+    image: Image.Image,
+    box: tuple[float, float, float, float],
+    size: int | tuple[int, int] = 48,
+    grayscale: bool = True,
+    margin: float = 0.1,
+    inside: bool = False,
+) -> torch.Tensor:
     """The region around box, widened by margin (a fraction of the box) on each side, as uint8 [C, height, width].
 
     size is one int for a square, or (height, width); the region has that shape, so the face is not stretched.
@@ -642,8 +722,9 @@ def crop_face(image: Image.Image, box: tuple[float, float, float, float], size: 
     return pixels.unsqueeze(0) if grayscale else pixels.permute(2, 0, 1).contiguous()
 
 
-def _crop_biggest_faces(paths: list[Path], names: list[str], size: int, grayscale: bool,
-                        device: str) -> tuple[list[torch.Tensor], list[int]]:
+def _crop_biggest_faces(
+    paths: list[Path], names: list[str], size: int, grayscale: bool, device: str
+) -> tuple[list[torch.Tensor], list[int]]:
     """The biggest face of each photo, cropped to uint8 [C, size, size], and the positions of the photos they come
     from. Photos that cannot be read or show no face are skipped with a warning naming them (names[i])."""
     crops, kept, unreadable, faceless = [], [], [], []
@@ -664,8 +745,9 @@ def _crop_biggest_faces(paths: list[Path], names: list[str], size: int, grayscal
     return crops, kept
 
 
-def _crop_face_folders(root: Path, size: int, grayscale: bool, classes: tuple[str, ...] | None,
-                       device: str) -> FaceImages:
+def _crop_face_folders(
+    root: Path, size: int, grayscale: bool, classes: tuple[str, ...] | None, device: str
+) -> FaceImages:
     folders = [p for p in _entries(root) if p.is_dir() and not p.name.startswith(".")]
     if classes is None:
         classes = tuple(folder.name for folder in folders)
@@ -674,24 +756,37 @@ def _crop_face_folders(root: Path, size: int, grayscale: bool, classes: tuple[st
         name = folder.name if folder.name in classes else EMOTION_ALIASES.get(folder.name.lower(), folder.name.lower())
         if name not in classes:
             accepted = classes + tuple(a for a, c in EMOTION_ALIASES.items() if c in classes)
-            raise DataError(f"unknown class folder '{folder.name}' in {root}: rename it to one of "
-                            f"{', '.join(accepted)} or remove it")
-        photos += [(classes.index(name), path) for path in _entries(folder)
-                   if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")]
+            raise DataError(
+                f"unknown class folder '{folder.name}' in {root}: rename it to one of "
+                f"{', '.join(accepted)} or remove it"
+            )
+        photos += [
+            (classes.index(name), path)
+            for path in _entries(folder)
+            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+        ]
     if not photos:
         raise DataError(f"no photos (.jpg, .jpeg, .png) in {root}/<class>/: put each class's photos in its own folder")
     names = [path.relative_to(root).as_posix() for _, path in photos]
     crops, kept = _crop_biggest_faces([path for _, path in photos], names, size, grayscale, device)
     if not crops:
-        raise DataError(f"no face found in any of the {len(photos)} photos in {root}: use photos where a face is "
-                        f"clearly visible")
+        raise DataError(
+            f"no face found in any of the {len(photos)} photos in {root}: use photos where a face is clearly visible"
+        )
     usage = torch.full((len(crops),), USAGES.index("Training"), dtype=torch.int8)
-    return FaceImages(torch.stack(crops), torch.tensor([photos[i][0] for i in kept]), usage,
-                      [names[i] for i in kept], classes)
+    return FaceImages(
+        torch.stack(crops), torch.tensor([photos[i][0] for i in kept]), usage, [names[i] for i in kept], classes
+    )
 
 
-def face_folders(root: str | Path, size: int = 48, grayscale: bool = True, classes: tuple[str, ...] | None = None,
-                 cache_dir: str | Path | None = None, device: str = "cpu") -> FaceImages:
+def face_folders(
+    root: str | Path,
+    size: int = 48,
+    grayscale: bool = True,
+    classes: tuple[str, ...] | None = None,
+    cache_dir: str | Path | None = None,
+    device: str = "cpu",
+) -> FaceImages:
     """The biggest face of each photo in root/<class>/*, cropped with MTCNN; cached like load_fer2013.
 
     classes: the accepted folder names, in label order (EMOTIONS also accepts disgusted, fearful, surprised);
@@ -702,8 +797,13 @@ def face_folders(root: str | Path, size: int = 48, grayscale: bool = True, class
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: put the photos in one folder per class, root/<class>/")
     classes = None if classes is None else tuple(classes)
-    return _cached("faces", root, (size, grayscale, classes), cache_dir,
-                   lambda: _crop_face_folders(root, size, grayscale, classes, str(device)))
+    return _cached(
+        "faces",
+        root,
+        (size, grayscale, classes),
+        cache_dir,
+        lambda: _crop_face_folders(root, size, grayscale, classes, str(device)),
+    )
 
 
 # ---------------------------------------------------------------- labels on photos
@@ -717,7 +817,8 @@ def why_unreadable(error: Exception) -> str:
         return "a folder, not a photo"
     if isinstance(error, Image.DecompressionBombError):  # Pillow refuses such images: decoding one could fill memory
         return f"over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: shrink it first"
-    return f"not a readable image ({str(error).strip().splitlines()[0][:80] if str(error).strip() else type(error).__name__})"
+    reason = str(error).strip().splitlines()[0][:80] if str(error).strip() else type(error).__name__
+    return f"not a readable image ({reason})"
 
 
 def draw_labels(photo: Image.Image, boxes, labels: list[str]) -> Image.Image:
@@ -750,13 +851,25 @@ def draw_labels(photo: Image.Image, boxes, labels: list[str]) -> Image.Image:
 def _distinct_names(paths: list[str]) -> list[str]:
     """A name per photo, never the same twice: a/x.jpg and b/x.jpg give a_x and b_x, x.jpg given twice x and x_2."""
     stems = [Path(p).stem for p in paths]
-    names = [stem if stems.count(stem) == 1 else f"{Path(p).resolve().parent.name}_{stem}" for p, stem in zip(paths, stems)]
-    return [name if names[:i].count(name) == 0 else f"{name}_{names[:i].count(name) + 1}" for i, name in enumerate(names)]
+    names = [
+        stem if stems.count(stem) == 1 else f"{Path(p).resolve().parent.name}_{stem}" for p, stem in zip(paths, stems)
+    ]
+    return [
+        name if names[:i].count(name) == 0 else f"{name}_{names[:i].count(name) + 1}" for i, name in enumerate(names)
+    ]
 
 
-def predict_photos(paths: list[str], out_dir: str | Path, suffix: str, describe: Callable[[torch.Tensor], list],
-                   size: int | tuple[int, int], grayscale: bool, margin: float = 0.1, device: str = "cpu",
-                   inside: bool = False) -> int:
+def predict_photos(
+    paths: list[str],
+    out_dir: str | Path,
+    suffix: str,
+    describe: Callable[[torch.Tensor], list],
+    size: int | tuple[int, int],
+    grayscale: bool,
+    margin: float = 0.1,
+    device: str = "cpu",
+    inside: bool = False,
+) -> int:
     """Find every face in each photo (MTCNN), crop it, and let describe(crops) name it; returns the photos read.
 
     describe takes the uint8 crops [F, C, H, W] of one photo and returns, per face, (line, label): line is printed
@@ -798,6 +911,7 @@ def predict_photos(paths: list[str], out_dir: str | Path, suffix: str, describe:
 
 # ---------------------------------------------------------------- RGB decoding shared by the attribute readers
 
+
 def _image_size(size: int | tuple[int, int]) -> tuple[int, int]:
     """(height, width) from an int (a square) or a (height, width) pair of positive ints."""
     pair = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -818,8 +932,9 @@ def _resized_rgb(image: Image.Image, height: int, width: int, square: bool) -> t
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
-def _decode_rgb(names: list[str], open_image: Callable[[str], Image.Image], height: int, width: int,
-                square: bool) -> tuple[torch.Tensor, list[int]]:
+def _decode_rgb(
+    names: list[str], open_image: Callable[[str], Image.Image], height: int, width: int, square: bool
+) -> tuple[torch.Tensor, list[int]]:
     """Decode one image at a time into a preallocated uint8 [N, 3, height, width], so that memory never holds
     more than the result. Returns the images and the positions in names that could be read."""
     images = torch.empty(len(names), 3, height, width, dtype=torch.uint8)
@@ -835,7 +950,7 @@ def _decode_rgb(names: list[str], open_image: Callable[[str], Image.Image], heig
     _warn_skipped(unreadable, "missing or unreadable images")
     _warn_oversized(oversized)
     # A slice would keep the whole preallocated storage alive, and torch.save would write all of it to the cache.
-    return (images if len(kept) == len(names) else images[:len(kept)].clone()), kept
+    return (images if len(kept) == len(names) else images[: len(kept)].clone()), kept
 
 
 def _available_memory() -> int | None:
@@ -861,8 +976,10 @@ def _decoded_bytes(what: str, count: int, height: int, width: int, fix: str) -> 
     """Bytes of count RGB images decoded at height x width; DataError saying `fix` when memory cannot hold them."""
     need, available = count * 3 * height * width, _available_memory()
     if available is not None and need > available:
-        raise DataError(f"{what}: {count:,} images at {height}x{width} need {_bytes_text(need)} but only "
-                        f"{_bytes_text(available)} of memory is available: {fix}")
+        raise DataError(
+            f"{what}: {count:,} images at {height}x{width} need {_bytes_text(need)} but only "
+            f"{_bytes_text(available)} of memory is available: {fix}"
+        )
     return need
 
 
@@ -870,8 +987,10 @@ def _decoded_bytes(what: str, count: int, height: int, width: int, fix: str) -> 
 
 CELEBA_PARTS = ("train", "val", "test")  # list_eval_partition's 0, 1, 2
 CELEBA_CROPS = ("none", "square")
-GET_CELEBA = ("download CelebA's list_attr_celeba.txt, list_eval_partition.txt and img_align_celeba.zip (or "
-              "Kaggle's CelebA csv files and zip) into one folder")
+GET_CELEBA = (
+    "download CelebA's list_attr_celeba.txt, list_eval_partition.txt and img_align_celeba.zip (or "
+    "Kaggle's CelebA csv files and zip) into one folder"
+)
 
 
 def _celeba_list(root: Path, stem: str) -> Path | None:
@@ -897,22 +1016,25 @@ def _table_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
                     if fields:
                         yield number, fields
     except (UnicodeDecodeError, csv.Error) as e:  # e.g. a binary file under the list's name
-        raise DataError(f"{path.name} is not a readable text file ({textwrap.shorten(str(e), 60)}): "
-                        f"{GET_CELEBA}") from None
+        raise DataError(
+            f"{path.name} is not a readable text file ({textwrap.shorten(str(e), 60)}): {GET_CELEBA}"
+        ) from None
     except OSError as error:  # no read permission, a disk error
         raise _cannot_read(path, error) from None
 
 
-def _celeba_rows(path: Path, lines: Iterator[tuple[int, list[str]]], width: int, codes: dict[str, str],
-                 meaning: str, allowed: str) -> tuple[list[str], str]:
+def _celeba_rows(
+    path: Path, lines: Iterator[tuple[int, list[str]]], width: int, codes: dict[str, str], meaning: str, allowed: str
+) -> tuple[list[str], str]:
     """Check the rows of a CelebA list (width fields: a file name, then values that are keys of codes; no file
     twice). Returns the file names and every value's code, one character each, in one string: a string holds
     list_attr_celeba's 8 million values in 8 MB, where a list of them would take hundreds."""
     files, values, seen = [], [], set()
     for number, fields in lines:
         if len(fields) != width:
-            raise DataError(f"{path.name} line {number} has {len(fields)} fields, expected {width} ({meaning}): "
-                            f"fix or delete it")
+            raise DataError(
+                f"{path.name} line {number} has {len(fields)} fields, expected {width} ({meaning}): fix or delete it"
+            )
         try:
             values.append("".join(map(codes.__getitem__, fields[1:])))
         except KeyError as bad:
@@ -937,22 +1059,29 @@ def _read_celeba_attributes(path: Path) -> tuple[list[str], torch.Tensor, tuple[
     number, fields = first
     if path.suffix == ".csv":
         if fields[0] != "image_id" or len(fields) < 2:
-            raise DataError(f"{path.name} has the header {_shown(fields)}, expected image_id and the attribute "
-                            f"names: pass Kaggle's list_attr_celeba.csv")
+            raise DataError(
+                f"{path.name} has the header {_shown(fields)}, expected image_id and the attribute "
+                f"names: pass Kaggle's list_attr_celeba.csv"
+            )
         count, names = None, tuple(fields[1:])
     else:
         if len(fields) != 1 or not fields[0].isdigit():
-            raise DataError(f"{path.name} line {number} is {_shown(fields, ' ', 40)}, expected the "
-                            f"image count: pass CelebA's list_attr_celeba.txt (line 1 the count, line 2 the names)")
+            raise DataError(
+                f"{path.name} line {number} is {_shown(fields, ' ', 40)}, expected the "
+                f"image count: pass CelebA's list_attr_celeba.txt (line 1 the count, line 2 the names)"
+            )
         second = next(lines, None)
         if second is None:
             raise DataError(f"{path.name} has no attribute names after line {number}: {GET_CELEBA}")
         count, names = int(fields[0]), tuple(second[1])
-    files, codes = _celeba_rows(path, lines, len(names) + 1, {"-1": "0", "1": "1"},
-                                f"a file name and {len(names)} attribute values", "-1 or 1")
+    files, codes = _celeba_rows(
+        path, lines, len(names) + 1, {"-1": "0", "1": "1"}, f"a file name and {len(names)} attribute values", "-1 or 1"
+    )
     if count is not None and count != len(files):
-        raise DataError(f"{path.name} line {number} says {count:,} images but {len(files):,} are listed: the file "
-                        f"is cut off or edited, download it again")
+        raise DataError(
+            f"{path.name} line {number} says {count:,} images but {len(files):,} are listed: the file "
+            f"is cut off or edited, download it again"
+        )
     if not files:
         raise DataError(f"{path.name} lists no images: {GET_CELEBA}")
     attributes = torch.from_numpy(_digits(codes).astype(np.int64).reshape(len(files), len(names)))
@@ -965,15 +1094,24 @@ def _read_celeba_partition(path: Path) -> dict[str, str]:
     if path.suffix == ".csv":
         header = next(lines, (1, []))[1]
         if header != ["image_id", "partition"]:
-            raise DataError(f"{path.name} has the header {_shown(header)}, expected image_id,partition: pass "
-                            f"Kaggle's list_eval_partition.csv")
-    files, codes = _celeba_rows(path, lines, 2, {"0": "0", "1": "1", "2": "2"}, "a file name and its partition",
-                                "0 (train), 1 (val) or 2 (test)")
+            raise DataError(
+                f"{path.name} has the header {_shown(header)}, expected image_id,partition: pass "
+                f"Kaggle's list_eval_partition.csv"
+            )
+    files, codes = _celeba_rows(
+        path,
+        lines,
+        2,
+        {"0": "0", "1": "1", "2": "2"},
+        "a file name and its partition",
+        "0 (train), 1 (val) or 2 (test)",
+    )
     return dict(zip(files, codes))
 
 
-def read_celeba_labels(root: str | Path, need_partition: bool = False
-                       ) -> tuple[list[str], torch.Tensor, tuple[str, ...], torch.Tensor]:
+def read_celeba_labels(
+    root: str | Path, need_partition: bool = False
+) -> tuple[list[str], torch.Tensor, tuple[str, ...], torch.Tensor]:
     """CelebA's labels without decoding any image: (file names, int64 [N, 40] attributes 0/1, attribute names,
     int8 [N] official partition 0 train, 1 val, 2 test), in list_attr_celeba's order.
 
@@ -983,31 +1121,43 @@ def read_celeba_labels(root: str | Path, need_partition: bool = False
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise DataError(f"{root.absolute()} does not exist, so CelebA's lists (list_attr_celeba.txt, "
-                        f"list_eval_partition.txt) were not found: {GET_CELEBA}, and pass that folder")
+        raise DataError(
+            f"{root.absolute()} does not exist, so CelebA's lists (list_attr_celeba.txt, "
+            f"list_eval_partition.txt) were not found: {GET_CELEBA}, and pass that folder"
+        )
     attributes_path = _celeba_list(root, "list_attr_celeba")
     if attributes_path is None:
-        raise DataError(f"CelebA's lists were not found (no list_attr_celeba.txt or list_attr_celeba.csv in "
-                        f"{root.absolute()}): {GET_CELEBA}")
+        raise DataError(
+            f"CelebA's lists were not found (no list_attr_celeba.txt or list_attr_celeba.csv in "
+            f"{root.absolute()}): {GET_CELEBA}"
+        )
     partition_path = _celeba_list(root, "list_eval_partition")
     if partition_path is None and need_partition:
-        raise DataError(f"no list_eval_partition.txt or list_eval_partition.csv in {root.absolute()}: CelebA's "
-                        f"official train/val/test partition comes from it; {GET_CELEBA}")
+        raise DataError(
+            f"no list_eval_partition.txt or list_eval_partition.csv in {root.absolute()}: CelebA's "
+            f"official train/val/test partition comes from it; {GET_CELEBA}"
+        )
     files, attributes, names = _read_celeba_attributes(attributes_path)
     if partition_path is None:
-        warnings.warn(f"no list_eval_partition.txt or list_eval_partition.csv in {root}: every image gets the "
-                      f"partition -1 (none), so the official train/val/test split cannot be used")
+        warnings.warn(
+            f"no list_eval_partition.txt or list_eval_partition.csv in {root}: every image gets the "
+            f"partition -1 (none), so the official train/val/test split cannot be used"
+        )
         return files, attributes, names, torch.full((len(files),), -1, dtype=torch.int8)
     partition = _read_celeba_partition(partition_path)
     unpartitioned = next((name for name in files if name not in partition), None)
     if unpartitioned is not None:
-        raise DataError(f"{unpartitioned} is in {attributes_path.name} but not in {partition_path.name}: use the "
-                        f"two lists of one CelebA download")
+        raise DataError(
+            f"{unpartitioned} is in {attributes_path.name} but not in {partition_path.name}: use the "
+            f"two lists of one CelebA download"
+        )
     if len(partition) != len(files):  # every listed file is in partition, so partition has more
         listed = set(files)
         extra = next(name for name in partition if name not in listed)
-        raise DataError(f"{extra} is in {partition_path.name} but not in {attributes_path.name}: use the two lists "
-                        f"of one CelebA download")
+        raise DataError(
+            f"{extra} is in {partition_path.name} but not in {attributes_path.name}: use the two lists "
+            f"of one CelebA download"
+        )
     codes = "".join(partition[name] for name in files)
     return files, attributes, names, torch.from_numpy(_digits(codes).astype(np.int8))
 
@@ -1025,14 +1175,22 @@ def select_attributes(names_available: Sequence[str], wanted: Sequence[str]) -> 
         if name not in names_available:
             # Compared in lower case, so that "smiling" suggests Smiling.
             close = [by_lower_case[match] for match in difflib.get_close_matches(name.lower(), list(by_lower_case))]
-            hint = (f"did you mean {' or '.join(close)}? (names are case-sensitive)" if close
-                    else f"choose from {', '.join(names_available)}, or all")
+            hint = (
+                f"did you mean {' or '.join(close)}? (names are case-sensitive)"
+                if close
+                else f"choose from {', '.join(names_available)}, or all"
+            )
             raise DataError(f"unknown attribute {name!r}: {hint}")
     return [names_available.index(name) for name in dict.fromkeys(wanted)]
 
 
-def concepcion_sample(attributes: torch.Tensor, partition: torch.Tensor, column: int,
-                      sizes: tuple[int, int, int] = (10_000, 2_000, 1_000), seed: int = 0) -> dict[str, torch.Tensor]:
+def concepcion_sample(
+    attributes: torch.Tensor,
+    partition: torch.Tensor,
+    column: int,
+    sizes: tuple[int, int, int] = (10_000, 2_000, 1_000),
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """The Concepción report's balanced sample for one attribute: "train", "val" and "test" indices.
 
     Part i is a seeded draw of sizes[i] images from the official partition i (0 train, 1 val, 2 test), exactly
@@ -1051,18 +1209,23 @@ def concepcion_sample(attributes: torch.Tensor, partition: torch.Tensor, column:
         wanted = [size // 2, size - size // 2]
         if len(pools[0]) < wanted[0] or len(pools[1]) < wanted[1]:
             if not (partition >= 0).any():
-                raise DataError("the data has no official partition (list_eval_partition.txt is missing): put it "
-                                "next to list_attr_celeba.txt")
-            raise DataError(f"the official {name} partition has {len(pools[0]):,} images with attribute column "
-                            f"{column} and {len(pools[1]):,} without, too few for a balanced {size:,} ({wanted[0]:,} "
-                            f"with, {wanted[1]:,} without): make the sample sizes smaller")
+                raise DataError(
+                    "the data has no official partition (list_eval_partition.txt is missing): put it "
+                    "next to list_attr_celeba.txt"
+                )
+            raise DataError(
+                f"the official {name} partition has {len(pools[0]):,} images with attribute column "
+                f"{column} and {len(pools[1]):,} without, too few for a balanced {size:,} ({wanted[0]:,} "
+                f"with, {wanted[1]:,} without): make the sample sizes smaller"
+            )
         drawn = [pool[torch.randperm(len(pool), generator=generator)[:count]] for pool, count in zip(pools, wanted)]
         sample[name] = torch.cat(drawn).sort().values
     return sample
 
 
-def _celeba_images_and_decode(root: Path, names: list[str], height: int, width: int,
-                              square: bool) -> tuple[torch.Tensor, list[int]]:
+def _celeba_images_and_decode(
+    root: Path, names: list[str], height: int, width: int, square: bool
+) -> tuple[torch.Tensor, list[int]]:
     """_decode_rgb of the CelebA images names, from root/img_align_celeba/ or else root/img_align_celeba.zip."""
     folder = root / "img_align_celeba"
     if (folder / "img_align_celeba").is_dir():  # Kaggle's zip, extracted, nests the folder one level deeper
@@ -1075,8 +1238,11 @@ def _celeba_images_and_decode(root: Path, names: list[str], height: int, width: 
     with _open_zip(path, f"extract it into {folder}") as archive:
         # The official zip holds img_align_celeba/<name>; Kaggle's nests that folder once more.
         folders = ("img_align_celeba", "img_align_celeba/img_align_celeba")
-        members = {PurePosixPath(member).name: member for member in archive.namelist()
-                   if PurePosixPath(member).parent.as_posix() in folders}
+        members = {
+            PurePosixPath(member).name: member
+            for member in archive.namelist()
+            if PurePosixPath(member).parent.as_posix() in folders
+        }
         if not members:
             raise DataError(f"{path} holds no img_align_celeba/*.jpg: download it again")
 
@@ -1084,25 +1250,34 @@ def _celeba_images_and_decode(root: Path, names: list[str], height: int, width: 
             if name not in members:
                 raise FileNotFoundError(name)
             return _zip_image(archive, members[name])
+
         return _decode_rgb(names, open_member, height, width, square)
 
 
 def _decode_celeba(root: Path, index: torch.Tensor, height: int, width: int, crop: str) -> AttributeFaces:
     files, attributes, names, partition = read_celeba_labels(root)
     if len(index) and not (0 <= int(index.min()) and int(index.max()) < len(files)):
-        raise DataError(f"the sample holds positions up to {int(index.max()):,} but {root} lists {len(files):,} "
-                        f"images: draw the sample from read_celeba_labels of this folder")
+        raise DataError(
+            f"the sample holds positions up to {int(index.max()):,} but {root} lists {len(files):,} "
+            f"images: draw the sample from read_celeba_labels of this folder"
+        )
     chosen = [files[i] for i in index.tolist()]
     images, kept = _celeba_images_and_decode(root, chosen, height, width, crop == "square")
     if chosen and not kept:
-        raise DataError(f"none of the {len(chosen):,} sampled images in {root} could be read: download "
-                        f"img_align_celeba.zip again")
+        raise DataError(
+            f"none of the {len(chosen):,} sampled images in {root} could be read: download img_align_celeba.zip again"
+        )
     kept_index = index[kept]
     return AttributeFaces(images, attributes[kept_index], names, partition[kept_index], [chosen[i] for i in kept])
 
 
-def load_celeba(root: str | Path, index: torch.Tensor | Sequence[int], size: int | tuple[int, int] = (218, 178),
-                crop: str = "none", cache_dir: str | Path | None = None) -> AttributeFaces:
+def load_celeba(
+    root: str | Path,
+    index: torch.Tensor | Sequence[int],
+    size: int | tuple[int, int] = (218, 178),
+    crop: str = "none",
+    cache_dir: str | Path | None = None,
+) -> AttributeFaces:
     """The CelebA images at index (positions in read_celeba_labels' order, kept in that order) as uint8
     [len(index), 3, height, width], with all 40 attributes and the partition; cached like load_fer2013.
 
@@ -1118,14 +1293,27 @@ def load_celeba(root: str | Path, index: torch.Tensor | Sequence[int], size: int
     index = torch.as_tensor(index, dtype=torch.int64).flatten().cpu()
     need = _decoded_bytes("celeba", len(index), height, width, "lower the sample sizes or the image size")
     # A list edited in place leaves the folder's fingerprint unchanged: the files' own sizes and times join the key.
-    sources = [root / name for name in ("list_attr_celeba.txt", "list_attr_celeba.csv", "list_eval_partition.txt",
-                                        "list_eval_partition.csv", "img_align_celeba.zip")]
-    settings = (hashlib.sha256(index.numpy().tobytes()).hexdigest(), (height, width), crop,
-                [(path.name, *_fingerprint(path)) for path in sources if path.is_file()])
+    sources = [
+        root / name
+        for name in (
+            "list_attr_celeba.txt",
+            "list_attr_celeba.csv",
+            "list_eval_partition.txt",
+            "list_eval_partition.csv",
+            "img_align_celeba.zip",
+        )
+    ]
+    settings = (
+        hashlib.sha256(index.numpy().tobytes()).hexdigest(),
+        (height, width),
+        crop,
+        [(path.name, *_fingerprint(path)) for path in sources if path.is_file()],
+    )
 
     def decode() -> AttributeFaces:
         print(f"celeba: decoding {len(index):,} images at {height}x{width} into {_bytes_text(need)}", flush=True)
         return _decode_celeba(root, index, height, width, crop)
+
     return _cached("celeba", root, settings, cache_dir, decode, AttributeFaces)
 
 
@@ -1139,13 +1327,15 @@ AGE_GROUPS = (12, 19, 39, 59)  # upper bounds: 0-12, 13-19, 20-39, 40-59, 60+
 # The fewest images each part of a UTKFace split may hold: on fewer, training learns next to nothing and a test
 # part measures accuracy in steps of over 10 points (a 3-image set gave 2 train and 1 test image, unsaid).
 UTKFACE_MIN_PART = 10
-GET_UTKFACE = ("download UTKFace and pass the folder of its <age>_<gender>_<race>_<datetime>.jpg images "
-               "(UTKFace/, crop_part1/) or the folder above it")
+GET_UTKFACE = (
+    "download UTKFace and pass the folder of its <age>_<gender>_<race>_<datetime>.jpg images "
+    "(UTKFace/, crop_part1/) or the folder above it"
+)
 
 
 def _utkface_targets(file_name: str) -> tuple[int, int, int] | None:
     """(gender, age, race) from <age>_<gender>_<race>_<datetime>.jpg[.chip.jpg]; None when the name is not that."""
-    stem = file_name[:-len(".chip.jpg")] if file_name.lower().endswith(".chip.jpg") else file_name
+    stem = file_name[: -len(".chip.jpg")] if file_name.lower().endswith(".chip.jpg") else file_name
     fields = PurePosixPath(stem).stem.split("_")
     if len(fields) != 4 or not all(field.isascii() and field.isdigit() for field in fields):
         return None
@@ -1157,8 +1347,11 @@ def _utkface_targets(file_name: str) -> tuple[int, int, int] | None:
 
 def _image_files(folder: Path) -> list[Path]:
     """The images in folder, sorted; hidden files (macOS's ._<name> copies) and other files left out."""
-    return [path for path in _entries(folder) if path.suffix.lower() in IMAGE_SUFFIXES
-            and not path.name.startswith(".") and path.is_file()]
+    return [
+        path
+        for path in _entries(folder)
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    ]
 
 
 def _utkface_folder(root: Path) -> tuple[Path, list[Path]]:
@@ -1177,8 +1370,9 @@ def _utkface_folder(root: Path) -> tuple[Path, list[Path]]:
     _warn_skipped(unreadable, "folders that cannot be read (check their permissions)")
     holding = [(folder, photos) for folder, photos in holding if photos]
     if len(holding) > 1:
-        raise DataError(f"{root} holds several folders of images ({_first_few([f.name for f, _ in holding])}): "
-                        f"pass the one to read")
+        raise DataError(
+            f"{root} holds several folders of images ({_first_few([f.name for f, _ in holding])}): pass the one to read"
+        )
     if not holding:
         raise DataError(f"no images (.jpg, .jpeg, .png) in {root} or in a folder inside it: {GET_UTKFACE}")
     return holding[0]
@@ -1201,26 +1395,35 @@ def holds_utkface_images(root: str | Path) -> bool:
     return False
 
 
-def _read_utkface(folder: Path, photos: list[Path], targets: list[tuple[int, int, int]], size: int,
-                  crop_faces: bool, device: str) -> AttributeFaces:
+def _read_utkface(
+    folder: Path, photos: list[Path], targets: list[tuple[int, int, int]], size: int, crop_faces: bool, device: str
+) -> AttributeFaces:
     names = [path.name for path in photos]
     if crop_faces:
         crops, kept = _crop_biggest_faces(photos, names, size, False, device)
         if not crops:
-            raise DataError(f"no face found in any of the {len(photos):,} photos in {folder}: pass photos where a "
-                            f"face is clearly visible, or the aligned crops without crop_faces")
+            raise DataError(
+                f"no face found in any of the {len(photos):,} photos in {folder}: pass photos where a "
+                f"face is clearly visible, or the aligned crops without crop_faces"
+            )
         images = torch.stack(crops)
     else:
         images, kept = _decode_rgb(names, lambda name: Image.open(folder / name), size, size, square=True)
         if not kept:
             raise DataError(f"none of the {len(photos):,} images in {folder} could be read: {GET_UTKFACE}")
     partition = torch.full((len(kept),), -1, dtype=torch.int8)
-    return AttributeFaces(images, torch.tensor([targets[i] for i in kept], dtype=torch.int64), UTKFACE_COLUMNS,
-                          partition, [names[i] for i in kept])
+    return AttributeFaces(
+        images,
+        torch.tensor([targets[i] for i in kept], dtype=torch.int64),
+        UTKFACE_COLUMNS,
+        partition,
+        [names[i] for i in kept],
+    )
 
 
-def load_utkface(root: str | Path, size: int = 64, cache_dir: str | Path | None = None, crop_faces: bool = False,
-                 device: str = "cpu") -> AttributeFaces:
+def load_utkface(
+    root: str | Path, size: int = 64, cache_dir: str | Path | None = None, crop_faces: bool = False, device: str = "cpu"
+) -> AttributeFaces:
     """UTKFace as RGB size x size images with the columns gender (0 male, 1 female), age and race (0-4), partition
     -1; cached like load_fer2013.
 
@@ -1239,18 +1442,31 @@ def load_utkface(root: str | Path, size: int = 64, cache_dir: str | Path | None 
     parsed = [(path, _utkface_targets(path.name)) for path in photos]
     named = [(path, targets) for path, targets in parsed if targets is not None]
     if not named:
-        raise DataError(f"none of the {len(photos):,} images in {folder} is named <age>_<gender>_<race>_<datetime>"
-                        f".jpg: {GET_UTKFACE}")
-    _warn_skipped([path.name for path, targets in parsed if targets is None],
-                  "UTKFace files whose names are not <age>_<gender>_<race>_<date>")
+        raise DataError(
+            f"none of the {len(photos):,} images in {folder} is named <age>_<gender>_<race>_<datetime>"
+            f".jpg: {GET_UTKFACE}"
+        )
+    _warn_skipped(
+        [path.name for path, targets in parsed if targets is None],
+        "UTKFace files whose names are not <age>_<gender>_<race>_<date>",
+    )
     photos, targets = [path for path, _ in named], [targets for _, targets in named]
-    return _cached("utkface", folder, (size, crop_faces), cache_dir,
-                   lambda: _read_utkface(folder, photos, targets, size, crop_faces, str(device)), AttributeFaces)
+    return _cached(
+        "utkface",
+        folder,
+        (size, crop_faces),
+        cache_dir,
+        lambda: _read_utkface(folder, photos, targets, size, crop_faces, str(device)),
+        AttributeFaces,
+    )
 
 
 def _check_age_bounds(bounds: Sequence[int]) -> None:
-    if not (len(bounds) > 0 and all(isinstance(b, int) and b > 0 for b in bounds)
-            and all(a < b for a, b in zip(bounds, bounds[1:]))):
+    if not (
+        len(bounds) > 0
+        and all(isinstance(b, int) and b > 0 for b in bounds)
+        and all(a < b for a, b in zip(bounds, bounds[1:]))
+    ):
         raise ValueError(f"age group bounds must be increasing positive ints, got {tuple(bounds)!r}")
 
 
@@ -1268,8 +1484,13 @@ def age_group_names(bounds: Sequence[int] = AGE_GROUPS) -> tuple[str, ...]:
     return tuple(f"{low}-{high}" for low, high in zip(lows, bounds)) + (f"{lows[-1]}+",)
 
 
-def utkface_split(targets: torch.Tensor, protocol: str = "stratified", seed: int = 0,
-                  bounds: Sequence[int] = AGE_GROUPS, val_fraction: float = 0.0) -> dict[str, torch.Tensor]:
+def utkface_split(
+    targets: torch.Tensor,
+    protocol: str = "stratified",
+    seed: int = 0,
+    bounds: Sequence[int] = AGE_GROUPS,
+    val_fraction: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """Indices "train", "val" and "test" of UTKFace targets (columns gender, age, race).
 
     stratified  seeded 80% train, 20% test, each gender x age group in proportion
@@ -1296,10 +1517,12 @@ def utkface_split(targets: torch.Tensor, protocol: str = "stratified", seed: int
     split = {"train": train, "val": val, "test": test}
     used = {part: len(index) for part, index in split.items() if part != "val" or val_fraction}
     if min(used.values()) < UTKFACE_MIN_PART:
-        raise DataError(f"the {protocol} split of {len(targets)} UTKFace images leaves "
-                        + ", ".join(f"{count} for {part}" for part, count in used.items())
-                        + f": each part needs at least {UTKFACE_MIN_PART} images (on fewer, training learns next to "
-                        f"nothing and a test measures accuracy in steps of over 10 points): use more images")
+        raise DataError(
+            f"the {protocol} split of {len(targets)} UTKFace images leaves "
+            + ", ".join(f"{count} for {part}" for part, count in used.items())
+            + f": each part needs at least {UTKFACE_MIN_PART} images (on fewer, training learns next to "
+            f"nothing and a test measures accuracy in steps of over 10 points): use more images"
+        )
     return split
 
 
@@ -1307,12 +1530,20 @@ def utkface_split(targets: torch.Tensor, protocol: str = "stratified", seed: int
 
 SYNTHETIC_TASKS = ("celeba", "utkface")
 # Skin colours (RGB) for the race ids 0..4 of UTKFace (White, Black, Asian, Indian, Others): a cue to learn.
-_SKIN_TONES = torch.tensor([[0.93, 0.80, 0.70], [0.40, 0.27, 0.19], [0.91, 0.76, 0.56], [0.66, 0.48, 0.36],
-                            [0.80, 0.62, 0.50]])
+_SKIN_TONES = torch.tensor(
+    [[0.93, 0.80, 0.70], [0.40, 0.27, 0.19], [0.91, 0.76, 0.56], [0.66, 0.48, 0.36], [0.80, 0.62, 0.50]]
+)
 
 
-def _draw_attribute_faces(male: torch.Tensor, glasses: torch.Tensor, smiling: torch.Tensor, age: torch.Tensor,
-                          race: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+def _draw_attribute_faces(
+    male: torch.Tensor,
+    glasses: torch.Tensor,
+    smiling: torch.Tensor,
+    age: torch.Tensor,
+    race: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Colour cartoon faces as floats in [0, 1] of shape [n, 3, size, size], one per row of the labels.
 
     male: short hair, a wider jaw and a beard shade (women: long hair down the sides); glasses: two rings and a bridge;
@@ -1353,16 +1584,25 @@ def _draw_attribute_faces(male: torch.Tensor, glasses: torch.Tensor, smiling: to
     frame = torch.maximum(ring, bridge) * glasses
     curve = smiling * uniform(0.09, 0.15).view(n, 1, 1) + uniform(-0.015, 0.015).view(n, 1, 1)
     along = (x / 0.24).clamp(-1, 1)  # -1..1 from one mouth corner to the other
-    mouth = _inside((y - 0.4 - curve * (1 - 2 * along ** 2)).abs() - 0.04, pixel) * _inside(side - 0.24, pixel)
-    lines = sum(((age - start) / 10).clamp(0, 1) * _inside((y - at).abs() - 0.018, pixel)
-                for start, at in ((35, -0.36), (50, -0.28), (65, -0.2))) * _inside(side - 0.28, pixel)
+    mouth = _inside((y - 0.4 - curve * (1 - 2 * along**2)).abs() - 0.04, pixel) * _inside(side - 0.24, pixel)
+    lines = sum(
+        ((age - start) / 10).clamp(0, 1) * _inside((y - at).abs() - 0.018, pixel)
+        for start, at in ((35, -0.36), (50, -0.28), (65, -0.2))
+    ) * _inside(side - 0.28, pixel)
     grey = ((age - 25) / 50).clamp(0, 1).unsqueeze(1)
     hair_colour = uniform(0.05, 0.45) * torch.tensor([1.0, 0.8, 0.6]).view(1, 3, 1, 1) * (1 - grey) + 0.75 * grey
     skin = _SKIN_TONES[race].view(n, 3, 1, 1) * uniform(0.9, 1.1)
     image = uniform(0.3, 1.0, 3)  # background
     # Eyes, mouth, forehead lines and glasses lie inside the face: painted over it, they need no face mask.
-    for mask, colour in ((hair, hair_colour), (face, skin), (0.5 * beard, 0.6 * skin), (eye, 0.1), (mouth, 0.25),
-                         (0.4 * lines, 0.2), (frame, 0.05)):
+    for mask, colour in (
+        (hair, hair_colour),
+        (face, skin),
+        (0.5 * beard, 0.6 * skin),
+        (eye, 0.1),
+        (mouth, 0.25),
+        (0.4 * lines, 0.2),
+        (frame, 0.05),
+    ):
         image = torch.lerp(image, torch.as_tensor(colour), mask.unsqueeze(1))
     contrast = uniform(0.8, 1.2)
     image = image * contrast + (0.5 - 0.5 * contrast + uniform(-0.08, 0.08))  # contrast, brightness
@@ -1392,8 +1632,8 @@ def synthetic_attribute_faces(n: int = 2000, task: str = "celeba", size: int = 6
         age = torch.randint(20, 46, (n,), generator=generator)  # not a label here: adults, some grey hair
         race = torch.randint(0, len(_SKIN_TONES), (n,), generator=generator)
         partition = torch.full((n,), 2, dtype=torch.int8)
-        partition[:round(0.9 * n)] = 1
-        partition[:round(0.8 * n)] = 0
+        partition[: round(0.9 * n)] = 1
+        partition[: round(0.8 * n)] = 0
     else:
         columns = UTKFACE_COLUMNS
         female = half_ones()
@@ -1404,16 +1644,22 @@ def synthetic_attribute_faces(n: int = 2000, task: str = "celeba", size: int = 6
         smiling = torch.randint(0, 2, (n,), generator=generator)  # not a label here: a nuisance to ignore
         partition = torch.full((n,), -1, dtype=torch.int8)
     # A few hundred faces at a time: the tensors then stay in the CPU cache, which is several times faster.
-    image = torch.cat([_draw_attribute_faces(*labels, size, generator) for labels in
-                       zip(*(v.split(256) for v in (male, glasses, smiling, age, race)))])
+    image = torch.cat(
+        [
+            _draw_attribute_faces(*labels, size, generator)
+            for labels in zip(*(v.split(256) for v in (male, glasses, smiling, age, race)))
+        ]
+    )
     images = (image * 255).round().to(torch.uint8)
     return AttributeFaces(images, targets, columns, partition, [f"synthetic {i}" for i in range(n)])
 
 
 # ---------------------------------------------------------------- face images without labels (GANs)
 
-GET_FACES = ("pass a folder of face images (.jpg, .jpeg, .png; its subfolders are read too), such as CelebA's "
-             "img_align_celeba/, or a .zip of them")
+GET_FACES = (
+    "pass a folder of face images (.jpg, .jpeg, .png; its subfolders are read too), such as CelebA's "
+    "img_align_celeba/, or a .zip of them"
+)
 
 
 @dataclass
@@ -1425,7 +1671,9 @@ class UnlabelledFaces:
 
     def __post_init__(self):
         if len(self.images) != len(self.files):  # a damaged cache as well as a reader bug
-            raise ValueError(f"UnlabelledFaces fields differ in length: {len(self.images)} images, {len(self.files)} files")
+            raise ValueError(
+                f"UnlabelledFaces fields differ in length: {len(self.images)} images, {len(self.files)} files"
+            )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -1438,8 +1686,11 @@ class UnlabelledFaces:
 def _is_image_name(name: str) -> bool:
     """An image by its ending, outside hidden files and folders (macOS's ._<name> copies, __MACOSX/ in zips)."""
     parts = PurePosixPath(name).parts
-    return (bool(parts) and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
-            and not any(part.startswith((".", "__MACOSX")) for part in parts))
+    return (
+        bool(parts)
+        and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith((".", "__MACOSX")) for part in parts)
+    )
 
 
 def _files_below(root: Path) -> list[str]:
@@ -1475,7 +1726,9 @@ def _face_image_names(path: Path) -> list[str]:
         raise DataError(f"{path} is neither a folder nor a .zip: {GET_FACES}")
     names = sorted(name for name in names if _is_image_name(name))
     if not names:
-        raise DataError(f"no images (.jpg, .jpeg, .png) in {path}{' or its subfolders' if path.is_dir() else ''}: {GET_FACES}")
+        raise DataError(
+            f"no images (.jpg, .jpeg, .png) in {path}{' or its subfolders' if path.is_dir() else ''}: {GET_FACES}"
+        )
     return names
 
 
@@ -1488,7 +1741,9 @@ def _read_face_images(path: Path, names: list[str], size: int) -> UnlabelledFace
         with _open_zip(path, "unzip it and pass the folder") as archive:
             images, kept = _decode_rgb(names, lambda name: _zip_image(archive, name), size, size, square=True)
     if not kept:
-        raise DataError(f"none of the {len(names):,} images in {path} could be read (damaged, or not images): {GET_FACES}")
+        raise DataError(
+            f"none of the {len(names):,} images in {path} could be read (damaged, or not images): {GET_FACES}"
+        )
     return UnlabelledFaces(images, [names[i] for i in kept])
 
 
@@ -1508,7 +1763,9 @@ def load_face_images(path: str | Path, size: int = 64, cache_dir: str | Path | N
     names = _face_image_names(path)
     # The folder's fingerprint sees two levels down; the names themselves join the key for deeper trees.
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
-    return _cached("faces", path, (size, digest), cache_dir, lambda: _read_face_images(path, names, size), UnlabelledFaces)
+    return _cached(
+        "faces", path, (size, digest), cache_dir, lambda: _read_face_images(path, names, size), UnlabelledFaces
+    )
 
 
 def holdout_split(count: int, holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

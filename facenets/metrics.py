@@ -84,9 +84,14 @@ def precision_recall_f1(cm):
     recall = _divide(correct, cm.sum(1))
     f1 = _divide(2 * precision * recall, precision + recall)
     used = (cm.sum(0) + cm.sum(1)) > 0
-    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
-            "macro_precision": precision[used].mean().item(),
-            "macro_recall": recall[used].mean().item(), "macro_f1": f1[used].mean().item()}
+    return {
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "f1": f1.tolist(),
+        "macro_precision": precision[used].mean().item(),
+        "macro_recall": recall[used].mean().item(),
+        "macro_f1": f1[used].mean().item(),
+    }
 
 
 def per_class_table(cm, classes):
@@ -98,37 +103,53 @@ def per_class_table(cm, classes):
     cm = torch.as_tensor(cm)
     scores = precision_recall_f1(cm)
     accuracies = per_class_accuracy(cm).tolist()
-    return [{"class": name, "true_preds": int(cm[i, i]), "false_preds": int(cm[i].sum() - cm[i, i]),
-             "accuracy": accuracies[i], "precision": scores["precision"][i],
-             "recall": scores["recall"][i], "f1": scores["f1"][i]}
-            for i, name in enumerate(classes)]
+    return [
+        {
+            "class": name,
+            "true_preds": int(cm[i, i]),
+            "false_preds": int(cm[i].sum() - cm[i, i]),
+            "accuracy": accuracies[i],
+            "precision": scores["precision"][i],
+            "recall": scores["recall"][i],
+            "f1": scores["f1"][i],
+        }
+        for i, name in enumerate(classes)
+    ]
 
 
 def format_table(rows):
     """The rows as an aligned text table: text to the left, numbers to the right, 6 decimals."""
+
     def cell(v):
         return f"{v:.6f}" if isinstance(v, float) else str(v)
+
     header = list(rows[0])
     lines = [header] + [[cell(row[key]) for key in header] for row in rows]
     widths = [max(len(line[j]) for line in lines) for j in range(len(header))]
     numeric = [not isinstance(rows[0][key], str) for key in header]
-    return "\n".join("  ".join(v.rjust(w) if num else v.ljust(w)
-                               for v, w, num in zip(line, widths, numeric)).rstrip()
-                     for line in lines)
+    return "\n".join(
+        "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(line, widths, numeric)).rstrip()
+        for line in lines
+    )
 
 
 def summarize(cm, classes):
     """Every score of the matrix in a dict that json.dump writes as is (nan becomes None)."""
+
     def clean(v):
         return None if isinstance(v, float) and math.isnan(v) else v
+
     scores = precision_recall_f1(cm)
-    return {"accuracy": clean(accuracy(cm)),
-            "mean_per_class_accuracy": clean(mean_per_class_accuracy(cm)),
-            "macro_precision": scores["macro_precision"], "macro_recall": scores["macro_recall"],
-            "macro_f1": scores["macro_f1"],
-            "per_class": [{k: clean(v) for k, v in row.items()}
-                          for row in per_class_table(cm, classes)],
-            "classes": list(classes), "confusion_matrix": torch.as_tensor(cm).tolist()}
+    return {
+        "accuracy": clean(accuracy(cm)),
+        "mean_per_class_accuracy": clean(mean_per_class_accuracy(cm)),
+        "macro_precision": scores["macro_precision"],
+        "macro_recall": scores["macro_recall"],
+        "macro_f1": scores["macro_f1"],
+        "per_class": [{k: clean(v) for k, v in row.items()} for row in per_class_table(cm, classes)],
+        "classes": list(classes),
+        "confusion_matrix": torch.as_tensor(cm).tolist(),
+    }
 
 
 def error_summary(predicted, target, groups=None, group_names=()):
@@ -137,8 +158,12 @@ def error_summary(predicted, target, groups=None, group_names=()):
     predicted and target are numbers (e.g. ages in years); groups, when given, the group index of each target.
     """
     errors = (torch.as_tensor(predicted, dtype=torch.float64) - torch.as_tensor(target, dtype=torch.float64)).abs()
-    summary = {"mae": errors.mean().item(), "median_error": errors.median().item(),
-               "p90_error": errors.quantile(0.9).item(), "within_5": (errors <= 5).double().mean().item()}
+    summary = {
+        "mae": errors.mean().item(),
+        "median_error": errors.median().item(),
+        "p90_error": errors.quantile(0.9).item(),
+        "within_5": (errors <= 5).double().mean().item(),
+    }
     if groups is not None:
         summary["mae_by_group"] = mean_by_group(errors, groups, group_names)
     return summary
@@ -150,7 +175,9 @@ def mean_by_group(values, groups, group_names) -> dict:
     Of errors, the mean error per group; of right/wrong (1/0), the accuracy per group.
     """
     values, groups = torch.as_tensor(values, dtype=torch.float64), torch.as_tensor(groups)
-    return {name: values[groups == g].mean().item() if (groups == g).any() else None for g, name in enumerate(group_names)}
+    return {
+        name: values[groups == g].mean().item() if (groups == g).any() else None for g, name in enumerate(group_names)
+    }
 
 
 # ---------------------------------------------------------------- pictures
@@ -200,9 +227,13 @@ def _epoch_ticks(low, high):
 def _axes(draw, box, xlim, ylim, title, font):
     """Frame, grid and tick labels in box = (left, top, right, bottom); returns data -> pixel."""
     left, top, right, bottom = box
+
     def to_pixel(x, y):
-        return (left + (x - xlim[0]) / (xlim[1] - xlim[0]) * (right - left),
-                bottom - (y - ylim[0]) / (ylim[1] - ylim[0]) * (bottom - top))
+        return (
+            left + (x - xlim[0]) / (xlim[1] - xlim[0]) * (right - left),
+            bottom - (y - ylim[0]) / (ylim[1] - ylim[0]) * (bottom - top),
+        )
+
     for y in _ticks(*ylim):
         py = to_pixel(xlim[0], y)[1]
         draw.line([(left, py), (right, py)], fill=GRID)
@@ -233,16 +264,14 @@ def plot_curves(history, path, size=(900, 400)):
         series = []
         for split, colour in [("train", TRAIN_COLOUR), ("val", VAL_COLOUR)]:
             points = [(e, row.get(f"{split}_{metric}")) for e, row in zip(epochs, history)]
-            points = [(e, float(v) if v is not None and math.isfinite(v) else None)
-                      for e, v in points]
+            points = [(e, float(v) if v is not None and math.isfinite(v) else None) for e, v in points]
             if any(v is not None for _, v in points):
                 series.append((split, colour, points))
         values = [v for _, _, points in series for _, v in points if v is not None] or [0.0, 1.0]
         low, high = min(values), max(values)
         pad = (high - low) * 0.08 or max(abs(high) * 0.1, 0.05)
         box = (panel * half + 70, 40, panel * half + half - 20, size[1] - 45)
-        to_pixel = _axes(draw, box, xlim, (low - pad, high + pad),
-                         "loss" if metric == "loss" else "accuracy", font)
+        to_pixel = _axes(draw, box, xlim, (low - pad, high + pad), "loss" if metric == "loss" else "accuracy", font)
         draw.text(((box[0] + box[2]) / 2, size[1] - 10), "epoch", fill=INK, font=font, anchor="ms")
         legend_x = box[2]
         for split, colour, points in reversed(series):
@@ -279,8 +308,7 @@ def plot_confusion(cm, classes, path, normalize=True):
     cell = max(64, int(label_width) + 12)
     k = len(classes)
     left, top = int(label_width) + 40, 60
-    title = (f"accuracy {100 * accuracy(cm):.2f}%   "
-             f"mean per-class {100 * mean_per_class_accuracy(cm):.2f}%")
+    title = f"accuracy {100 * accuracy(cm):.2f}%   mean per-class {100 * mean_per_class_accuracy(cm):.2f}%"
     width = max(left + k * cell + 20, int(measure.textlength(title, font=bold)) + 40)
     left += (width - (left + k * cell + 20)) // 2  # centre the grid under a wider title
     image = Image.new("RGB", (width, top + k * cell + 60), "white")
@@ -296,16 +324,13 @@ def plot_confusion(cm, classes, path, normalize=True):
                 draw.text((x0 + cell / 2, y0 + cell / 2), "0", fill=FAINT, font=font, anchor="mm")
                 continue
             ink = "white" if v > 0.55 else INK  # dark text would vanish on dark blue
-            draw.text((x0 + cell / 2, y0 + cell / 2 - 8), str(count), fill=ink, font=bold,
-                      anchor="mm")
-            draw.text((x0 + cell / 2, y0 + cell / 2 + 10), f"{100 * shares[i, j]:.1f}%", fill=ink,
-                      font=font, anchor="mm")
-        draw.text((left - 8, top + i * cell + cell / 2), str(classes[i]), fill=INK, font=font,
-                  anchor="rm")
-        draw.text((left + i * cell + cell / 2, top + k * cell + 8), str(classes[i]), fill=INK,
-                  font=font, anchor="mt")
-    draw.text((left + k * cell / 2, image.height - 12), "predicted", fill=INK, font=font,
-              anchor="ms")
+            draw.text((x0 + cell / 2, y0 + cell / 2 - 8), str(count), fill=ink, font=bold, anchor="mm")
+            draw.text(
+                (x0 + cell / 2, y0 + cell / 2 + 10), f"{100 * shares[i, j]:.1f}%", fill=ink, font=font, anchor="mm"
+            )
+        draw.text((left - 8, top + i * cell + cell / 2), str(classes[i]), fill=INK, font=font, anchor="rm")
+        draw.text((left + i * cell + cell / 2, top + k * cell + 8), str(classes[i]), fill=INK, font=font, anchor="mt")
+    draw.text((left + k * cell / 2, image.height - 12), "predicted", fill=INK, font=font, anchor="ms")
     return _save(image, path)
 
 
@@ -319,13 +344,24 @@ def plot_error_histogram(errors, path, unit="years", size=(700, 360)):
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=13)
     box = (70, 40, size[0] - 20, size[1] - 45)
-    to_pixel = _axes(draw, box, (-0.5, top + 0.5), (0, max(counts) * 1.08 or 1),
-                     f"absolute error ({len(raw)} predictions, mean {raw.mean():.2f})", font)
+    to_pixel = _axes(
+        draw,
+        box,
+        (-0.5, top + 0.5),
+        (0, max(counts) * 1.08 or 1),
+        f"absolute error ({len(raw)} predictions, mean {raw.mean():.2f})",
+        font,
+    )
     for value, count in enumerate(counts):
         (x0, y0), (x1, y1) = to_pixel(value - 0.4, count), to_pixel(value + 0.4, 0)
         draw.rectangle([x0, y0, x1, y1], fill=TRAIN_COLOUR)
-    draw.text(((box[0] + box[2]) / 2, size[1] - 10), f"{unit} off (the last bar: {top} or more)", fill=INK,
-              font=font, anchor="ms")
+    draw.text(
+        ((box[0] + box[2]) / 2, size[1] - 10),
+        f"{unit} off (the last bar: {top} or more)",
+        fill=INK,
+        font=font,
+        anchor="ms",
+    )
     return _save(image, path)
 
 
@@ -342,8 +378,13 @@ def plot_bars(names, values, path, title, row=18, width=800):
         y = 40 + i * row
         draw.text((left - 8, y + row / 2), str(name), fill=INK, font=font, anchor="rm")
         draw.rectangle([left, y + 2, left + max(1.0, span * min(max(value, 0.0), 1.0)), y + row - 2], fill=TRAIN_COLOUR)
-        draw.text((left + span * min(max(value, 0.0), 1.0) + 6, y + row / 2), f"{100 * value:.1f}%", fill=INK,
-                  font=font, anchor="lm")
+        draw.text(
+            (left + span * min(max(value, 0.0), 1.0) + 6, y + row / 2),
+            f"{100 * value:.1f}%",
+            fill=INK,
+            font=font,
+            anchor="lm",
+        )
     return _save(image, path)
 
 
@@ -359,8 +400,10 @@ def plot_lines(panels, path, xlabel="epoch", panel_size=(450, 400)):
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=13)
     for panel, (title, series) in enumerate(panels):
-        kept = {name: [(float(x), float(y)) for x, y in points if y is not None and math.isfinite(y)]
-                for name, points in series.items()}
+        kept = {
+            name: [(float(x), float(y)) for x, y in points if y is not None and math.isfinite(y)]
+            for name, points in series.items()
+        }
         xs = [x for points in kept.values() for x, _ in points] or [0.0, 1.0]
         ys = [y for points in kept.values() for _, y in points] or [0.0, 1.0]
         xlim = (min(xs), max(xs)) if max(xs) > min(xs) else (min(xs) - 1, min(xs) + 1)
@@ -390,10 +433,12 @@ def save_image_grid(images, path, columns=8, padding=2):
     count, _, height, width = images.shape
     columns = min(columns, count)
     rows = -(-count // columns)
-    grid = torch.full((3, padding + rows * (height + padding), padding + columns * (width + padding)), 255, dtype=torch.uint8)
+    grid = torch.full(
+        (3, padding + rows * (height + padding), padding + columns * (width + padding)), 255, dtype=torch.uint8
+    )
     for i, picture in enumerate(images.expand(-1, 3, -1, -1).cpu()):
         top, left = padding + (i // columns) * (height + padding), padding + (i % columns) * (width + padding)
-        grid[:, top:top + height, left:left + width] = picture
+        grid[:, top : top + height, left : left + width] = picture
     return _save(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)
 
 
@@ -416,8 +461,9 @@ def _onet(device: str):
     try:
         from facenet_pytorch import ONet
     except ImportError:
-        raise ImportError("face features need facenet-pytorch (MTCNN's ONet weights ship inside it): "
-                          "pip install facenet-pytorch") from None
+        raise ImportError(
+            "face features need facenet-pytorch (MTCNN's ONet weights ship inside it): pip install facenet-pytorch"
+        ) from None
     return ONet(pretrained=True).to(device).eval()  # reads the package's onet.pt: nothing to download
 
 
@@ -433,9 +479,10 @@ def _onet_view(images, crop):
     height, width = pixels.shape[-2:]
     side = max(1, round(min(height, width) * crop))
     top, left = (height - side) // 2, (width - side) // 2
-    pixels = pixels[..., top:top + side, left:left + side]
-    pixels = torch.nn.functional.interpolate(pixels, size=(48, 48), mode="bilinear", antialias=True,
-                                             align_corners=False)
+    pixels = pixels[..., top : top + side, left : left + side]
+    pixels = torch.nn.functional.interpolate(
+        pixels, size=(48, 48), mode="bilinear", antialias=True, align_corners=False
+    )
     return (pixels - 127.5) * 0.0078125
 
 
@@ -452,8 +499,10 @@ def _checked_images(images):
         raise ValueError("images hold NaN or infinite values: pass finite pixels (uint8 0-255 or floats in [0, 1])")
     low, high = images.min().item(), images.max().item()
     if low < 0 or high > 1:
-        raise ValueError(f"float images must be in [0, 1], these span {low:g} to {high:g}: pass uint8 for 0-255 "
-                         "pixels, or rescale (x / 255, or (x + 1) / 2 for [-1, 1])")
+        raise ValueError(
+            f"float images must be in [0, 1], these span {low:g} to {high:g}: pass uint8 for 0-255 "
+            "pixels, or rescale (x / 255, or (x + 1) / 2 for [-1, 1])"
+        )
     return images
 
 
@@ -513,8 +562,10 @@ def _two_sets(a, b, names=("real", "fake")):
     """Two feature sets as float64 [N, D] and [M, D], refused in one line when their widths differ."""
     a, b = _points(a, f"{names[0]} features"), _points(b, f"{names[1]} features")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{names[0]} features are {list(a.shape)} and {names[1]} ones {list(b.shape)}: pass both "
-                         "from the same network (as many values per image)")
+        raise ValueError(
+            f"{names[0]} features are {list(a.shape)} and {names[1]} ones {list(b.shape)}: pass both "
+            "from the same network (as many values per image)"
+        )
     return a, b
 
 
@@ -541,8 +592,9 @@ def gaussian_frechet_distance(mu_a, cov_a, mu_b, cov_b):
     """
     mu_a, cov_a, mu_b, cov_b = (torch.as_tensor(v).double() for v in (mu_a, cov_a, mu_b, cov_b))
     if not all(v.isfinite().all() for v in (mu_a, cov_a, mu_b, cov_b)):
-        raise ValueError("the means and covariances hold NaN or infinite values: fit each to 2 or more finite "
-                         "feature vectors")
+        raise ValueError(
+            "the means and covariances hold NaN or infinite values: fit each to 2 or more finite feature vectors"
+        )
     with _one_thread():
         values, vectors = torch.linalg.eigh(cov_a)
         sqrt_a = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
@@ -561,8 +613,10 @@ def frechet_distance(features_a, features_b):
     """
     a, b = _two_sets(features_a, features_b, ("first", "second"))
     if min(len(a), len(b)) < 2:
-        raise ValueError(f"a Fréchet distance needs 2 or more feature vectors in each set, got {len(a)} and {len(b)}: "
-                         "pass more images")
+        raise ValueError(
+            f"a Fréchet distance needs 2 or more feature vectors in each set, got {len(a)} and {len(b)}: "
+            "pass more images"
+        )
     return gaussian_frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
 
 
@@ -588,11 +642,13 @@ def _kth_nearest(points, others=None, k=1, rows=1024):
     same_set = others is None
     others = points if same_set else others
     if k > len(others) - same_set:
-        raise ValueError(f"k = {k} nearest neighbours need {k + same_set} or more feature vectors, got {len(others)}: "
-                         "pass more images")
+        raise ValueError(
+            f"k = {k} nearest neighbours need {k + same_set} or more feature vectors, got {len(others)}: "
+            "pass more images"
+        )
     found = []
     for start in range(0, len(points), rows):
-        distances = _distances(points[start:start + rows], others)
+        distances = _distances(points[start : start + rows], others)
         if same_set:
             index = torch.arange(len(distances))
             distances[index, index + start] = math.inf
@@ -647,8 +703,9 @@ def near_duplicate_rate(fake, real):
 
     The bar is the 1st percentile (NEAR_DUPLICATE_QUANTILE) of the distances from each real feature vector to its
     nearest other distinct one (exact duplicates in the real set, which CelebA has, count once), so a second real
-    set of the same size scores about 0.01 by construction. Exact copies among the fakes always count, even where the real set has no two distinct
-    vectors to set a bar. Nearest-neighbour distances shrink as a set grows, so give sets of about equal size.
+    set of the same size scores about 0.01 by construction. Exact copies among the fakes always count, even where
+    the real set has no two distinct vectors to set a bar. Nearest-neighbour distances shrink as a set grows, so
+    give sets of about equal size.
 
     The bar was once the smallest of those distances, an extreme that falls as the real set grows and with
     CelebA's near-identical crops. In ONet's features of 64x64 CelebA crops it fell from 0.31 at 500 real faces to
@@ -678,17 +735,26 @@ def gan_quality(fake_images, real_images, device="cpu", train_images=None, crop=
     """
     counts = [len(images) for images in (fake_images, real_images)]
     if min(counts) < MIN_QUALITY_IMAGES:
-        raise ValueError(f"GAN quality needs {MIN_QUALITY_IMAGES} or more generated and real images (density's 5 "
-                         f"nearest real neighbours), got {counts[0]} and {counts[1]}: pass more images")
+        raise ValueError(
+            f"GAN quality needs {MIN_QUALITY_IMAGES} or more generated and real images (density's 5 "
+            f"nearest real neighbours), got {counts[0]} and {counts[1]}: pass more images"
+        )
     fake, fake_faces = _onet_outputs(fake_images, device, 256, crop)
     real, real_faces = _onet_outputs(real_images, device, 256, crop)
     recall = precision_recall(real, fake)
     density = density_coverage(real, fake)
-    quality = {"frechet_distance": frechet_distance(real, fake), "coverage": density["coverage"],
-               "recall": recall["recall"], "precision": recall["precision"], "density": density["density"],
-               "face_rate": (fake_faces >= FACE_THRESHOLD).double().mean().item(),
-               "real_face_rate": (real_faces >= FACE_THRESHOLD).double().mean().item(),
-               "near_duplicates": near_duplicate_rate(fake, real), "fake_count": len(fake), "real_count": len(real)}
+    quality = {
+        "frechet_distance": frechet_distance(real, fake),
+        "coverage": density["coverage"],
+        "recall": recall["recall"],
+        "precision": recall["precision"],
+        "density": density["density"],
+        "face_rate": (fake_faces >= FACE_THRESHOLD).double().mean().item(),
+        "real_face_rate": (real_faces >= FACE_THRESHOLD).double().mean().item(),
+        "near_duplicates": near_duplicate_rate(fake, real),
+        "fake_count": len(fake),
+        "real_count": len(real),
+    }
     if train_images is not None:
         quality["real_vs_real_frechet"] = frechet_distance(face_features(train_images, device, crop=crop), real)
     return quality

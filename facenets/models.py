@@ -151,16 +151,24 @@ def rna_cifar(in_channels=1, num_classes=7, image_size=48, downsample="maxpool")
         return nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU())
 
     features = nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3), nn.ReLU(),
-        down(32), nn.Dropout(0.25),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3), nn.ReLU(),
-        down(64), nn.Dropout(0.25),
+        nn.Conv2d(in_channels, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3),
+        nn.ReLU(),
+        down(32),
+        nn.Dropout(0.25),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3),
+        nn.ReLU(),
+        down(64),
+        nn.Dropout(0.25),
     )
     classifier = nn.Sequential(
         nn.Flatten(),
-        nn.Linear(flat_size(features, in_channels, image_size), 512), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(flat_size(features, in_channels, image_size), 512),
+        nn.ReLU(),
+        nn.Dropout(0.5),
         nn.Linear(512, num_classes),
     )
     return keras_init_(sequential(features=features, classifier=classifier))
@@ -228,7 +236,11 @@ def rna_resnet152(in_channels=1, num_classes=7, image_size=48, stem="rgb", pretr
     taken as ReLU, as in rna_resnet50; image_size is not needed.
     """
     head = nn.Sequential(
-        nn.Dropout(0.3), *dense_bn(2048, 512), nn.Dropout(0.2), *dense_bn(512, 256), nn.Dropout(0.3),
+        nn.Dropout(0.3),
+        *dense_bn(2048, 512),
+        nn.Dropout(0.2),
+        *dense_bn(512, 256),
+        nn.Dropout(0.3),
         nn.Linear(256, num_classes),
     )
     return rna_resnet("resnet152", in_channels, stem, pretrained, head)
@@ -260,8 +272,16 @@ def halving_widths(hidden, head_layers):
     return [hidden // 2**i for i in range(head_layers - 1)]
 
 
-def udine_r1(in_channels=1, num_classes=7, image_size=48, channels=(50, 100, 250, 500), repeats=(2, 2, 1, 1),
-             dropout=0.35, hidden=1000, head_layers=5):
+def udine_r1(
+    in_channels=1,
+    num_classes=7,
+    image_size=48,
+    channels=(50, 100, 250, 500),
+    repeats=(2, 2, 1, 1),
+    dropout=0.35,
+    hidden=1000,
+    head_layers=5,
+):
     """Report 003 §2 network 1 and §3.1, "R1" (60.9%, mean per-class 57.9%).
 
     ConvDrop blocks (Conv, Dropout2d 0.35, ReLU, Fig. 2.1) and MaxPools, a Dropout, then the halving linear
@@ -298,8 +318,18 @@ class Inception(nn.Module):
         return torch.cat([self.branch1(x), self.branch3(x), self.branch5(x), self.branch_pool(x)], dim=1)
 
 
-def udine_r2(in_channels=1, num_classes=7, image_size=48, channels=(50, 100, 250, 500), repeats=(2, 2, 1, 1),
-             inceptions=15, multiplier=3, dropout=0.62, hidden=1000, head_layers=5):
+def udine_r2(
+    in_channels=1,
+    num_classes=7,
+    image_size=48,
+    channels=(50, 100, 250, 500),
+    repeats=(2, 2, 1, 1),
+    inceptions=15,
+    multiplier=3,
+    dropout=0.62,
+    hidden=1000,
+    head_layers=5,
+):
     """Report 003 §2 network 2 and §3.2, "R2" (56.7%): Conv blocks (Conv, ReLU, Fig. 2.2) and MaxPools,
     Dropout, `inceptions` inception modules of 256*multiplier channels, Dropout, then the halving linear head
     on the flattened map (the report lists no pooling before the Linear layers). The report uses 15-30
@@ -411,7 +441,9 @@ def vgg(in_channels=1, num_classes=7, image_size=48, width=64, dropout=0.2, hidd
     features = nn.Sequential(*layers)
     fan_in = flat_size(features, in_channels, image_size)  # also refuses images the four pools would shrink to nothing
     if not hidden:
-        classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+        classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes)
+        )
         return sequential(features=features, classifier=classifier)
     head = [nn.Flatten()]
     for h in hidden:
@@ -454,6 +486,7 @@ COMMON_ARGUMENTS = ("in_channels", "num_classes", "image_size")
 
 def _checked_option(name: str, option: str, value, default):
     """value, if it has the kind of its default (positive whole numbers where the default is one); else ValueError."""
+
     def refuse(kind):
         return ValueError(f"model {name!r}: option {option}={value!r} must be {kind} (default {default!r})")
 
@@ -468,8 +501,9 @@ def _checked_option(name: str, option: str, value, default):
             raise refuse("a number")
     elif isinstance(default, tuple):
         value = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-        if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                                                            for v in value):
+        if not isinstance(value, (tuple, list)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+        ):
             raise refuse("whole numbers of at least 1, such as (64, 32)")
         value = tuple(value)
     elif isinstance(default, str) and not isinstance(value, str):
@@ -504,7 +538,9 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 7, image_siz
     except (RuntimeError, MemoryError) as e:
         if "alloc" not in str(e) and not isinstance(e, MemoryError):
             raise  # a bug, not a size: let it show its traceback
-        raise ValueError(f"model {name!r} with {options} is too big for this machine's memory: choose smaller widths") from None
+        raise ValueError(
+            f"model {name!r} with {options} is too big for this machine's memory: choose smaller widths"
+        ) from None
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -562,9 +598,16 @@ def concepcion_generator(latent=64, image_size=64):
     for c_out in (64, 128, 256):
         up += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         c_in = c_out
-    return keras_init_(_generator(latent, 0.0, dense=nn.Linear(latent, 64 * side * side),
-                                  reshape=nn.Unflatten(1, (64, side, side)), up=nn.Sequential(*up),
-                                  out=nn.Sequential(nn.Conv2d(c_in, 3, 5, padding=2), nn.Sigmoid())))
+    return keras_init_(
+        _generator(
+            latent,
+            0.0,
+            dense=nn.Linear(latent, 64 * side * side),
+            reshape=nn.Unflatten(1, (64, side, side)),
+            up=nn.Sequential(*up),
+            out=nn.Sequential(nn.Conv2d(c_in, 3, 5, padding=2), nn.Sigmoid()),
+        )
+    )
 
 
 def concepcion_discriminator(image_size=64, spectral_norm=False):
@@ -580,8 +623,15 @@ def concepcion_discriminator(image_size=64, spectral_norm=False):
         layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         c_in = c_out
     features = nn.Sequential(*layers)
-    classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(flat_size(features, 3, image_size), 64),
-                               nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    classifier = nn.Sequential(
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(flat_size(features, 3, image_size), 64),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 1),
+    )
     net = keras_init_(sequential(features=features, classifier=classifier))
     return _spectral_norm_(net) if spectral_norm else net
 
@@ -613,8 +663,15 @@ def dcgan_generator(latent=100, width=64, image_size=64):
     for _ in range(stages - 1):
         layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU()]
         c //= 2
-    return _radford_init_(_generator(latent, -1.0, reshape=nn.Unflatten(1, (latent, 1, 1)), up=nn.Sequential(*layers),
-                                     out=nn.Sequential(nn.ConvTranspose2d(c, 3, 4, 2, 1, bias=False), nn.Tanh())))
+    return _radford_init_(
+        _generator(
+            latent,
+            -1.0,
+            reshape=nn.Unflatten(1, (latent, 1, 1)),
+            up=nn.Sequential(*layers),
+            out=nn.Sequential(nn.ConvTranspose2d(c, 3, 4, 2, 1, bias=False), nn.Tanh()),
+        )
+    )
 
 
 def dcgan_discriminator(width=64, image_size=64, spectral_norm=False):
@@ -632,8 +689,11 @@ def dcgan_discriminator(width=64, image_size=64, spectral_norm=False):
         layers.append(nn.Conv2d(c, 2 * c, 4, 2, 1, bias=bias))
         layers += [nn.LeakyReLU(0.2)] if spectral_norm else [nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2)]
         c *= 2
-    net = _radford_init_(sequential(features=nn.Sequential(*layers),
-                                    classifier=nn.Sequential(nn.Conv2d(c, 1, 4, 1, 0, bias=bias), nn.Flatten())))
+    net = _radford_init_(
+        sequential(
+            features=nn.Sequential(*layers), classifier=nn.Sequential(nn.Conv2d(c, 1, 4, 1, 0, bias=bias), nn.Flatten())
+        )
+    )
     return _spectral_norm_(net) if spectral_norm else net
 
 
@@ -647,8 +707,12 @@ def gan_options(name: str) -> dict:
     """{option: default} of the GAN name's generator and discriminator together (image_size aside)."""
     if name not in GANS:
         raise ValueError(f"unknown GAN {name!r}; choose from: {', '.join(GANS)}")
-    return {option: parameter.default for part in GANS[name] for option, parameter in inspect.signature(part).parameters.items()
-            if option != "image_size"}
+    return {
+        option: parameter.default
+        for part in GANS[name]
+        for option, parameter in inspect.signature(part).parameters.items()
+        if option != "image_size"
+    }
 
 
 def check_gan_options(name: str, options: dict) -> dict:
@@ -729,8 +793,17 @@ def _stacked_layer(layers: list[nn.Module]) -> nn.Module:
     """One layer doing the work of `layers` (the same layer of each member) on their channels side by side."""
     first, n = layers[0], len(layers)
     if isinstance(first, nn.Conv2d):
-        conv = nn.Conv2d(n * first.in_channels, n * first.out_channels, first.kernel_size, first.stride, first.padding,
-                         first.dilation, n * first.groups, first.bias is not None, first.padding_mode)
+        conv = nn.Conv2d(
+            n * first.in_channels,
+            n * first.out_channels,
+            first.kernel_size,
+            first.stride,
+            first.padding,
+            first.dilation,
+            n * first.groups,
+            first.bias is not None,
+            first.padding_mode,
+        )
         for name in ("weight", "bias") if first.bias is not None else ("weight",):
             setattr(conv, name, nn.Parameter(torch.cat([getattr(m, name).detach() for m in layers])))
         return conv
@@ -752,8 +825,17 @@ def _stacked_layer(layers: list[nn.Module]) -> nn.Module:
 def _member_layer(layer: nn.Module, i: int, n: int) -> nn.Module:
     """Member i's own layer out of a stacked one (of n members)."""
     if isinstance(layer, nn.Conv2d):
-        conv = nn.Conv2d(layer.in_channels // n, layer.out_channels // n, layer.kernel_size, layer.stride, layer.padding,
-                         layer.dilation, layer.groups // n, layer.bias is not None, layer.padding_mode)
+        conv = nn.Conv2d(
+            layer.in_channels // n,
+            layer.out_channels // n,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups // n,
+            layer.bias is not None,
+            layer.padding_mode,
+        )
         for name in ("weight", "bias") if layer.bias is not None else ("weight",):
             setattr(conv, name, nn.Parameter(getattr(layer, name).detach().chunk(n)[i].clone()))
         return conv
@@ -761,7 +843,10 @@ def _member_layer(layer: nn.Module, i: int, n: int) -> nn.Module:
         norm = nn.BatchNorm2d(layer.num_features // n, layer.eps, layer.momentum)
         norm.weight = nn.Parameter(layer.weight.detach().chunk(n)[i].clone())
         norm.bias = nn.Parameter(layer.bias.detach().chunk(n)[i].clone())
-        norm.running_mean, norm.running_var = layer.running_mean.chunk(n)[i].clone(), layer.running_var.chunk(n)[i].clone()
+        norm.running_mean, norm.running_var = (
+            layer.running_mean.chunk(n)[i].clone(),
+            layer.running_var.chunk(n)[i].clone(),
+        )
         norm.num_batches_tracked = layer.num_batches_tracked.clone()
         return norm
     if isinstance(layer, GroupedLinear):
@@ -790,12 +875,16 @@ def stack_networks(networks: list[nn.Module]) -> StackedNetworks:
     shapes = [[tuple(t.shape) for t in net.state_dict().values()] for net in networks]
     if len(networks) < 2 or any(s != shapes[0] for s in shapes):
         raise ValueError("stack_networks needs two or more networks of one architecture")
-    return StackedNetworks(_with_layers_replaced(networks[0], lambda name: _stacked_layer(
-        [net.get_submodule(name) for net in networks])), len(networks))
+    return StackedNetworks(
+        _with_layers_replaced(networks[0], lambda name: _stacked_layer([net.get_submodule(name) for net in networks])),
+        len(networks),
+    )
 
 
 def unstack(stacked: StackedNetworks) -> list[nn.Module]:
     """The members of a StackedNetworks, each as a plain network of its own (copies: training one changes neither)."""
     n = stacked.members
-    return [_with_layers_replaced(stacked.net, lambda name, i=i: _member_layer(stacked.net.get_submodule(name), i, n))
-            for i in range(n)]
+    return [
+        _with_layers_replaced(stacked.net, lambda name, i=i: _member_layer(stacked.net.get_submodule(name), i, n))
+        for i in range(n)
+    ]

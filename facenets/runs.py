@@ -20,13 +20,14 @@ Checkpoints are plain dicts of tensors, numbers and strings, loaded with weights
 never runs code from it. A checkpoint that loads but does not fit (another network, another class count, a key
 missing) is one line too, never a traceback: see load_checkpoint and loading.
 """
+
 import argparse
 import ast
 import csv
-import json
-import os
 import io
+import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -77,8 +78,10 @@ def _write_failed(path: Path, error: OSError) -> RunError:
         reason = "the folder is read-only"
     else:
         reason = first_line(error, 100)
-    return RunError(f"could not write {path} ({reason}): free some space or make {path.parent} writable; "
-                    f"the previous {path.name}, if any, is unchanged")
+    return RunError(
+        f"could not write {path} ({reason}): free some space or make {path.parent} writable; "
+        f"the previous {path.name}, if any, is unchanged"
+    )
 
 
 def make_folder(path) -> Path:
@@ -130,16 +133,19 @@ def save_checkpoint(path, state: dict):
     def write(tmp):
         with open(tmp, "wb") as f:
             f.write(buffer.getbuffer())
+
     return replace_atomically(path, write)
 
 
 def write_log(path, history: list[dict]):
     """Rewrite the whole csv log from history, so a resumed run never holds rows twice."""
+
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(history[0]))
             writer.writeheader()
             writer.writerows(history)
+
     return replace_atomically(path, write)
 
 
@@ -167,15 +173,20 @@ def load_checkpoint(path, map_location="cpu", needs=("model", "config")) -> dict
     except Exception as e:  # torch raises many types for a truncated or foreign file
         # torch's own message can run to a paragraph (weights_only advice): its first sentence is enough here
         reason = first_line(e).split(". ")[0].rstrip(".")
-        raise RunError(f"checkpoint {path} could not be read ({reason}): it is not a facenets checkpoint or "
-                       "it is damaged") from None
+        raise RunError(
+            f"checkpoint {path} could not be read ({reason}): it is not a facenets checkpoint or it is damaged"
+        ) from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():  # e.g. a bare state_dict from elsewhere
-        raise RunError(f"{path} is not a facenets checkpoint (it has no model and config): pass a best.pt or last.pt "
-                       "from a run folder")
+        raise RunError(
+            f"{path} is not a facenets checkpoint (it has no model and config): pass a best.pt or last.pt "
+            "from a run folder"
+        )
     missing = [key for key in needs if key not in state]
     if missing:
-        raise RunError(f"{path} lacks {missing[0]!r}: it was saved by another script or an older version of this "
-                       "one; use a checkpoint of this script, or train again")
+        raise RunError(
+            f"{path} lacks {missing[0]!r}: it was saved by another script or an older version of this "
+            "one; use a checkpoint of this script, or train again"
+        )
     return state
 
 
@@ -183,14 +194,16 @@ def load_checkpoint(path, map_location="cpu", needs=("model", "config")) -> dict
 def loading(path, what: str):
     """Turn a part of checkpoint path that does not fit (shapes, keys, types) into one RunError naming `what`.
 
-        with runs.loading(path, "weights"):
-            model.load_state_dict(ckpt["model"])
+    with runs.loading(path, "weights"):
+        model.load_state_dict(ckpt["model"])
     """
     try:
         yield
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise RunError(f"{path} does not fit this run: its {what} cannot be loaded ({first_line(e, 120)}); "
-                       "use a checkpoint of the same model and data") from None
+        raise RunError(
+            f"{path} does not fit this run: its {what} cannot be loaded ({first_line(e, 120)}); "
+            "use a checkpoint of the same model and data"
+        ) from None
 
 
 # ---------------------------------------------------------------- run folders
@@ -233,8 +246,9 @@ def existing_run(path) -> Path:
 # ---------------------------------------------------------------- resuming
 
 
-def resumed_config(run: Path, cfg: dict, ckpt, args, device: torch.device, not_saved=(), script="this script",
-                   added=None) -> dict:
+def resumed_config(
+    run: Path, cfg: dict, ckpt, args, device: torch.device, not_saved=(), script="this script", added=None
+) -> dict:
     """The settings a resumed run goes on with: its saved cfg (so it stays the same experiment), a typed --epochs aside.
 
     ckpt is None for a run stopped before its first save (it starts again from its config.json); args.given holds the
@@ -245,7 +259,9 @@ def resumed_config(run: Path, cfg: dict, ckpt, args, device: torch.device, not_s
     """
     trained_on = "cpu" if ckpt is None or ckpt["rng"]["cuda"] is None else "cuda"
     if ckpt is not None and trained_on != device.type:
-        raise RunError(f"{run} was trained on {trained_on}, this run is on {device.type}: resume it with --device {trained_on}")
+        raise RunError(
+            f"{run} was trained on {trained_on}, this run is on {device.type}: resume it with --device {trained_on}"
+        )
     for name, value_in in (added or {}).items():
         cfg.setdefault(name, value_in(cfg))
     missing = sorted(set(vars(args)) - set(cfg) - set(not_saved))
@@ -253,21 +269,29 @@ def resumed_config(run: Path, cfg: dict, ckpt, args, device: torch.device, not_s
         raise RunError(f"{run} was saved by an older {script} (it lacks {missing[0]!r}): start a new run")
     typed = [flag for dest, flag in args.given.items() if dest not in ("resume", "epochs", "device")]
     if typed:
-        raise RunError(f"--resume goes on with the saved settings of {run}: drop {typed[0]} "
-                       "(only --epochs and --device may be given)")
+        raise RunError(
+            f"--resume goes on with the saved settings of {run}: drop {typed[0]} "
+            "(only --epochs and --device may be given)"
+        )
     done = len(ckpt["history"]) if ckpt else 0
     longer = "epochs" in args.given and args.epochs > done
     budget = cfg.get("time_budget")
     if budget and ckpt and sum(h["seconds"] for h in ckpt["history"]) >= budget * 60:
-        raise RunError(f"{run} has spent its --time-budget of {budget:g} minutes ({done} epochs): nothing to resume; "
-                       "start a new run with a larger --time-budget")
+        raise RunError(
+            f"{run} has spent its --time-budget of {budget:g} minutes ({done} epochs): nothing to resume; "
+            "start a new run with a larger --time-budget"
+        )
     if (run / "metrics.json").is_file() and not longer:
-        raise RunError(f"{run} has finished ({done} epochs; its results are in metrics.json): nothing to resume; "
-                       f"--epochs above {done} trains it on (none and plateau schedules), or start a new run")
+        raise RunError(
+            f"{run} has finished ({done} epochs; its results are in metrics.json): nothing to resume; "
+            f"--epochs above {done} trains it on (none and plateau schedules), or start a new run"
+        )
     if "epochs" in args.given and args.epochs != cfg["epochs"]:
         if cfg.get("scheduler") in ("onecycle", "cosine"):
-            raise RunError(f"--epochs cannot change on resume: the {cfg['scheduler']} schedule of {run} was laid out "
-                           f"for {cfg['epochs']} epochs")
+            raise RunError(
+                f"--epochs cannot change on resume: the {cfg['scheduler']} schedule of {run} was laid out "
+                f"for {cfg['epochs']} epochs"
+            )
         cfg["epochs"] = args.epochs
     return cfg
 
@@ -278,8 +302,9 @@ NOT_SETTINGS = ("predict", "checkpoint", "resume", "given", "model_opt", "width"
 TRAINING_STATE = ("model", "config", "ema", "optimizer", "scheduler", "epoch", "step", "order", "history", "rng")
 
 
-def settings(args, command: str, device: torch.device, needs, not_saved, script: str,
-             added=None) -> tuple[Path | None, dict | None, dict]:
+def settings(
+    args, command: str, device: torch.device, needs, not_saved, script: str, added=None
+) -> tuple[Path | None, dict | None, dict]:
     """What a run goes on with: (its folder, its last.pt, its settings) under --resume, else (None, None, the flags).
 
     A new run's settings are the flags but not_saved, and the command; a resumed one's come from resumed_config, its
@@ -331,7 +356,7 @@ def device_name(device: torch.device) -> str:
 
 def data_fingerprint(images: torch.Tensor) -> dict:
     """The count and a checksum of up to 1,000 evenly spaced images: a resumed run must train on the same data."""
-    sample = images[::max(1, len(images) // 1000)].cpu().contiguous()
+    sample = images[:: max(1, len(images) // 1000)].cpu().contiguous()
     return {"images": len(images), "crc32": zlib.crc32(sample.numpy().tobytes())}
 
 
@@ -346,9 +371,19 @@ class Run:
     last good last.pt and best.pt kept.
     """
 
-    def __init__(self, args, command: str, device: torch.device, script: str, needs, not_saved,
-                 best: str = "best_score", lower_is_better: bool = False, advice: str = "a lower --lr or another --seed",
-                 added: dict | None = None):
+    def __init__(
+        self,
+        args,
+        command: str,
+        device: torch.device,
+        script: str,
+        needs,
+        not_saved,
+        best: str = "best_score",
+        lower_is_better: bool = False,
+        advice: str = "a lower --lr or another --seed",
+        added: dict | None = None,
+    ):
         self.device, self.needs, self.advice = device, needs, advice
         self.folder, self._ckpt, self.cfg = settings(args, command, device, needs, not_saved, script, added)
         torch.manual_seed(self.cfg["seed"])  # the weights; the batch order and augmentation draw from .generator
@@ -384,12 +419,15 @@ class Run:
         self.steps = min(train_size // self.batch_size, 2 if self.cfg["dry_run"] else train_size)
         total = self.steps * self.cfg["epochs"]  # what a schedule is laid out for (a dry run stops after 2 steps)
         if self.cfg.get("scheduler") == "onecycle" and total < 3:  # its two phases need a step each and a last one
-            raise RunError(f"--scheduler onecycle needs at least 3 steps and this run has {total}: use more --epochs, "
-                           "a smaller --batch-size, or --scheduler none")
+            raise RunError(
+                f"--scheduler onecycle needs at least 3 steps and this run has {total}: use more --epochs, "
+                "a smaller --batch-size, or --scheduler none"
+            )
         return self.batch_size, self.steps
 
-    def start(self, name: str, parts: dict, data: torch.Tensor, check: dict | None = None, keep: dict | None = None,
-              plot=None):
+    def start(
+        self, name: str, parts: dict, data: torch.Tensor, check: dict | None = None, keep: dict | None = None, plot=None
+    ):
         """Make the run folder (a new run) or load the checkpoint into parts (a resumed one), then write config.json.
 
         parts: what every checkpoint holds the state_dict of, by name (networks, optimizers, a scheduler; None for
@@ -416,11 +454,15 @@ class Run:
     def _load(self, path: Path, ckpt: dict):
         for key, value in self.check.items():
             if ckpt[key] != value:
-                raise RunError(f"{self.folder} was trained on other {key} than {self.cfg['data']} and these flags give "
-                               "now: start a new run")
+                raise RunError(
+                    f"{self.folder} was trained on other {key} than {self.cfg['data']} and these flags give "
+                    "now: start a new run"
+                )
         changed = ckpt.get("data", self.data) != self.data  # checkpoints from before the fingerprint: the order's size
         if changed or (ckpt["step"] and len(ckpt["order"]) != self.train_size):
-            raise RunError(f"{self.folder} was trained on other data than {self.cfg['data']} holds now: start a new run")
+            raise RunError(
+                f"{self.folder} was trained on other data than {self.cfg['data']} holds now: start a new run"
+            )
         with loading(path, "weights"):
             for key, part in self.parts.items():
                 if isinstance(part, torch.nn.Module):
@@ -450,8 +492,12 @@ class Run:
         """Zero tensors of these shapes on the device, for the loop to sum its losses into without waiting for the
         GPU; a resumed epoch's hold its sums so far. Saved with every mid-epoch checkpoint."""
         saved = self._ckpt["sums"] if self.first_step else {}
-        self.sums = {key: torch.tensor(saved[key], device=self.device) if key in saved
-                     else torch.zeros(shape, device=self.device) for key, shape in shapes.items()}
+        self.sums = {
+            key: torch.tensor(saved[key], device=self.device)
+            if key in saved
+            else torch.zeros(shape, device=self.device)
+            for key, shape in shapes.items()
+        }
         return self.sums
 
     def batches(self, members: int = 1, show: tuple = ()):
@@ -460,19 +506,27 @@ class Run:
         seconds with the exact position, and the stop a Ctrl-C asked for. show: sums to show in the progress bar,
         per image."""
         if not self.first_step:
-            orders = [torch.randperm(self.train_size, device=self.device, generator=self.generator)
-                      for _ in range(members)]
+            orders = [
+                torch.randperm(self.train_size, device=self.device, generator=self.generator) for _ in range(members)
+            ]
             self.order = orders[0] if members == 1 else torch.stack(orders, 1)
         started = time.perf_counter() - (self._ckpt["sums"]["seconds"] if self.first_step else 0.0)
-        bar = tqdm(range(self.first_step, self.steps), desc=f"epoch {self.epoch + 1}/{self.last_epoch}", leave=False,
-                   file=sys.stdout, disable=None)  # no bar when the output is a file: its updates would fill it
+        bar = tqdm(
+            range(self.first_step, self.steps),
+            desc=f"epoch {self.epoch + 1}/{self.last_epoch}",
+            leave=False,
+            file=sys.stdout,
+            disable=None,
+        )  # no bar when the output is a file: its updates would fill it
         self.steps_done = self.steps
         for step in bar:
-            yield step, self.order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield step, self.order[step * self.batch_size : (step + 1) * self.batch_size]
             if (step - self.first_step) % SHOW_EVERY == SHOW_EVERY - 1 and not bar.disable:
                 seen = (step + 1) * self.batch_size
-                bar.set_postfix({key: f"{self.sums[key].item() / seen:.3f}" for key in show},
-                                img_s=f"{seen / (time.perf_counter() - started):.0f}")
+                bar.set_postfix(
+                    {key: f"{self.sums[key].item() / seen:.3f}" for key in show},
+                    img_s=f"{seen / (time.perf_counter() - started):.0f}",
+                )
             if self.train_seconds + time.perf_counter() - started >= self.budget:  # the rest is not trained on
                 self.steps_done, self.last_epoch = step + 1, self.epoch + 1
                 break
@@ -514,8 +568,10 @@ class Run:
             write_log(self.folder / "log.csv", self.history)
         self.plot()
         kept = " and ".join(name for name in ("last.pt", "best.pt") if (self.folder / name).is_file())
-        raise Diverged(f"stopped: {self.folder} keeps {kept or 'no checkpoint (none was saved yet)'}; start a new run "
-                       f"with {self.advice}")
+        raise Diverged(
+            f"stopped: {self.folder} keeps {kept or 'no checkpoint (none was saved yet)'}; start a new run "
+            f"with {self.advice}"
+        )
 
     # ------------------------------------------------------------ checkpoints
 
@@ -524,16 +580,35 @@ class Run:
 
     def _save(self, name: str, epoch: int, step: int = 0, sums: dict | None = None):
         """Everything needed to go on exactly from here, after `step` steps of epoch `epoch` (0-based), as name."""
-        if not all(bool(p.isfinite().all()) for part in self.parts.values() if isinstance(part, torch.nn.Module)
-                   for p in part.parameters()):
+        if not all(
+            bool(p.isfinite().all())
+            for part in self.parts.values()
+            if isinstance(part, torch.nn.Module)
+            for p in part.parameters()
+        ):
             self.diverged("the weights are NaN or infinite", f"in epoch {epoch + 1}")
         state = {key: None if part is None else part.state_dict() for key, part in self.parts.items()}
-        state.update({"epoch": epoch, "step": step, "order": self.order.cpu() if step else None, "sums": sums,
-                      self.best_key: self.best, "history": self.history, "config": self.cfg, **self.check,
-                      **{k: v.item() if torch.is_tensor(v) else v for k, v in self.keep.items()},
-                      "resumed_with": self.resumed_with, "wall_seconds": self.wall_seconds(), "data": self.data,
-                      "rng": {"loop": self.generator.get_state(), "torch": torch.get_rng_state(),
-                              "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}})
+        state.update(
+            {
+                "epoch": epoch,
+                "step": step,
+                "order": self.order.cpu() if step else None,
+                "sums": sums,
+                self.best_key: self.best,
+                "history": self.history,
+                "config": self.cfg,
+                **self.check,
+                **{k: v.item() if torch.is_tensor(v) else v for k, v in self.keep.items()},
+                "resumed_with": self.resumed_with,
+                "wall_seconds": self.wall_seconds(),
+                "data": self.data,
+                "rng": {
+                    "loop": self.generator.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                },
+            }
+        )
         try:
             save_checkpoint(self.folder / name, state)
         except RunError as e:
@@ -563,10 +638,18 @@ class Run:
 
     def finish(self, results: dict) -> dict:
         """results with what every run reports (epochs, times, device, the commands), written as metrics.json."""
-        started_with = {"command": self.cfg["command"], **({"resumed_with": self.resumed_with} if self.resumed_with
-                                                           else {})}
-        results = {**results, "epochs_run": len(self.history), "train_seconds": round(self.train_seconds, 1),
-                   "wall_seconds": round(self.wall_seconds(), 1), "device": device_name(self.device), **started_with}
+        started_with = {
+            "command": self.cfg["command"],
+            **({"resumed_with": self.resumed_with} if self.resumed_with else {}),
+        }
+        results = {
+            **results,
+            "epochs_run": len(self.history),
+            "train_seconds": round(self.train_seconds, 1),
+            "wall_seconds": round(self.wall_seconds(), 1),
+            "device": device_name(self.device),
+            **started_with,
+        }
         write_json(self.folder / "metrics.json", results)
         if self._temporary:
             self._temporary.cleanup()
@@ -601,8 +684,10 @@ def one_line_errors(body, *errors) -> int:
         print(f"error: {e or 'out of memory: choose smaller sizes or fewer images'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (those save and stop by themselves)
-        print("\nstopped (Ctrl-C): nothing half-written is kept; a started run goes on with --resume <its run folder>",
-              file=sys.stderr)
+        print(
+            "\nstopped (Ctrl-C): nothing half-written is kept; a started run goes on with --resume <its run folder>",
+            file=sys.stderr,
+        )
         return STOPPED
     finally:
         for sig, handler in previous.items():
@@ -617,8 +702,9 @@ class FlagParser(argparse.ArgumentParser):
     script by the first paragraph of its docstring, and shows every flag's default in --help."""
 
     def __init__(self, docstring: str = "", **kwargs):
-        super().__init__(description=docstring.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                         **kwargs)
+        super().__init__(
+            description=docstring.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs
+        )
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
@@ -632,27 +718,62 @@ def add_run_flags(parser: argparse.ArgumentParser, out: str, task: str | None) -
     """
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: the GPU when there is one")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on a GPU, fp32 "
-                   "on a CPU; bf16 also pays on CPUs with AMX (Intel Xeon 4th generation and later): 2.8x the images/s of "
-                   "fp32 on 2 such cores, but CPUs without AMX run it slower than fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model; on a GPU also with CUDA graphs: 1.6x the "
-                   "images/s at batch 512 on an H100, after ~15 s of compiling")
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="auto: bf16 autocast on a GPU, fp32 "
+        "on a CPU; bf16 also pays on CPUs with AMX (Intel Xeon 4th generation and later): 2.8x the images/s of "
+        "fp32 on 2 such cores, but CPUs without AMX run it slower than fp32",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model; on a GPU also with CUDA graphs: 1.6x the "
+        "images/s at batch 512 on an H100, after ~15 s of compiling",
+    )
     inference = "--predict" if task else "--sample"
     written = "the annotated copies (default: predictions/" if task else "the PNG files (default: samples/"
-    g.add_argument("--out", default=out, help=f"parent folder of run folders; with {inference}, the folder for {written} "
-                   "beside the checkpoint)")
+    g.add_argument(
+        "--out",
+        default=out,
+        help=f"parent folder of run folders; with {inference}, the folder for {written} beside the checkpoint)",
+    )
     g.add_argument("--name", default=None, help="run folder name (default: model and time)")
-    g.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR (or RUN_DIR/last.pt) from its "
-                   "last save, with its saved settings; --epochs may raise the total")
-    g.add_argument("--dry-run", action="store_true", help="one epoch of two batches and a short evaluation: checks the whole "
-                   "pipeline in seconds")
+    g.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR (or RUN_DIR/last.pt) from its "
+        "last save, with its saved settings; --epochs may raise the total",
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="one epoch of two batches and a short evaluation: checks the whole pipeline in seconds",
+    )
     i = parser.add_argument_group("inference")
     if task:
-        i.add_argument("--predict", nargs="+", metavar="PHOTO", help=f"find the faces in these photos (MTCNN) and print each face's {task}")
+        i.add_argument(
+            "--predict",
+            nargs="+",
+            metavar="PHOTO",
+            help=f"find the faces in these photos (MTCNN) and print each face's {task}",
+        )
     else:
-        i.add_argument("--sample", type=int, metavar="N", default=None, help="write N generated images as PNG files into --out "
-                       "(to score them elsewhere, e.g. with pytorch-fid or torch-fidelity), then stop")
-    i.add_argument("--checkpoint", default=None, help=f"with {inference}: the best.pt or last.pt to use (a run folder: its best.pt)")
+        i.add_argument(
+            "--sample",
+            type=int,
+            metavar="N",
+            default=None,
+            help="write N generated images as PNG files into --out "
+            "(to score them elsewhere, e.g. with pytorch-fid or torch-fidelity), then stop",
+        )
+    i.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"with {inference}: the best.pt or last.pt to use (a run folder: its best.pt)",
+    )
     return g
 
 
@@ -687,7 +808,8 @@ def check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, a
 
 
 def key_values(items: list[str], flag: str) -> dict:
-    """{"width": 16, "hidden": (64, 32), "downsample": "stride"} from ["width=16", "hidden=(64, 32)", "downsample=stride"].
+    """{"width": 16, "hidden": (64, 32), "downsample": "stride"} from
+    ["width=16", "hidden=(64, 32)", "downsample=stride"].
 
     Values are Python literals where they parse as one, else the bare word; an item without = is a ValueError.
     """
@@ -706,7 +828,9 @@ def key_values(items: list[str], flag: str) -> dict:
 def predictions_folder(args, name: str = "predictions") -> Path:
     """Where --predict (or --sample) writes its files: --out when typed, else the folder name beside the checkpoint."""
     checkpoint = Path(args.checkpoint)
-    folder = Path(args.out) if "out" in args.given else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / name
+    folder = (
+        Path(args.out) if "out" in args.given else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / name
+    )
     if folder.exists() and not folder.is_dir():
         raise RunError(f"--out {folder} is a file: give a folder for the files of {name}")
     return folder

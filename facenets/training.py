@@ -14,6 +14,7 @@ weight average and the optimisation flags. The loops themselves stay in the scri
 
 Only torch and the standard library: the module can be copied alone into another project.
 """
+
 import argparse
 import copy
 import ctypes
@@ -26,7 +27,7 @@ import torch
 
 
 def pick_device(choice: str = "auto") -> torch.device:
-    """"cpu", "cuda" or "auto" (the GPU when there is one); asking for cuda without one is a ValueError."""
+    """ "cpu", "cuda" or "auto" (the GPU when there is one); asking for cuda without one is a ValueError."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but PyTorch sees no CUDA GPU: use --device cpu")
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
@@ -50,7 +51,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_bf16_units() -> str | None:
-    """"AMX" or "AVX-512 BF16" where this CPU has bf16 matrix or vector instructions (Linux /proc/cpuinfo), else None."""
+    """The name of this CPU's bf16 instructions, "AMX" or "AVX-512 BF16" (Linux /proc/cpuinfo), else None."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
@@ -117,13 +118,17 @@ def check_memory(device: torch.device, batch_size: int, *networks) -> None:
             shapes = shapes(network) if callable(shapes) else shapes
             for module in network.modules():
                 if not list(module.children()):
-                    module.register_forward_hook(lambda m, i, out: outputs.append(out.numel() if torch.is_tensor(out) else 0))
+                    module.register_forward_hook(
+                        lambda m, i, out: outputs.append(out.numel() if torch.is_tensor(out) else 0)
+                    )
             network(*[torch.zeros(1, *shape) for shape in shapes])
             need += 4 * (4 * sum(p.numel() for p in network.parameters()) + batch_size * sum(outputs))
     available = available_memory(device)
     if available is not None and need > available:
-        raise MemoryError(f"training this needs about {need / 1e9:,.1f} GB of memory at batch {batch_size}, and "
-                         f"{device.type} has {available / 1e9:,.1f} GB available: {fix}")
+        raise MemoryError(
+            f"training this needs about {need / 1e9:,.1f} GB of memory at batch {batch_size}, and "
+            f"{device.type} has {available / 1e9:,.1f} GB available: {fix}"
+        )
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -131,26 +136,73 @@ def check_memory(device: torch.device, batch_size: int, *networks) -> None:
 
 def add_optimizer_flags(parser: argparse.ArgumentParser, **defaults) -> argparse._ArgumentGroup:
     """The "optimisation" flag group every script has; defaults (epochs=, lr=, ...) are the script's own."""
-    d = {**dict(epochs=30, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4, label_smoothing=0.0,
-                ema=0.0, scheduler="onecycle"), **defaults}
+    d = {
+        **dict(
+            epochs=30,
+            batch_size=128,
+            optimizer="sgd",
+            lr=0.1,
+            weight_decay=5e-4,
+            label_smoothing=0.0,
+            ema=0.0,
+            scheduler="onecycle",
+        ),
+        **defaults,
+    }
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d["epochs"], help="passes over the training set; on --resume, a new total "
-                   "(none and plateau schedules only)")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=d["epochs"],
+        help="passes over the training set; on --resume, a new total (none and plateau schedules only)",
+    )
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per training step")
-    g.add_argument("--optimizer", default=d["optimizer"], choices=("adam", "sgd", "rmsprop"),
-                   help="sgd is with Nesterov momentum (none with --momentum 0)")
+    g.add_argument(
+        "--optimizer",
+        default=d["optimizer"],
+        choices=("adam", "sgd", "rmsprop"),
+        help="sgd is with Nesterov momentum (none with --momentum 0)",
+    )
     g.add_argument("--lr", type=float, default=d["lr"], help="learning rate (peak rate under onecycle)")
-    g.add_argument("--momentum", type=float, default=None, help="sgd momentum, 0.9 if not given; onecycle without it cycles "
-                   "the momentum (adam: beta1) from 0.95 down to 0.85 at the peak lr and back")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="L2 penalty on weights (not on biases or BatchNorm)")
-    g.add_argument("--label-smoothing", type=float, default=d["label_smoothing"], help="share of each target spread over all classes")
-    g.add_argument("--ema", type=float, default=d["ema"], help="also keep an exponential moving average of the weights, "
-                   "with this decay per step (e.g. 0.999), and validate and test it; 0 = off")
-    g.add_argument("--scheduler", default=d["scheduler"], choices=("none", "plateau", "onecycle", "cosine"),
-                   help="learning-rate schedule; plateau watches the validation loss (training loss without validation)")
-    g.add_argument("--patience", type=int, default=10, help="plateau: epochs without improvement before lr /= 10 (Keras' default)")
+    g.add_argument(
+        "--momentum",
+        type=float,
+        default=None,
+        help="sgd momentum, 0.9 if not given; onecycle without it cycles "
+        "the momentum (adam: beta1) from 0.95 down to 0.85 at the peak lr and back",
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d["weight_decay"],
+        help="L2 penalty on weights (not on biases or BatchNorm)",
+    )
+    g.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=d["label_smoothing"],
+        help="share of each target spread over all classes",
+    )
+    g.add_argument(
+        "--ema",
+        type=float,
+        default=d["ema"],
+        help="also keep an exponential moving average of the weights, "
+        "with this decay per step (e.g. 0.999), and validate and test it; 0 = off",
+    )
+    g.add_argument(
+        "--scheduler",
+        default=d["scheduler"],
+        choices=("none", "plateau", "onecycle", "cosine"),
+        help="learning-rate schedule; plateau watches the validation loss (training loss without validation)",
+    )
+    g.add_argument(
+        "--patience", type=int, default=10, help="plateau: epochs without improvement before lr /= 10 (Keras' default)"
+    )
     g.add_argument("--min-lr", type=float, default=1e-7, help="plateau: lowest lr")
-    g.add_argument("--seed", type=int, default=0, help="seeds the split, the weights, the batch order and the augmentation")
+    g.add_argument(
+        "--seed", type=int, default=0, help="seeds the split, the weights, the batch order and the augmentation"
+    )
     return g
 
 
@@ -176,8 +228,9 @@ def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
     if cfg["optimizer"] == "sgd":
         # fused: one kernel per step for all parameters instead of several per tensor; the loop is launch-bound on a GPU
         momentum = 0.9 if cfg["momentum"] is None else cfg["momentum"]  # --momentum 0: plain SGD, as Keras' default
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=momentum, nesterov=momentum > 0,
-                               fused=next(model.parameters()).is_cuda)
+        return torch.optim.SGD(
+            groups, lr=cfg["lr"], momentum=momentum, nesterov=momentum > 0, fused=next(model.parameters()).is_cuda
+        )
     if cfg["optimizer"] == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg["lr"])
     return torch.optim.Adam(groups, lr=cfg["lr"])
@@ -192,17 +245,21 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, steps_per_epoch:
         cycle = cfg["momentum"] is None and cfg["optimizer"] != "rmsprop"
         # A quarter of the steps warm up; a run of under 8 steps (a few images) needs two for each phase to exist.
         if total < 3:
-            raise ValueError(f"--scheduler onecycle needs at least 3 steps and this run has {total}: use more "
-                             "--epochs, a smaller --batch-size, or --scheduler none")
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg["lr"], total_steps=total, pct_start=max(0.25, 2 / total),
-                                                   cycle_momentum=cycle)
+            raise ValueError(
+                f"--scheduler onecycle needs at least 3 steps and this run has {total}: use more "
+                "--epochs, a smaller --batch-size, or --scheduler none"
+            )
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, cfg["lr"], total_steps=total, pct_start=max(0.25, 2 / total), cycle_momentum=cycle
+        )
     if cfg["scheduler"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     if cfg["scheduler"] == "plateau":
         # Keras' ReduceLROnPlateau defaults (factor 0.1, patience 10, an absolute min_delta of 1e-4): the reports that
         # used it give only the range of the lr, and their Keras code would have had these.
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg["patience"], min_lr=cfg["min_lr"],
-                                                          threshold=1e-4, threshold_mode="abs")
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=0.1, patience=cfg["patience"], min_lr=cfg["min_lr"], threshold=1e-4, threshold_mode="abs"
+        )
     return None
 
 

@@ -1,5 +1,6 @@
 """Tests of the face-attribute readers in facenets.data (CelebA, UTKFace, synthetic attribute faces) on small files
 written in the real formats; the test on the real UTKFace copy needs FACENETS_DATA."""
+
 import os
 import warnings
 import zipfile
@@ -17,7 +18,8 @@ CELEBA_NAMES = (
     "Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup High_Cheekbones "
     "Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline "
     "Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick "
-    "Wearing_Necklace Wearing_Necktie Young").split()
+    "Wearing_Necklace Wearing_Necktie Young"
+).split()
 CELEBA_COUNT = 12
 CELEBA_FILES = [f"{i:06d}.jpg" for i in range(1, CELEBA_COUNT + 1)]
 # A fixed pattern of -1/1 values, one row per image, and the official partition: 8 train, 2 val, 2 test.
@@ -45,15 +47,18 @@ def write_celeba(root: Path, lists: str = "txt", images: str = "folder") -> Path
     if lists == "txt":
         # As the official file: the count, the names with a trailing space, values aligned by padding to width 2.
         rows = [f"{name} " + " ".join(f"{v:2d}" for v in values) for name, values in zip(CELEBA_FILES, CELEBA_VALUES)]
-        (root / "list_attr_celeba.txt").write_text(f"{CELEBA_COUNT}\n" + " ".join(CELEBA_NAMES) + " \n"
-                                                   + "\n".join(rows) + "\n")
+        (root / "list_attr_celeba.txt").write_text(
+            f"{CELEBA_COUNT}\n" + " ".join(CELEBA_NAMES) + " \n" + "\n".join(rows) + "\n"
+        )
         (root / "list_eval_partition.txt").write_text(
-            "".join(f"{name} {part}\n" for name, part in zip(CELEBA_FILES, CELEBA_PARTITION)))
+            "".join(f"{name} {part}\n" for name, part in zip(CELEBA_FILES, CELEBA_PARTITION))
+        )
     else:
         rows = [",".join([name, *map(str, values)]) for name, values in zip(CELEBA_FILES, CELEBA_VALUES)]
         (root / "list_attr_celeba.csv").write_text("\n".join(["image_id," + ",".join(CELEBA_NAMES), *rows]) + "\n")
         (root / "list_eval_partition.csv").write_text(
-            "image_id,partition\n" + "".join(f"{name},{part}\n" for name, part in zip(CELEBA_FILES, CELEBA_PARTITION)))
+            "image_id,partition\n" + "".join(f"{name},{part}\n" for name, part in zip(CELEBA_FILES, CELEBA_PARTITION))
+        )
     if images == "folder":
         (root / "img_align_celeba").mkdir()
         for i, name in enumerate(CELEBA_FILES):
@@ -78,6 +83,7 @@ def one_line_error(call, *words) -> None:
 
 # ---------------------------------------------------------------- CelebA labels
 
+
 @pytest.mark.parametrize("lists", ["txt", "csv"])
 def test_celeba_labels_read_from_the_official_txt_and_the_kaggle_csv(tmp_path, lists):
     files, attributes, names, partition = data.read_celeba_labels(write_celeba(tmp_path, lists))
@@ -93,36 +99,49 @@ def test_celeba_without_a_partition_list_warns_and_gives_minus_one(tmp_path):
     with pytest.warns(UserWarning, match="no list_eval_partition.txt.*partition -1"):
         partition = data.read_celeba_labels(root)[3]
     assert partition.tolist() == [-1] * CELEBA_COUNT
-    one_line_error(lambda: data.concepcion_sample(torch.ones(CELEBA_COUNT, 1), partition, 0, (2, 0, 0)),
-                   "no official partition", "list_eval_partition.txt")
+    one_line_error(
+        lambda: data.concepcion_sample(torch.ones(CELEBA_COUNT, 1), partition, 0, (2, 0, 0)),
+        "no official partition",
+        "list_eval_partition.txt",
+    )
     # the official split needs it: then its absence is the error, naming where it was looked for
-    one_line_error(lambda: data.read_celeba_labels(root, need_partition=True),
-                   f"no list_eval_partition.txt or list_eval_partition.csv in {root.absolute()}", "official",
-                   "download CelebA's")
+    one_line_error(
+        lambda: data.read_celeba_labels(root, need_partition=True),
+        f"no list_eval_partition.txt or list_eval_partition.csv in {root.absolute()}",
+        "official",
+        "download CelebA's",
+    )
 
 
 def replace_line(path: Path, number: int, text: str | None) -> None:
     """Line number (1-based) of path replaced by text, or deleted for None."""
     lines = path.read_text().splitlines()
-    lines[number - 1:number] = [] if text is None else [text]
+    lines[number - 1 : number] = [] if text is None else [text]
     path.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("file,line,text,words", [
-    ("list_attr_celeba.txt", 1, "13", ["list_attr_celeba.txt line 1", "13 images", "12 are listed"]),
-    ("list_attr_celeba.txt", 1, "twelve", ["list_attr_celeba.txt line 1", "'twelve'", "image count"]),
-    ("list_attr_celeba.txt", 5, "000003.jpg 1 -1", ["list_attr_celeba.txt line 5", "3 fields", "expected 41"]),
-    ("list_attr_celeba.txt", 4, "000002.jpg" + " 0" * 40, ["list_attr_celeba.txt line 4", "'0'", "-1 or 1"]),
-    ("list_attr_celeba.txt", 4, "000001.jpg" + " 1" * 40, ["line 4", "000001.jpg a second time"]),
-    ("list_attr_celeba.csv", 3, "000002.jpg" + ",yes" * 40, ["list_attr_celeba.csv line 3", "'yes'", "-1 or 1"]),
-    ("list_attr_celeba.csv", 1, "name,Male", ["list_attr_celeba.csv", "header", "image_id"]),
-    ("list_eval_partition.txt", 2, "000002.jpg 3", ["list_eval_partition.txt line 2", "'3'", "0 (train)"]),
-    ("list_eval_partition.txt", 2, "000002.jpg", ["list_eval_partition.txt line 2", "1 fields", "expected 2"]),
-    ("list_eval_partition.txt", 7, None, ["000007.jpg is in list_attr_celeba.txt but not in list_eval_partition"]),
-    ("list_eval_partition.txt", 13, "000099.jpg 2", ["000099.jpg is in list_eval_partition.txt but not in "
-                                                     "list_attr_celeba.txt"]),
-    ("list_eval_partition.csv", 1, "image_id,part", ["list_eval_partition.csv", "header", "image_id,partition"]),
-])
+@pytest.mark.parametrize(
+    "file,line,text,words",
+    [
+        ("list_attr_celeba.txt", 1, "13", ["list_attr_celeba.txt line 1", "13 images", "12 are listed"]),
+        ("list_attr_celeba.txt", 1, "twelve", ["list_attr_celeba.txt line 1", "'twelve'", "image count"]),
+        ("list_attr_celeba.txt", 5, "000003.jpg 1 -1", ["list_attr_celeba.txt line 5", "3 fields", "expected 41"]),
+        ("list_attr_celeba.txt", 4, "000002.jpg" + " 0" * 40, ["list_attr_celeba.txt line 4", "'0'", "-1 or 1"]),
+        ("list_attr_celeba.txt", 4, "000001.jpg" + " 1" * 40, ["line 4", "000001.jpg a second time"]),
+        ("list_attr_celeba.csv", 3, "000002.jpg" + ",yes" * 40, ["list_attr_celeba.csv line 3", "'yes'", "-1 or 1"]),
+        ("list_attr_celeba.csv", 1, "name,Male", ["list_attr_celeba.csv", "header", "image_id"]),
+        ("list_eval_partition.txt", 2, "000002.jpg 3", ["list_eval_partition.txt line 2", "'3'", "0 (train)"]),
+        ("list_eval_partition.txt", 2, "000002.jpg", ["list_eval_partition.txt line 2", "1 fields", "expected 2"]),
+        ("list_eval_partition.txt", 7, None, ["000007.jpg is in list_attr_celeba.txt but not in list_eval_partition"]),
+        (
+            "list_eval_partition.txt",
+            13,
+            "000099.jpg 2",
+            ["000099.jpg is in list_eval_partition.txt but not in list_attr_celeba.txt"],
+        ),
+        ("list_eval_partition.csv", 1, "image_id,part", ["list_eval_partition.csv", "header", "image_id,partition"]),
+    ],
+)
 def test_celeba_bad_lists_name_the_file_and_line(tmp_path, file, line, text, words):
     root = write_celeba(tmp_path, lists=file[-3:])
     if line > CELEBA_COUNT:  # a line after the last
@@ -133,10 +152,18 @@ def test_celeba_bad_lists_name_the_file_and_line(tmp_path, file, line, text, wor
 
 
 def test_celeba_missing_or_unreadable_lists_say_what_to_get(tmp_path):
-    one_line_error(lambda: data.read_celeba_labels(tmp_path / "nowhere"), f"{tmp_path / 'nowhere'} does not exist",
-                   "CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) were not found", "download")
-    one_line_error(lambda: data.read_celeba_labels(tmp_path), "CelebA's lists were not found",
-                   f"no list_attr_celeba.txt or list_attr_celeba.csv in {tmp_path}", "download")
+    one_line_error(
+        lambda: data.read_celeba_labels(tmp_path / "nowhere"),
+        f"{tmp_path / 'nowhere'} does not exist",
+        "CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) were not found",
+        "download",
+    )
+    one_line_error(
+        lambda: data.read_celeba_labels(tmp_path),
+        "CelebA's lists were not found",
+        f"no list_attr_celeba.txt or list_attr_celeba.csv in {tmp_path}",
+        "download",
+    )
     (tmp_path / "list_attr_celeba.txt").write_text("")
     one_line_error(lambda: data.read_celeba_labels(tmp_path), "list_attr_celeba.txt is empty")
     (tmp_path / "list_attr_celeba.txt").write_bytes(b"\xff\xfe\x00 binary" * 10)
@@ -148,12 +175,12 @@ def test_select_attributes_by_name_or_all():
     assert data.select_attributes(CELEBA_NAMES, ["all"]) == list(range(40))
     one_line_error(lambda: data.select_attributes(CELEBA_NAMES, ["smiling"]), "'smiling'", "Smiling", "case-sensitive")
     one_line_error(lambda: data.select_attributes(CELEBA_NAMES, ["Glasses"]), "Eyeglasses")
-    one_line_error(lambda: data.select_attributes(CELEBA_NAMES, ["qqq"]), "'qqq'", "5_o_Clock_Shadow", "Young",
-                   "all")
+    one_line_error(lambda: data.select_attributes(CELEBA_NAMES, ["qqq"]), "'qqq'", "5_o_Clock_Shadow", "Young", "all")
     one_line_error(lambda: data.select_attributes(CELEBA_NAMES, []), "no attribute")
 
 
 # ---------------------------------------------------------------- the balanced sample
+
 
 def sample_labels(n: int = 3000) -> tuple[torch.Tensor, torch.Tensor]:
     """Attributes with column 1 set for 30% of the images, and a partition of 80% train, 10% val, 10% test."""
@@ -181,13 +208,18 @@ def test_concepcion_sample_is_balanced_exact_and_from_the_right_partition():
 def test_concepcion_sample_too_big_says_how_many_there_are():
     attributes, partition = sample_labels()
     having = int(attributes[partition == 1, 1].sum())  # about 90 of the 300 val images
-    one_line_error(lambda: data.concepcion_sample(attributes, partition, 1, sizes=(10, 2 * having + 2, 10)),
-                   "val partition", f"has {having} images with", "make the sample sizes smaller")
+    one_line_error(
+        lambda: data.concepcion_sample(attributes, partition, 1, sizes=(10, 2 * having + 2, 10)),
+        "val partition",
+        f"has {having} images with",
+        "make the sample sizes smaller",
+    )
     with pytest.raises(ValueError):
         data.concepcion_sample(attributes, partition, 1, sizes=(10, 10))
 
 
 # ---------------------------------------------------------------- CelebA images
+
 
 @pytest.mark.parametrize("images", ["folder", "zip", "nested zip"])
 def test_load_celeba_reads_folder_and_zips_the_same(tmp_path, images, capsys):
@@ -208,7 +240,7 @@ def test_load_celeba_skips_a_zip_member_declaring_a_bomb_size(tmp_path):
     content = bytearray((root / "img_align_celeba.zip").read_bytes())
     central = content.index(b"PK\x01\x02")  # the central directory, where each entry's sizes are declared
     entry = content.rindex(b"PK\x01\x02", 0, content.index(b"img_align_celeba/000002.jpg", central))
-    content[entry + 24:entry + 28] = (3_000_000_000).to_bytes(4, "little")  # its uncompressed size: 3 GB
+    content[entry + 24 : entry + 28] = (3_000_000_000).to_bytes(4, "little")  # its uncompressed size: 3 GB
     (root / "img_align_celeba.zip").write_bytes(bytes(content))
     with pytest.warns(UserWarning, match="skipped 1 zip members that would inflate .*: 000002.jpg"):
         faces = data.load_celeba(root, [0, 1, 2], size=(HEIGHT, WIDTH), cache_dir=tmp_path / "cache")
@@ -222,8 +254,9 @@ def test_load_celeba_crops_and_sizes(tmp_path):
     assert whole.images.shape == (2, 3, 10, 8) and square.images.shape == (2, 3, 8, 8)
     assert whole.images[:, :, 0].float().mean() > 200  # the white band is kept
     assert square.images[:, :, 0].float().mean() < 180  # the centre square leaves it out
-    one_line_error(lambda: data.load_celeba(root, [1], crop="circle", cache_dir=tmp_path / "cache"), "'circle'",
-                   "none, square")
+    one_line_error(
+        lambda: data.load_celeba(root, [1], crop="circle", cache_dir=tmp_path / "cache"), "'circle'", "none, square"
+    )
     for size in [(0, 8), (8, 8, 3), "64", 8.0]:
         one_line_error(lambda: data.load_celeba(root, [1], size=size, cache_dir=tmp_path / "cache"), "image size")
 
@@ -243,15 +276,20 @@ def test_load_celeba_decodes_only_the_sample(tmp_path):
     assert faces.targets.tolist() == [[(v + 1) // 2 for v in CELEBA_VALUES[i]] for i in (0, 10)]
     with pytest.warns(UserWarning, match="skipped 1 missing or unreadable images: 000004.jpg"):
         one_line_error(lambda: data.load_celeba(root, [3], cache_dir=tmp_path / "cache"), "none of the 1 sampled")
-    one_line_error(lambda: data.load_celeba(root, [12], cache_dir=tmp_path / "cache"), "positions up to 12",
-                   "lists 12 images")
+    one_line_error(
+        lambda: data.load_celeba(root, [12], cache_dir=tmp_path / "cache"), "positions up to 12", "lists 12 images"
+    )
 
 
 def test_load_celeba_refuses_what_memory_cannot_hold(tmp_path, monkeypatch):
     root = write_celeba(tmp_path / "celeba")
     monkeypatch.setattr(data, "_available_memory", lambda: 1_000_000_000)
-    one_line_error(lambda: data.load_celeba(root, torch.arange(12).repeat(1100), cache_dir=tmp_path / "cache"),
-                   "13,200 images at 218x178 need 1.5 GB", "only 1.0 GB", "lower the sample sizes or the image size")
+    one_line_error(
+        lambda: data.load_celeba(root, torch.arange(12).repeat(1100), cache_dir=tmp_path / "cache"),
+        "13,200 images at 218x178 need 1.5 GB",
+        "only 1.0 GB",
+        "lower the sample sizes or the image size",
+    )
     assert not (tmp_path / "cache").exists()
 
 
@@ -273,8 +311,11 @@ def test_load_celeba_without_images_says_what_to_get(tmp_path):
     (root / "img_align_celeba.zip").write_bytes(b"PK not a zip")
     one_line_error(lambda: data.load_celeba(root, [1], cache_dir=tmp_path / "cache"), "not a readable zip file")
     (root / "img_align_celeba.zip").unlink()
-    one_line_error(lambda: data.load_celeba(root, [1], cache_dir=tmp_path / "cache"), "no img_align_celeba/ folder",
-                   "img_align_celeba.zip")
+    one_line_error(
+        lambda: data.load_celeba(root, [1], cache_dir=tmp_path / "cache"),
+        "no img_align_celeba/ folder",
+        "img_align_celeba.zip",
+    )
 
 
 def test_attribute_faces_subset_keeps_the_fields_together():
@@ -296,8 +337,11 @@ UTK_GOOD = {  # file name -> (gender, age, race)
     "70_1_4_20170109150557335.jpg": (1, 70, 4),  # an in-the-wild name
     "116_0_0_20170120134921760.jpg.chip.jpg": (0, 116, 0),
 }
-UTK_BAD = ["121_0_0_20170109142408075.jpg.chip.jpg", "30_2_0_20170109142408075.jpg.chip.jpg",
-           "61_1_20170109142408075.jpg.chip.jpg"]  # age over 120, gender 2, the race missing
+UTK_BAD = [
+    "121_0_0_20170109142408075.jpg.chip.jpg",
+    "30_2_0_20170109142408075.jpg.chip.jpg",
+    "61_1_20170109142408075.jpg.chip.jpg",
+]  # age over 120, gender 2, the race missing
 
 
 def write_utkface(folder: Path) -> Path:
@@ -316,7 +360,8 @@ def test_utkface_reads_names_and_warns_once_about_bad_ones(tmp_path):
         warnings.simplefilter("always")
         faces = data.load_utkface(folder, size=8, cache_dir=tmp_path / "cache")
     assert [str(w.message) for w in caught] == [
-        "skipped 3 UTKFace files whose names are not <age>_<gender>_<race>_<date>: " + ", ".join(sorted(UTK_BAD))]
+        "skipped 3 UTKFace files whose names are not <age>_<gender>_<race>_<date>: " + ", ".join(sorted(UTK_BAD))
+    ]
     assert faces.files == sorted(UTK_GOOD) and faces.columns == ("gender", "age", "race")
     assert faces.targets.tolist() == [list(UTK_GOOD[name]) for name in sorted(UTK_GOOD)]
     assert faces.images.shape == (4, 3, 8, 8) and faces.partition.tolist() == [-1] * 4
@@ -341,8 +386,9 @@ def test_utkface_crops_faces_of_in_the_wild_photos(tmp_path, monkeypatch):
     folder.mkdir()
     for name in ("30_1_3_20170101.jpg", "40_0_2_20170102.jpg"):
         Image.new("RGB", (60, 40), (200, 200, 200)).save(folder / name)
-    monkeypatch.setattr(data, "detect_faces",
-                        lambda image, device="cpu": [(10, 5, 40, 35)] if image.size == (60, 40) else [])
+    monkeypatch.setattr(
+        data, "detect_faces", lambda image, device="cpu": [(10, 5, 40, 35)] if image.size == (60, 40) else []
+    )
     Image.new("RGB", (50, 50)).save(folder / "50_0_1_20170103.jpg")  # "no face" in it
     with pytest.warns(UserWarning, match="skipped 1 photos where no face was found: 50_0_1_20170103.jpg"):
         faces = data.load_utkface(folder, size=12, cache_dir=tmp_path / "cache", crop_faces=True)
@@ -376,7 +422,9 @@ def test_age_groups_at_their_bounds():
 
 def utk_targets(n: int = 1000) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
-    gender, age, race = (torch.randint(low, high, (n,), generator=generator) for low, high in ((0, 2), (1, 100), (0, 5)))
+    gender, age, race = (
+        torch.randint(low, high, (n,), generator=generator) for low, high in ((0, 2), (1, 100), (0, 5))
+    )
     return torch.stack([gender, age, race], 1)
 
 
@@ -406,15 +454,22 @@ def test_utkface_validation_comes_out_of_the_training_part_and_leaves_the_test_p
     one_line_error(lambda: data.utkface_split(targets, val_fraction=1.0), "validation share", "[0, 1)")
 
 
-@pytest.mark.parametrize("count, protocol, val_fraction, words", [
-    (3, "stratified", 0.0, "the stratified split of 3 UTKFace images leaves 2 for train, 1 for test"),  # was unsaid
-    (45, "stratified", 0.0, "leaves 36 for train, 9 for test"),
-    (30, "utec", 0.0, "leaves 21 for train, 9 for test"),
-    (100, "stratified", 0.1, "leaves 72 for train, 8 for val, 20 for test"),
-])
+@pytest.mark.parametrize(
+    "count, protocol, val_fraction, words",
+    [
+        (3, "stratified", 0.0, "the stratified split of 3 UTKFace images leaves 2 for train, 1 for test"),  # was unsaid
+        (45, "stratified", 0.0, "leaves 36 for train, 9 for test"),
+        (30, "utec", 0.0, "leaves 21 for train, 9 for test"),
+        (100, "stratified", 0.1, "leaves 72 for train, 8 for val, 20 for test"),
+    ],
+)
 def test_a_utkface_split_with_a_part_too_small_to_measure_is_one_line(count, protocol, val_fraction, words):
-    one_line_error(lambda: data.utkface_split(utk_targets(count), protocol, val_fraction=val_fraction), words,
-                   "each part needs at least 10 images", "use more images")
+    one_line_error(
+        lambda: data.utkface_split(utk_targets(count), protocol, val_fraction=val_fraction),
+        words,
+        "each part needs at least 10 images",
+        "use more images",
+    )
 
 
 def test_the_smallest_utkface_splits_allowed():
@@ -435,6 +490,7 @@ def test_utkface_utec_split_is_70_30_with_a_floor_per_class():
 
 
 # ---------------------------------------------------------------- synthetic attribute faces
+
 
 def test_synthetic_attribute_faces_shapes_balance_and_determinism():
     faces = data.synthetic_attribute_faces(200, "celeba", size=16, seed=0)
@@ -466,6 +522,7 @@ def logistic_accuracy(pixels: torch.Tensor, labels: torch.Tensor, train: torch.T
         value = value + 1e-2 * weights.square().sum()
         value.backward()
         return value
+
     optimizer.step(loss)
     with torch.no_grad():
         return float(((features[~train] @ weights > 0) == labels[~train].bool()).float().mean())
@@ -483,6 +540,7 @@ def test_synthetic_attributes_are_learnable_from_pixels(task, columns):
 
 # ---------------------------------------------------------------- the real data (FACENETS_DATA)
 
+
 def test_real_utkface_counts_and_malformed_names(tmp_path):
     root = Path(os.environ.get("FACENETS_DATA", "/nonexistent")) / "utkface"
     if not root.is_dir():
@@ -492,7 +550,8 @@ def test_real_utkface_counts_and_malformed_names(tmp_path):
         faces = data.load_utkface(root, size=32, cache_dir=tmp_path)
     assert [str(w.message) for w in caught] == [
         "skipped 2 UTKFace files whose names are not <age>_<gender>_<race>_<date>: "
-        "61_1_20170109142408075.jpg.chip.jpg, 61_3_20170109150557335.jpg.chip.jpg"]
+        "61_1_20170109142408075.jpg.chip.jpg, 61_3_20170109150557335.jpg.chip.jpg"
+    ]
     assert len(faces) == 9778 and faces.images.shape == (9778, 3, 32, 32)
     assert faces.targets[:, 1].min() >= 1 and faces.targets[:, 1].max() <= 116
     split = data.utkface_split(faces.targets)

@@ -77,8 +77,12 @@ def test_random_crop_is_a_window_of_the_padded_image():
     assert out.shape == (8, 2, 10, 10)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
     for b in range(8):
-        windows = [(t, l) for t in range(7) for l in range(7)
-                   if torch.equal(padded[b, :, t:t + 10, l:l + 10], out[b])]
+        windows = [
+            (t, left)
+            for t in range(7)
+            for left in range(7)
+            if torch.equal(padded[b, :, t : t + 10, left : left + 10], out[b])
+        ]
         assert windows, f"sample {b} is not a window"
 
 
@@ -122,7 +126,9 @@ def test_mixup_fixed_lambda_blends_with_a_consistent_permutation():
 def test_mixup_beta_lambda_in_range_and_repeatable():
     x, y = batch(), torch.arange(6)
     lams = [augment.mixup(x, y, alpha=0.4, generator=gen(s))[3] for s in range(20)]
-    assert all(0 <= lam <= 1 for lam in lams) and len({float(lam) for lam in lams}) > 10  # tensors would hash by identity
+    assert (
+        all(0 <= lam <= 1 for lam in lams) and len({float(lam) for lam in lams}) > 10
+    )  # tensors would hash by identity
     assert augment.mixup(x, y, generator=gen(3))[3] == augment.mixup(x, y, generator=gen(3))[3]
 
 
@@ -148,7 +154,7 @@ def test_cutmix_pastes_one_box_from_the_partner_and_lambda_is_its_own_share():
         box = (~own)[0].nonzero()
         if len(box):  # the changed pixels form one axis-aligned rectangle
             (top, left), (bottom, right) = box.min(0).values, box.max(0).values
-            assert (~own)[0, top:bottom + 1, left:right + 1].all()
+            assert (~own)[0, top : bottom + 1, left : right + 1].all()
         assert lam[i].item() == pytest.approx(own.float().mean().item())
     assert lam.shape == (64,) and (lam >= 0).all() and (lam <= 1).all()
     assert 0.3 < lam.mean() < 0.8  # 1 - Beta(1, 1) areas, larger where a box is clipped at a border

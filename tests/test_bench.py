@@ -1,5 +1,6 @@
 """benchmarks/bench_emotion.py: the CPU smoke run end to end, its JSON, and a missing data set.
 benchmarks/overhead_emotion.py: its counters, its smoke run on two checkouts, and the syncs of train_emotion's loop."""
+
 import importlib.util
 import json
 import subprocess
@@ -34,8 +35,13 @@ def last_word(stdout, start):
 def test_small_run_times_both_loops_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     # Run from another folder as a user would: the script must find train_emotion and facenets by itself.
-    done = subprocess.run([sys.executable, str(SCRIPT), "--small", "--out", str(out)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--small", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert float(last_word(done.stdout, "facenets (")) > 0
     assert float(last_word(done.stdout, "reference (DataLoader, 2 workers)")) > 0
@@ -52,8 +58,12 @@ def test_small_run_times_both_loops_and_writes_json(tmp_path):
 
 def test_a_model_whose_head_depends_on_the_image_size_is_built_for_the_crops(tmp_path, capsys):
     # rna_cifar flattens its last map, so a model built for 48x48 images fails on the recipe's 40x40 crops
-    assert load_bench().main(["--small", "--model", "rna_cifar", "--steps", "1", "--warmup", "0", "--workers", "0",
-                              "--epochs", "0"]) == 0
+    assert (
+        load_bench().main(
+            ["--small", "--model", "rna_cifar", "--steps", "1", "--warmup", "0", "--workers", "0", "--epochs", "0"]
+        )
+        == 0
+    )
     assert "ratio facenets / reference" in capsys.readouterr().out
 
 
@@ -87,8 +97,17 @@ def test_sync_counter_counts_each_way_of_reading_a_tensor_once_at_its_place():
         t.sum().item(), float(t[0]), int(t[0]), bool(t[0] > 0), t.tolist(), t.cpu(), t.numpy()
         f"{t[1]:.1f}", repr(t)  # each reads values inside with other methods: counted once
         t + 1, t.view(3, 1), t.to(torch.float64)  # stay tensors: no sync
-    assert [name for _, name, _ in syncs.events] == ["item", "__float__", "__int__", "__bool__", "tolist", "cpu",
-                                                      "numpy", "__format__", "__repr__"]
+    assert [name for _, name, _ in syncs.events] == [
+        "item",
+        "__float__",
+        "__int__",
+        "__bool__",
+        "tolist",
+        "cpu",
+        "numpy",
+        "__format__",
+        "__repr__",
+    ]
     assert {place.split(":")[0] for _, _, place in syncs.events} == {"test_bench.py"}
     assert torch.Tensor.item is item  # put back on leaving
 
@@ -106,8 +125,13 @@ def test_op_counter_sees_backward_and_the_syncs_hidden_in_operators():
 def test_small_overhead_run_measures_two_checkouts_alike(tmp_path):
     out = tmp_path / "overhead.json"
     # Run from another folder as a user would; the same checkout twice, each in its own process.
-    done = subprocess.run([sys.executable, str(OVERHEAD), "--small", "--code", str(ROOT), str(ROOT), "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(OVERHEAD), "--small", "--code", str(ROOT), str(ROOT), "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     first, second = json.loads(out.read_text())
     assert first["ms_per_step"][0] > 0 and second["ms_per_step"][0] > 0
@@ -128,16 +152,22 @@ def test_a_second_checkout_is_refused_in_the_same_process(tmp_path, monkeypatch)
 # One sync per epoch of the recipe (56 steps at batch 512), to read its loss and accuracy at once, is all the loop
 # needs. Measured at 9f5144c: 6 in 56 steps, all .item(): the progress bar reads the loss and the accuracy every 20
 # steps (train_emotion.py:463) and the epoch's end reads them one after the other (:467).
-@pytest.mark.xfail(strict=True, reason="9f5144c syncs 6 times in 56 steps: train_emotion.py:463 (progress bar, 2 "
-                   ".item() every 20 steps) and :467 (epoch end, 2 .item())")
+@pytest.mark.xfail(
+    strict=True,
+    reason="9f5144c syncs 6 times in 56 steps: train_emotion.py:463 (progress bar, 2 "
+    ".item() every 20 steps) and :467 (epoch end, 2 .item())",
+)
 def test_the_step_loop_syncs_with_the_device_at_most_once_every_50_steps(monkeypatch):
     overhead = load_script(OVERHEAD)
     train_emotion = overhead.import_from(ROOT)
     # A save syncs too, every 30 s: a slow machine would have more. For this test only, as the benchmark does.
     monkeypatch.setattr(train_emotion.runs, "SAVE_EVERY", float("inf"))
     syncs, ops = overhead.SyncCounter(), overhead.OpCounter()
-    steps = overhead.train(train_emotion, ["--width", "4", "--batch-size", "16", "--synthetic-count",
-                                                        "1120", "--epochs", "2"], (syncs, ops))
+    steps = overhead.train(
+        train_emotion,
+        ["--width", "4", "--batch-size", "16", "--synthetic-count", "1120", "--epochs", "2"],
+        (syncs, ops),
+    )
     last = overhead.last_step(len(steps), 2)  # 56 steps, from the first step of epoch 1 to the first of epoch 2
     found = overhead.by_place(syncs.events, 1, last) + overhead.by_place(ops.events, 1, last)
     assert sum(found.values()) <= (last - 1) / 50, dict(found)
@@ -152,8 +182,10 @@ def test_the_three_ways_of_an_ensemble_train_the_same_networks():
     bench, cpu = load_script(ENSEMBLE), torch.device("cpu")
     x, y = torch.rand(2, 8, 1, bench.CROP, bench.CROP), torch.randint(bench.CLASSES, (2, 8))
     # The same initial weights for each way; two steps, so that the second loss also checks the first update
-    losses = {way: [trainer.step(x, y) for trainer in [make(bench.make_networks(2, width=4), cpu)] for _ in range(2)]
-              for way, make in bench.WAYS.items()}
+    losses = {
+        way: [trainer.step(x, y) for trainer in [make(bench.make_networks(2, width=4), cpu)] for _ in range(2)]
+        for way, make in bench.WAYS.items()
+    }
     assert losses["stacked"][0].shape == (2,) and not torch.equal(losses["stacked"][0], losses["stacked"][1])
     for way in ("vmap", "separate"):
         # float32 sums taken in another order differ by ~1e-6; members swapped or mixed would differ by ~1e-2

@@ -1,4 +1,5 @@
 """Tests of facenets.data on small files written in the real formats; tests on the real data need FACENETS_DATA."""
+
 import io
 import os
 import subprocess
@@ -73,6 +74,7 @@ def one_line_error(call, *words) -> None:
 
 # ---------------------------------------------------------------- FER-2013 readers
 
+
 def test_folders_read_labels_usage_and_names(tmp_path):
     check_fer_files(data.fer2013_folders(write_fer_folders(tmp_path)))
 
@@ -92,8 +94,11 @@ def test_folders_skip_unreadable_images_with_a_warning(tmp_path):
     (root / "train/happy/Training_broken.jpg").write_bytes(b"this is no JPEG")
     jpeg = (root / "train/angry/Training_1.jpg").read_bytes()
     (root / "test/surprise/PublicTest_cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable images: train/happy/Training_broken.jpg, "
-                                         r"test/surprise/PublicTest_cut.jpg"):
+    with pytest.warns(
+        UserWarning,
+        match=r"skipped 2 unreadable images: train/happy/Training_broken.jpg, "
+        r"test/surprise/PublicTest_cut.jpg",
+    ):
         faces = data.fer2013_folders(root)
     check_fer_files(faces)
 
@@ -113,8 +118,9 @@ def test_folders_reject_an_unknown_class_folder(tmp_path):
     one_line_error(lambda: data.fer2013_folders(root), "'train/contempt'", "angry", "disgusted", "surprise")
 
 
-@pytest.mark.parametrize("reader", [data.fer2013_folders, data.fer2013_zip, data.fer2013_csv, data.read_fer2013,
-                                    data.load_fer2013])
+@pytest.mark.parametrize(
+    "reader", [data.fer2013_folders, data.fer2013_zip, data.fer2013_csv, data.read_fer2013, data.load_fer2013]
+)
 def test_missing_path_says_where_to_get_the_data(tmp_path, reader):
     one_line_error(lambda: reader(tmp_path / "nowhere"), "nowhere", "does not exist", "Kaggle", "fer2013.csv")
 
@@ -153,7 +159,7 @@ def test_zip_skips_a_damaged_member_with_a_warning(tmp_path):
     path = write_zip(tmp_path / "archive.zip", root)
     content = bytearray(path.read_bytes())
     start = content.index(b"train/angry/Training_noisy.png") + 1000  # inside that member's data
-    content[start:start + 16] = bytes(16)
+    content[start : start + 16] = bytes(16)
     path.write_bytes(bytes(content))
     with pytest.warns(UserWarning, match="skipped 1 unreadable images: train/angry/Training_noisy.png"):
         check_fer_files(data.fer2013_zip(path))
@@ -166,10 +172,13 @@ def pixels_text(level: int, count: int = 2304) -> str:
 CSV_ROWS = [(0, 5, "Training"), (3, 100, "PublicTest"), (6, 250, "PrivateTest")]  # emotion, first pixel, Usage
 
 
-@pytest.mark.parametrize("header,order,pad", [
-    ("emotion,pixels,Usage", (0, 1, 2), ""),  # fer2013.csv
-    ("emotion, Usage, pixels", (0, 2, 1), " "),  # icml_face_data.csv: names with spaces, another column order
-])
+@pytest.mark.parametrize(
+    "header,order,pad",
+    [
+        ("emotion,pixels,Usage", (0, 1, 2), ""),  # fer2013.csv
+        ("emotion, Usage, pixels", (0, 2, 1), " "),  # icml_face_data.csv: names with spaces, another column order
+    ],
+)
 def test_csv_reads_both_kaggle_files(tmp_path, header, order, pad):
     lines = [header]
     for emotion, level, usage in CSV_ROWS:
@@ -184,15 +193,18 @@ def test_csv_reads_both_kaggle_files(tmp_path, header, order, pad):
     assert faces.images.flatten(1).tolist() == expected  # row-major 48x48, exactly
 
 
-@pytest.mark.parametrize("bad_row,words", [
-    ("0,1 2 3,Training", ["row 3", "has 3 pixel values", "2304"]),
-    (f"7,{pixels_text(0)},Training", ["row 3", "'7'", "0-6"]),
-    (f"x,{pixels_text(0)},Training", ["row 3", "'x'"]),
-    (f"0,{pixels_text(0, 2303)} x,Training", ["row 3", "pixel"]),
-    (f"0,{pixels_text(0, 2303)} 256,Training", ["row 3", "0-255"]),
-    (f"0,{pixels_text(0)},Validation", ["row 3", "'Validation'", "PrivateTest"]),
-    (f"0,{pixels_text(0)}", ["row 3", "2 fields"]),
-])
+@pytest.mark.parametrize(
+    "bad_row,words",
+    [
+        ("0,1 2 3,Training", ["row 3", "has 3 pixel values", "2304"]),
+        (f"7,{pixels_text(0)},Training", ["row 3", "'7'", "0-6"]),
+        (f"x,{pixels_text(0)},Training", ["row 3", "'x'"]),
+        (f"0,{pixels_text(0, 2303)} x,Training", ["row 3", "pixel"]),
+        (f"0,{pixels_text(0, 2303)} 256,Training", ["row 3", "0-255"]),
+        (f"0,{pixels_text(0)},Validation", ["row 3", "'Validation'", "PrivateTest"]),
+        (f"0,{pixels_text(0)}", ["row 3", "2 fields"]),
+    ],
+)
 def test_csv_bad_row_names_its_row(tmp_path, bad_row, words):
     (tmp_path / "fer2013.csv").write_text(f"emotion,pixels,Usage\n0,{pixels_text(0)},Training\n{bad_row}\n")
     one_line_error(lambda: data.fer2013_csv(tmp_path / "fer2013.csv"), "fer2013.csv", *words)
@@ -206,7 +218,9 @@ def test_csv_with_a_wrong_header_is_an_error(tmp_path, content):
 
 def test_csv_saved_by_a_spreadsheet_or_not_text_at_all(tmp_path):
     # Excel and others write a byte-order mark before the header: still the right header
-    (tmp_path / "fer2013.csv").write_text(f"\ufeffemotion,pixels,Usage\n3,{pixels_text(0)},Training\n", encoding="utf-8")
+    (tmp_path / "fer2013.csv").write_text(
+        f"\ufeffemotion,pixels,Usage\n3,{pixels_text(0)},Training\n", encoding="utf-8"
+    )
     assert data.fer2013_csv(tmp_path / "fer2013.csv").labels.tolist() == [3]
     (tmp_path / "fer2013.csv").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 10)  # an image renamed to .csv
     one_line_error(lambda: data.fer2013_csv(tmp_path / "fer2013.csv"), "not a readable csv text file")
@@ -228,6 +242,7 @@ def test_read_fer2013_chooses_the_reader_by_path(tmp_path):
 
 
 # ---------------------------------------------------------------- decode cache
+
 
 def refuse_to_read(path):
     raise AssertionError("decoded again instead of loading the cache")
@@ -290,6 +305,7 @@ def test_ctrl_c_while_the_cache_is_written_leaves_no_temporary_file(tmp_path, mo
     def interrupted(state, path):
         Path(path).write_bytes(b"half a cache")
         raise KeyboardInterrupt
+
     monkeypatch.setattr(data.torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         data.load_fer2013(root, cache_dir=tmp_path / "cache")
@@ -307,6 +323,7 @@ def test_ctrl_c_while_the_cache_is_written_leaves_no_temporary_file(tmp_path, mo
 
 
 # ---------------------------------------------------------------- splits
+
 
 def test_stratified_split_is_exact_proportional_and_seeded():
     mixed = torch.randperm(147, generator=torch.Generator().manual_seed(1))
@@ -335,9 +352,13 @@ def test_stratified_split_min_per_class_fills_the_first_part():
 
 def fake_faces(labels: list[int], usage: list[str]) -> data.FaceImages:
     n = len(labels)
-    return data.FaceImages(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), torch.tensor(labels),
-                           torch.tensor([data.USAGES.index(u) for u in usage], dtype=torch.int8),
-                           [f"image {i}" for i in range(n)], EMOTIONS)
+    return data.FaceImages(
+        torch.zeros(n, 1, 1, 1, dtype=torch.uint8),
+        torch.tensor(labels),
+        torch.tensor([data.USAGES.index(u) for u in usage], dtype=torch.int8),
+        [f"image {i}" for i in range(n)],
+        EMOTIONS,
+    )
 
 
 def test_subset_keeps_the_fields_together():
@@ -417,6 +438,7 @@ def test_split_errors_are_one_line():
 
 # ---------------------------------------------------------------- synthetic faces
 
+
 def test_synthetic_faces_are_deterministic_balanced_and_learnable():
     faces = data.synthetic_faces(2800, seed=0)
     assert faces.images.shape == (2800, 1, 48, 48) and faces.images.dtype == torch.uint8
@@ -437,6 +459,7 @@ def test_synthetic_faces_are_deterministic_balanced_and_learnable():
 
 
 # ---------------------------------------------------------------- MTCNN face crops
+
 
 def face_photo(face: torch.Tensor, size: int = 160, canvas=(320, 240), at=(80, 40)) -> Image.Image:
     """A 48x48 face enlarged onto a plain background, which MTCNN finds."""
@@ -533,8 +556,12 @@ def test_face_folders_skip_a_photo_over_pillows_bomb_limit(tmp_path, monkeypatch
 def test_face_folders_errors(tmp_path):
     (tmp_path / "contempt").mkdir()
     Image.effect_noise((64, 64), 80).save(tmp_path / "contempt/a.png")
-    one_line_error(lambda: data.face_folders(tmp_path, classes=EMOTIONS, cache_dir=tmp_path / "c"), "'contempt'",
-                   "surprise", "surprised")
+    one_line_error(
+        lambda: data.face_folders(tmp_path, classes=EMOTIONS, cache_dir=tmp_path / "c"),
+        "'contempt'",
+        "surprise",
+        "surprised",
+    )
     with pytest.warns(UserWarning, match="no face was found"):
         one_line_error(lambda: data.face_folders(tmp_path, cache_dir=tmp_path / "c"), "no face found", "1 photos")
     one_line_error(lambda: data.face_folders(tmp_path / "contempt", cache_dir=tmp_path / "c"), "no photos")
@@ -550,6 +577,7 @@ def test_missing_facenet_pytorch_is_a_data_error(monkeypatch):
 
 
 # ---------------------------------------------------------------- 16-bit images, zip bombs, unreadable files
+
 
 def gradient_16_bit(path: Path, width: int = 256, height: int = 48) -> np.ndarray:
     """A 16-bit grayscale PNG whose columns run 0..65535 left to right; returns the 8-bit gradient it stands for."""
@@ -578,9 +606,9 @@ def declare_size(path: Path, member: str, size: int) -> None:
     """Make the zip's central directory declare size bytes for member, as a crafted zip can."""
     content = bytearray(path.read_bytes())
     entry = content.index(b"PK\x01\x02")  # the central directory's entries, each with its name at byte 46
-    while content[entry + 46:entry + 46 + len(member)] != member.encode():
+    while content[entry + 46 : entry + 46 + len(member)] != member.encode():
         entry = content.index(b"PK\x01\x02", entry + 4)
-    content[entry + 24:entry + 28] = size.to_bytes(4, "little")  # its uncompressed size field
+    content[entry + 24 : entry + 28] = size.to_bytes(4, "little")  # its uncompressed size field
     path.write_bytes(bytes(content))
 
 
@@ -600,8 +628,11 @@ def test_zip_members_beyond_the_size_bounds_are_skipped_without_being_inflated(t
         return real_open(archive, member, *args, **kwargs)
 
     monkeypatch.setattr(zipfile.ZipFile, "open", open_member)
-    with pytest.warns(UserWarning, match=r"skipped 3 zip members that would inflate to over 200.0 kB or to over 100x "
-                                         r"their packed size.*: huge.png, noise.png, zeros.png"):
+    with pytest.warns(
+        UserWarning,
+        match=r"skipped 3 zip members that would inflate to over 200.0 kB or to over 100x "
+        r"their packed size.*: huge.png, noise.png, zeros.png",
+    ):
         faces = data.load_face_images(path, 16, cache_dir=tmp_path / "cache")
     assert faces.files == ["ok.png"] and opened == ["ok.png"]
 
@@ -624,8 +655,12 @@ def test_every_zip_reader_checks_the_declared_size(tmp_path):
 def test_a_csv_with_a_wide_wrong_header_shows_its_start(tmp_path):
     # another Kaggle layout: one column per pixel; textwrap.shorten reduced its header to '[...]'
     (tmp_path / "fer2013.csv").write_text("emotion," + ",".join(f"pixel_{i}" for i in range(2304)) + "\n")
-    one_line_error(lambda: data.fer2013_csv(tmp_path / "fer2013.csv"), "'emotion,pixel_0,pixel_1,", "(2305 fields)",
-                   "expected the columns emotion, pixels, Usage")
+    one_line_error(
+        lambda: data.fer2013_csv(tmp_path / "fer2013.csv"),
+        "'emotion,pixel_0,pixel_1,",
+        "(2305 fields)",
+        "expected the columns emotion, pixels, Usage",
+    )
 
 
 @pytest.fixture
@@ -639,6 +674,7 @@ def unreadable(monkeypatch):
             if isinstance(path, (str, os.PathLike)) and os.fspath(path) in paths:
                 raise PermissionError(13, "Permission denied", os.fspath(path))
             return real(path, *args, **kwargs)
+
         return call
 
     monkeypatch.setattr(os, "listdir", guarded(listdir))
@@ -647,20 +683,27 @@ def unreadable(monkeypatch):
     return lambda path: paths.add(os.fspath(path))
 
 
-@pytest.mark.parametrize("locked, read", [
-    ("fer2013", lambda root: data.fer2013_folders(root / "fer2013")),
-    ("fer2013/train/angry", lambda root: data.fer2013_folders(root / "fer2013")),  # glob passed over it: a class lost
-    ("archive.zip", lambda root: data.fer2013_zip(root / "archive.zip")),
-    ("fer2013.csv", lambda root: data.fer2013_csv(root / "fer2013.csv")),
-    ("fer2013", lambda root: data.load_face_images(root / "fer2013", 16, cache_dir=root / "cache")),
-    ("fer2013", lambda root: data.load_utkface(root / "fer2013", 16, cache_dir=root / "cache")),
-])
+@pytest.mark.parametrize(
+    "locked, read",
+    [
+        ("fer2013", lambda root: data.fer2013_folders(root / "fer2013")),
+        (
+            "fer2013/train/angry",
+            lambda root: data.fer2013_folders(root / "fer2013"),
+        ),  # glob passed over it: a class lost
+        ("archive.zip", lambda root: data.fer2013_zip(root / "archive.zip")),
+        ("fer2013.csv", lambda root: data.fer2013_csv(root / "fer2013.csv")),
+        ("fer2013", lambda root: data.load_face_images(root / "fer2013", 16, cache_dir=root / "cache")),
+        ("fer2013", lambda root: data.load_utkface(root / "fer2013", 16, cache_dir=root / "cache")),
+    ],
+)
 def test_what_cannot_be_read_is_one_line_saying_so(tmp_path, unreadable, locked, read):
     write_zip(tmp_path / "archive.zip", write_fer_folders(tmp_path / "fer2013"))
     (tmp_path / "fer2013.csv").write_text("emotion,pixels,Usage\n")
     unreadable(tmp_path / locked)
-    one_line_error(lambda: read(tmp_path), str(tmp_path / locked), "cannot be read (Permission denied)",
-                   "check its permissions")
+    one_line_error(
+        lambda: read(tmp_path), str(tmp_path / locked), "cannot be read (Permission denied)", "check its permissions"
+    )
 
 
 def test_face_images_skip_a_subfolder_that_cannot_be_read_with_one_warning(tmp_path, unreadable):
@@ -675,6 +718,7 @@ def test_face_images_skip_a_subfolder_that_cannot_be_read_with_one_warning(tmp_p
 
 
 # ---------------------------------------------------------------- the real data (FACENETS_DATA)
+
 
 @pytest.fixture(scope="module")
 def real_fer2013(tmp_path_factory):
@@ -694,8 +738,15 @@ def test_real_fer2013_counts_usage_and_cached_load_time(real_fer2013):
     train = faces.usage == data.USAGES.index("Training")
     assert int(train.sum()) == 28709 and int((faces.usage == data.USAGES.index("PublicTest")).sum()) == 3589
     counts = dict(zip(EMOTIONS, faces.labels[train].bincount().tolist()))
-    assert counts == {"angry": 3995, "disgust": 436, "fear": 4097, "happy": 7215, "neutral": 4965, "sad": 4830,
-                      "surprise": 3171}
+    assert counts == {
+        "angry": 3995,
+        "disgust": 436,
+        "fear": 4097,
+        "happy": 7215,
+        "neutral": 4965,
+        "sad": 4830,
+        "surprise": 3171,
+    }
     assert all(name.split("/")[2].startswith(data.USAGES[u]) for name, u in zip(faces.files, faces.usage.tolist()))
     for shared_name in ("/Training_52789098.jpg", "/Training_8475486.jpg"):  # two images each: both kept
         assert sum(name.endswith(shared_name) for name in faces.files) == 2

@@ -1,5 +1,6 @@
 """--ensemble and --distill: the stacked network is its members, stacked training is N separate runs, and the runs,
 resume, --predict, distillation and benchmarks/gpu_evidence.py --small work end to end on synthetic faces."""
+
 import json
 import signal
 import subprocess
@@ -41,8 +42,15 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module, atol):
 # ---------------------------------------------------------------- the stacked network is its members
 
 
-@pytest.mark.parametrize("name, options, n", [("vgg", dict(width=4, dropout=0.0), 3), ("vgg", dict(width=4, hidden=(16, 8), dropout=0.0), 3),
-                                              ("vgg", dict(width=4, upsample=2, dropout=0.0), 3), ("resnet18", {}, 2)])
+@pytest.mark.parametrize(
+    "name, options, n",
+    [
+        ("vgg", dict(width=4, dropout=0.0), 3),
+        ("vgg", dict(width=4, hidden=(16, 8), dropout=0.0), 3),
+        ("vgg", dict(width=4, upsample=2, dropout=0.0), 3),
+        ("resnet18", {}, 2),
+    ],
+)
 def test_the_stacked_network_computes_what_each_member_computes(name, options, n):
     nets = members_of(name, n, **options)
     stacked = models.stack_networks(nets).to(memory_format=torch.channels_last)
@@ -79,8 +87,20 @@ def test_layers_that_could_mix_members_and_networks_that_differ_are_refused():
 # ---------------------------------------------------------------- stacked training is N separate runs
 
 
-CFG = {"mixup": 0.0, "mixup_lam": None, "cutmix": 0.0, "label_smoothing": 0.1, "sam": 0.0, "optimizer": "sgd",
-       "momentum": None, "lr": 0.2, "weight_decay": 5e-3, "epochs": 1, "scheduler": "onecycle", "precision": "fp32"}
+CFG = {
+    "mixup": 0.0,
+    "mixup_lam": None,
+    "cutmix": 0.0,
+    "label_smoothing": 0.1,
+    "sam": 0.0,
+    "optimizer": "sgd",
+    "momentum": None,
+    "lr": 0.2,
+    "weight_decay": 5e-3,
+    "epochs": 1,
+    "scheduler": "onecycle",
+    "precision": "fp32",
+}
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -125,7 +145,7 @@ def test_each_member_mixes_within_its_own_batch_with_its_own_lambda(flags):
     alone = torch.Generator().manual_seed(0)  # the members' draws, one member after the other
     for i in range(3):
         x_i, y_i, y_b_i, lam_i = train_emotion.mix(x[i], y[i], cfg, alone)
-        assert torch.equal(mixed[:, i:i + 1], x_i) and torch.equal(y_b[i], y_b_i)
+        assert torch.equal(mixed[:, i : i + 1], x_i) and torch.equal(y_b[i], y_b_i)
         assert torch.equal(lam[i], torch.as_tensor(lam_i).expand(8))
     assert len({round(value, 6) for value in lam[:, 0].tolist()}) == 3  # not one lambda for all
 
@@ -143,7 +163,9 @@ def test_the_distillation_loss_blends_labels_and_the_teachers_softened_outputs()
         hard = torch.nn.functional.cross_entropy(student(x), y)
         p_teacher = (teacher(x) / 2).softmax(-1)
         kl = (p_teacher * (p_teacher.log() - (student(x) / 2).log_softmax(-1))).sum(1).mean()
-    loss, _, _ = train_emotion.train_step(student, torch.optim.SGD(student.parameters(), lr=0.0), x, y, cfg, None, teacher)
+    loss, _, _ = train_emotion.train_step(
+        student, torch.optim.SGD(student.parameters(), lr=0.0), x, y, cfg, None, teacher
+    )
     assert torch.allclose(loss, 0.7 * hard + 0.3 * 4 * kl, atol=1e-6)
     assert not torch.allclose(loss, hard, atol=1e-3)
 
@@ -154,6 +176,7 @@ def test_the_teacher_sees_the_very_mixed_images_the_student_sees():
     def spy(who):
         def forward(module, args):
             seen[who] = args[0].clone()
+
         return forward
 
     student, teacher = (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 7)) for _ in range(2))
@@ -161,7 +184,9 @@ def test_the_teacher_sees_the_very_mixed_images_the_student_sees():
     teacher.register_forward_pre_hook(spy("teacher"))
     x, y = torch.rand(6, 1, 4, 4), torch.randint(0, 7, (6,))
     cfg = {**CFG, "mixup": 0.4, "distill_weight": 0.5, "distill_temperature": 4.0}
-    train_emotion.train_step(student, torch.optim.SGD(student.parameters(), lr=0.1), x, y, cfg, torch.Generator(), teacher)
+    train_emotion.train_step(
+        student, torch.optim.SGD(student.parameters(), lr=0.1), x, y, cfg, torch.Generator(), teacher
+    )
     assert torch.equal(seen["teacher"], seen["student"]) and not torch.equal(seen["student"], x)
 
 
@@ -224,7 +249,9 @@ def test_predict_uses_the_whole_ensemble(ensemble_run, monkeypatch, capsys):
     # MTCNN is tested in test_data.py; a fixed detector checks everything after it.
     monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": [(40, 20, 160, 150)])
     used, real = [], train_emotion.predict_proba
-    monkeypatch.setattr(train_emotion, "predict_proba", lambda model, *a, **k: used.append(model) or real(model, *a, **k))
+    monkeypatch.setattr(
+        train_emotion, "predict_proba", lambda model, *a, **k: used.append(model) or real(model, *a, **k)
+    )
     assert train_emotion.main(["--predict", str(photo), "--checkpoint", str(ensemble_run / "best.pt")]) == 0
     assert [getattr(model, "members", 1) for model in used] == [3]
     line = capsys.readouterr().out.split("face 1 at")[1].splitlines()[0]
@@ -248,23 +275,28 @@ def test_a_teacher_that_does_not_fit_is_one_line_and_leaves_no_run_folder(ensemb
     ckpt = torch.load(ensemble_run / "best.pt", weights_only=True)
     torch.save({**ckpt, "classes": [c.upper() for c in ckpt["classes"]]}, tmp_path / "other.pt")  # 7, but not these
     out = tmp_path / "runs"
-    for teacher, flags, words in [(tmp_path / "notes.txt", [], "not a PyTorch checkpoint"),
-                                  (tmp_path / "other.pt", [], "other classes (ANGRY"),
-                                  (ensemble_run / "best.pt", ["--crop", "36"], "--crop 40, this run has 36")]:
+    for teacher, flags, words in [
+        (tmp_path / "notes.txt", [], "not a PyTorch checkpoint"),
+        (tmp_path / "other.pt", [], "other classes (ANGRY"),
+        (ensemble_run / "best.pt", ["--crop", "36"], "--crop 40, this run has 36"),
+    ]:
         assert run(out, "--name", "x", "--dry-run", "--distill", str(teacher), *flags) == 2
         assert words in one_line_error(capsys)
         assert not (out / "x").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--ensemble", "0"], "--ensemble N takes a number"),
-    (["--ensemble", "2", "--model", "udine_r2"], "--ensemble supports vgg and resnet18"),
-    (["--ensemble", "2", "--sam", "0.05"], "without --sam"),
-    (["--ensemble", "2", "--distill", "x.pt"], "without --distill"),
-    (["--distill-weight", "0.3"], "need --distill"),
-    (["--distill", "x.pt", "--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),
-    (["--distill", "x.pt", "--distill-temperature", "0"], "--distill-temperature above 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ensemble", "0"], "--ensemble N takes a number"),
+        (["--ensemble", "2", "--model", "udine_r2"], "--ensemble supports vgg and resnet18"),
+        (["--ensemble", "2", "--sam", "0.05"], "without --sam"),
+        (["--ensemble", "2", "--distill", "x.pt"], "without --distill"),
+        (["--distill-weight", "0.3"], "need --distill"),
+        (["--distill", "x.pt", "--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),
+        (["--distill", "x.pt", "--distill-temperature", "0"], "--distill-temperature above 0"),
+    ],
+)
 def test_impossible_ensemble_and_distillation_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_emotion.parse_args(flags)
@@ -284,9 +316,21 @@ def load_evidence():
 
 
 def test_gpu_evidence_small_runs_every_row_and_writes_the_table(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_evidence.py"), "--small", "--runs",
-                           str(tmp_path / "runs"), "--out", str(tmp_path / "evidence.md")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_evidence.py"),
+            "--small",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "evidence.md"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     table = (tmp_path / "evidence.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
@@ -294,7 +338,9 @@ def test_gpu_evidence_small_runs_every_row_and_writes_the_table(tmp_path):
     for row in rows:  # every row has a wall time and an accuracy: none failed
         cells = [cell.strip() for cell in row.split("|")[1:-1]]
         assert cells[1].endswith(" s") and cells[3].endswith("%"), row
-    assert "ensemble of 8" in rows[3] and [cell.strip() for cell in rows[3].split("|")][5].endswith("%")  # members' mean
+    assert "ensemble of 8" in rows[3] and [cell.strip() for cell in rows[3].split("|")][5].endswith(
+        "%"
+    )  # members' mean
     assert "teacher" in rows[2] and "img/s" in rows[6] and "over 3 seeds" in table
 
 
@@ -303,6 +349,9 @@ def test_gpu_evidence_stops_a_row_at_the_deadline_and_names_a_failed_one(tmp_pat
     start = time.monotonic()
     why = evidence.run_until([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "slow.log", start + 1)
     assert why.startswith("stopped at --deadline") and time.monotonic() - start < 30
-    why = evidence.run_until([sys.executable, "-c", "import sys; print('no data here'); sys.exit(2)"], tmp_path / "bad.log",
-                             time.monotonic() + 60)
+    why = evidence.run_until(
+        [sys.executable, "-c", "import sys; print('no data here'); sys.exit(2)"],
+        tmp_path / "bad.log",
+        time.monotonic() + 60,
+    )
     assert why == "failed (exit 2): no data here"

@@ -1,5 +1,6 @@
 """Tests of the GAN scores in facenets.metrics: the distances on point sets with known answers, ONet's features
 on small made-up images, and their behaviour on real CelebA faces (those need FACENETS_DATA)."""
+
 import importlib.util
 import math
 import os
@@ -14,22 +15,24 @@ from PIL import Image, ImageFilter
 
 from facenets import data, metrics, models
 
-needs_onet = pytest.mark.skipif(importlib.util.find_spec("facenet_pytorch") is None,
-                                reason="face features need facenet-pytorch")
+needs_onet = pytest.mark.skipif(
+    importlib.util.find_spec("facenet_pytorch") is None, reason="face features need facenet-pytorch"
+)
 
 
 def gaussian_sample(n, mean, std, seed):
     generator = torch.Generator().manual_seed(seed)
-    return torch.as_tensor(mean, dtype=torch.float64) + torch.randn(n, len(std), generator=generator,
-                                                                     dtype=torch.float64) * torch.as_tensor(std)
+    return torch.as_tensor(mean, dtype=torch.float64) + torch.randn(
+        n, len(std), generator=generator, dtype=torch.float64
+    ) * torch.as_tensor(std)
 
 
 def random_images(n, size=64, seed=0):
-    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed),
-                         dtype=torch.uint8)
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
 # ---------------------------------------------------------------- Fréchet distance
+
 
 def test_frechet_distance_of_a_set_with_itself_is_zero():
     features = gaussian_sample(500, torch.zeros(32), torch.logspace(0, -3, 32), seed=0)
@@ -47,24 +50,28 @@ def test_gaussian_frechet_distance_by_closed_form():
     assert metrics.gaussian_frechet_distance(mu_a, var_a.diag(), mu_b, var_b.diag()) == pytest.approx(expected)
     # Rotating both Gaussians alike leaves the distance, and makes the covariances full matrices.
     rotation = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))[0]
-    assert metrics.gaussian_frechet_distance(rotation @ mu_a, rotation @ var_a.diag() @ rotation.T, rotation @ mu_b,
-                                             rotation @ var_b.diag() @ rotation.T) == pytest.approx(expected)
+    assert metrics.gaussian_frechet_distance(
+        rotation @ mu_a, rotation @ var_a.diag() @ rotation.T, rotation @ mu_b, rotation @ var_b.diag() @ rotation.T
+    ) == pytest.approx(expected)
     # cov_b = c^2 cov_a: tr sqrtm(cov_a cov_b) = c tr(cov_a), so the covariance part is (1 - c)^2 tr(cov_a).
     cov_a = rotation @ var_a.diag() @ rotation.T + 0.3
     assert metrics.gaussian_frechet_distance(mu_a, cov_a, mu_b, 9 * cov_a) == pytest.approx(
-        (mu_a - mu_b).square().sum().item() + 4 * cov_a.trace().item())
+        (mu_a - mu_b).square().sum().item() + 4 * cov_a.trace().item()
+    )
 
 
 def test_frechet_distance_of_samples_approaches_the_closed_form():
     mu_a, mu_b = [0.0, 1.0, -2.0, 0.5], [1.0, 1.0, 0.0, -0.5]
     std_a, std_b = torch.tensor([1.0, 2.0, 0.5, 1.5]), torch.tensor([3.0, 1.0, 0.5, 0.7])
     expected = metrics.gaussian_frechet_distance(mu_a, std_a.square().diag(), mu_b, std_b.square().diag())
-    distance = metrics.frechet_distance(gaussian_sample(40_000, mu_a, std_a, seed=2),
-                                        gaussian_sample(40_000, mu_b, std_b, seed=3))
+    distance = metrics.frechet_distance(
+        gaussian_sample(40_000, mu_a, std_a, seed=2), gaussian_sample(40_000, mu_b, std_b, seed=3)
+    )
     assert distance == pytest.approx(expected, rel=0.02)
 
 
 # ---------------------------------------------------------------- precision, recall, density, coverage
+
 
 def all_scores(real, fake):
     return {**metrics.precision_recall(real, fake), **metrics.density_coverage(real, fake)}
@@ -84,7 +91,7 @@ def test_two_samples_of_one_distribution():
     scores = all_scores(real, fake)
     assert scores["precision"] > 0.9 and scores["recall"] > 0.9
     assert scores["density"] == pytest.approx(1.0, abs=0.1)
-    assert scores["coverage"] == pytest.approx(1 - 2 ** -5, abs=0.02)  # Naeem et al.'s expected value for k = 5
+    assert scores["coverage"] == pytest.approx(1 - 2**-5, abs=0.02)  # Naeem et al.'s expected value for k = 5
 
 
 def test_fake_far_from_real_scores_zero():
@@ -105,8 +112,9 @@ def test_scores_in_chunks_equal_scores_at_once():
     fake = gaussian_sample(250, torch.full((6,), 0.3), torch.ones(6), seed=10)
     # cdist rounds differently by block size and CPU (up to 7e-16 relative here, 74 of 300 differ in float64 on
     # AVX-512 and on AVX2): 1e-12 allows that rounding, while a wrong neighbour would be off by ~1e-2 or more.
-    torch.testing.assert_close(metrics._kth_nearest(real, k=3, rows=7), metrics._kth_nearest(real, k=3),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        metrics._kth_nearest(real, k=3, rows=7), metrics._kth_nearest(real, k=3), rtol=1e-12, atol=0
+    )
     radii = metrics._kth_nearest(real, k=3)
     # Counts are whole numbers: equal unless a fake sits within rounding of a ball's edge, which random
     # continuous points do not.
@@ -133,21 +141,38 @@ def test_copies_of_one_point_score_as_collapsed_and_reproduce_a_set_of_copies():
     assert metrics.near_duplicate_rate(real, copies) == 0.0  # spread fakes against a real set with no distinct pair
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda: metrics.frechet_distance(torch.randn(1, 8), torch.randn(5, 8)),
-     "a Fréchet distance needs 2 or more feature vectors in each set, got 1 and 5"),
-    (lambda: metrics.frechet_distance(torch.full((5, 8), math.inf), torch.randn(5, 8)),
-     "first features hold NaN or infinite values"),
-    (lambda: metrics.precision_recall(torch.randn(10, 8), torch.full((10, 8), math.nan)),
-     "fake features hold NaN or infinite values"),
-    (lambda: metrics.gaussian_frechet_distance(torch.zeros(2), torch.full((2, 2), math.nan), torch.zeros(2),
-                                               torch.eye(2)), "the means and covariances hold NaN"),
-    (lambda: metrics.density_coverage(torch.randn(10, 8), torch.randn(10, 4)),
-     r"real features are \[10, 8\] and fake ones \[10, 4\]: pass both from the same network"),
-    (lambda: metrics.near_duplicate_rate(torch.randn(1, 8), torch.randn(10, 8)),
-     "near-duplicates need 2 or more generated feature vectors, got 1"),
-    (lambda: metrics.near_duplicate_rate(torch.randn(10), torch.randn(10, 8)), r"fake features must be \[N, D\]"),
-])
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (
+            lambda: metrics.frechet_distance(torch.randn(1, 8), torch.randn(5, 8)),
+            "a Fréchet distance needs 2 or more feature vectors in each set, got 1 and 5",
+        ),
+        (
+            lambda: metrics.frechet_distance(torch.full((5, 8), math.inf), torch.randn(5, 8)),
+            "first features hold NaN or infinite values",
+        ),
+        (
+            lambda: metrics.precision_recall(torch.randn(10, 8), torch.full((10, 8), math.nan)),
+            "fake features hold NaN or infinite values",
+        ),
+        (
+            lambda: metrics.gaussian_frechet_distance(
+                torch.zeros(2), torch.full((2, 2), math.nan), torch.zeros(2), torch.eye(2)
+            ),
+            "the means and covariances hold NaN",
+        ),
+        (
+            lambda: metrics.density_coverage(torch.randn(10, 8), torch.randn(10, 4)),
+            r"real features are \[10, 8\] and fake ones \[10, 4\]: pass both from the same network",
+        ),
+        (
+            lambda: metrics.near_duplicate_rate(torch.randn(1, 8), torch.randn(10, 8)),
+            "near-duplicates need 2 or more generated feature vectors, got 1",
+        ),
+        (lambda: metrics.near_duplicate_rate(torch.randn(10), torch.randn(10, 8)), r"fake features must be \[N, D\]"),
+    ],
+)
 def test_impossible_features_are_one_line_value_errors(call, words):
     with pytest.raises(ValueError, match=words) as error:
         call()
@@ -155,6 +180,7 @@ def test_impossible_features_are_one_line_value_errors(call, words):
 
 
 # ---------------------------------------------------------------- near duplicates
+
 
 def test_copies_of_one_image_are_all_near_duplicates():
     real = gaussian_sample(100, torch.zeros(8), torch.ones(8), seed=11)
@@ -188,6 +214,7 @@ def test_one_near_identical_real_pair_does_not_move_the_near_duplicate_bar():
 
 # ---------------------------------------------------------------- ONet features (facenet-pytorch)
 
+
 @needs_onet
 def test_face_features_shape_determinism_and_input_types():
     images = random_images(6)
@@ -212,14 +239,17 @@ def test_face_features_are_the_layer_under_onets_face_head():
     assert not onet.prelu5._forward_hooks  # the hook is gone after the pass
 
 
-@pytest.mark.parametrize("images, words", [
-    (random_images(6).float(), "float images must be in [0, 1], these span 0 to 255: pass uint8"),
-    (random_images(6).float() / 127.5 - 1, "or (x + 1) / 2 for [-1, 1]"),
-    (torch.full((6, 3, 32, 32), math.nan), "images hold NaN or infinite values"),
-    (torch.full((6, 3, 32, 32), math.inf), "images hold NaN or infinite values"),
-    (random_images(6).long(), "images are torch.int64: pass uint8"),
-    (random_images(0), "no images"),
-])
+@pytest.mark.parametrize(
+    "images, words",
+    [
+        (random_images(6).float(), "float images must be in [0, 1], these span 0 to 255: pass uint8"),
+        (random_images(6).float() / 127.5 - 1, "or (x + 1) / 2 for [-1, 1]"),
+        (torch.full((6, 3, 32, 32), math.nan), "images hold NaN or infinite values"),
+        (torch.full((6, 3, 32, 32), math.inf), "images hold NaN or infinite values"),
+        (random_images(6).long(), "images are torch.int64: pass uint8"),
+        (random_images(0), "no images"),
+    ],
+)
 def test_images_that_cannot_be_pixels_are_one_line_value_errors(images, words):
     with pytest.raises(ValueError, match=re.escape(words)) as error:
         metrics.face_features(images)  # refused before ONet is loaded: no facenet-pytorch needed
@@ -257,16 +287,29 @@ def test_missing_facenet_pytorch_names_the_fix(monkeypatch):
 
 @needs_onet
 def test_gan_quality_keys_and_ranges():
-    quality = metrics.gan_quality(random_images(40, seed=2), random_images(30, seed=3),
-                                  train_images=random_images(30, seed=4))
-    assert list(quality) == ["frechet_distance", "coverage", "recall", "precision", "density", "face_rate",
-                             "real_face_rate", "near_duplicates", "fake_count", "real_count", "real_vs_real_frechet"]
+    quality = metrics.gan_quality(
+        random_images(40, seed=2), random_images(30, seed=3), train_images=random_images(30, seed=4)
+    )
+    assert list(quality) == [
+        "frechet_distance",
+        "coverage",
+        "recall",
+        "precision",
+        "density",
+        "face_rate",
+        "real_face_rate",
+        "near_duplicates",
+        "fake_count",
+        "real_count",
+        "real_vs_real_frechet",
+    ]
     assert quality["fake_count"] == 40 and quality["real_count"] == 30
     assert all(0 <= quality[key] <= 1 for key in ("precision", "recall", "coverage", "face_rate", "near_duplicates"))
     assert quality["face_rate"] == quality["real_face_rate"] == 0.0  # noise is no face
 
 
 # ---------------------------------------------------------------- real CelebA faces (FACENETS_DATA)
+
 
 @pytest.fixture(scope="module")
 def celeba_halves():
@@ -289,14 +332,26 @@ def as_tensor(photos):
 def test_frechet_distance_grows_with_blur_and_noise(celeba_halves):
     first, second = celeba_halves
     reference = metrics.face_features(as_tensor(first))
-    blurred = [metrics.frechet_distance(reference, metrics.face_features(
-        as_tensor([photo.filter(ImageFilter.GaussianBlur(radius)) for photo in second]))) for radius in (0, 1, 2, 4)]
+    blurred = [
+        metrics.frechet_distance(
+            reference,
+            metrics.face_features(as_tensor([photo.filter(ImageFilter.GaussianBlur(radius)) for photo in second])),
+        )
+        for radius in (0, 1, 2, 4)
+    ]
     generator = torch.Generator().manual_seed(0)
     clean = as_tensor(second).float() / 255
-    noisy = [metrics.frechet_distance(reference, metrics.face_features(
-        (clean + sigma * torch.randn(clean.shape, generator=generator)).clamp(0, 1))) for sigma in (0, 0.05, 0.1, 0.2)]
-    print(f"\nFréchet distance of two halves of 200 CelebA faces: blur radius 0, 1, 2, 4: {blurred}; "
-          f"noise sigma 0, 0.05, 0.1, 0.2: {noisy}")
+    noisy = [
+        metrics.frechet_distance(
+            reference,
+            metrics.face_features((clean + sigma * torch.randn(clean.shape, generator=generator)).clamp(0, 1)),
+        )
+        for sigma in (0, 0.05, 0.1, 0.2)
+    ]
+    print(
+        f"\nFréchet distance of two halves of 200 CelebA faces: blur radius 0, 1, 2, 4: {blurred}; "
+        f"noise sigma 0, 0.05, 0.1, 0.2: {noisy}"
+    )
     assert blurred == sorted(blurred) and noisy == sorted(noisy)
     assert noisy[0] == pytest.approx(blurred[0], rel=1e-3)
     assert blurred[0] < 0.2 * min(blurred[-1], noisy[-1])  # the real halves are close
@@ -315,10 +370,12 @@ def test_face_rate_tells_faces_from_noise(celeba_halves):
 # generator (noise-like blobs), the same generator fed one latent vector, and one real face repeated with pixel
 # noise (mode collapse); precision and density need not (a collapsed face is precise), so they are not asserted.
 
+
 def untrained_drawings(count, width=64):
     """count images of an untrained Radford DCGAN at 64x64, drawn as train_gan draws them for its quality checks,
     and its image of one latent vector (copies of it have copies of its features: ONet runs on it once)."""
     import train_gan
+
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     g, _ = models.build_gan("dcgan", 64, width=width)
@@ -335,10 +392,14 @@ def one_face_with_noise(face, count, seed=0):
 
 def headline_margins(reference, real, bad_sets):
     """Assert each bad feature set scores clearly worse than real on every headline score against reference."""
+
     def headline(fake):
-        return {"frechet_distance": metrics.frechet_distance(reference, fake),
-                "coverage": metrics.density_coverage(reference, fake)["coverage"],
-                "recall": metrics.precision_recall(reference, fake)["recall"]}
+        return {
+            "frechet_distance": metrics.frechet_distance(reference, fake),
+            "coverage": metrics.density_coverage(reference, fake)["coverage"],
+            "recall": metrics.precision_recall(reference, fake)["recall"],
+        }
+
     good = headline(real)
     for name, fake in bad_sets.items():
         bad = headline(fake)
@@ -360,9 +421,11 @@ def test_synthetic_faces_score_far_ahead_of_untrained_and_collapsed_generators(u
     reference = metrics.face_features(data.synthetic_attribute_faces(300, "celeba", 64, seed=1).images)
     real_images = data.synthetic_attribute_faces(300, "celeba", 64, seed=2).images
     real = metrics.face_features(real_images)
-    collapsed = {"untrained generator": metrics.face_features(untrained),
-                 "untrained generator, one latent vector": metrics.face_features(one_latent).repeat(300, 1),
-                 "one face with pixel noise": metrics.face_features(one_face_with_noise(real_images[0], 300))}
+    collapsed = {
+        "untrained generator": metrics.face_features(untrained),
+        "untrained generator, one latent vector": metrics.face_features(one_latent).repeat(300, 1),
+        "one face with pixel noise": metrics.face_features(one_face_with_noise(real_images[0], 300)),
+    }
     headline_margins(reference, real, collapsed)
     assert metrics.near_duplicate_rate(real, reference) <= 0.03  # 1% by construction
     assert metrics.near_duplicate_rate(collapsed["untrained generator, one latent vector"], reference) == 1.0
@@ -387,10 +450,15 @@ def celeba_2000s():
 def test_celeba_faces_score_far_ahead_of_untrained_and_collapsed_generators(celeba_2000s, untrained_300):
     images, reference, real = celeba_2000s
     untrained, one_latent = untrained_300
-    headline_margins(reference[:300], real[:300], {
-        "untrained generator": metrics.face_features(untrained),
-        "untrained generator, one latent vector": metrics.face_features(one_latent).repeat(300, 1),
-        "one face with pixel noise": metrics.face_features(one_face_with_noise(images[-1], 300))})
+    headline_margins(
+        reference[:300],
+        real[:300],
+        {
+            "untrained generator": metrics.face_features(untrained),
+            "untrained generator, one latent vector": metrics.face_features(one_latent).repeat(300, 1),
+            "one face with pixel noise": metrics.face_features(one_face_with_noise(images[-1], 300)),
+        },
+    )
 
 
 @needs_onet

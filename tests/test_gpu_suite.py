@@ -1,5 +1,6 @@
 """benchmarks/gpu_suite.py and gpu_pack.py: every part end to end with --small, stopping and resuming a row, packs the
 readers read back, and bad input in one line."""
+
 import importlib.util
 import os
 import subprocess
@@ -27,16 +28,24 @@ suite, packer = load("gpu_suite"), load("gpu_pack")
 
 
 def table_rows(text):
-    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines()
-            if line.startswith("| ") and not line.startswith(("| row", "| run"))]
+    return [
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith(("| row", "| run"))
+    ]
 
 
 def test_small_runs_every_part_and_prints_every_table(tmp_path):
     out = tmp_path / "suite"
     # Run from another folder as a user would: the script must find the training scripts by itself.
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--small", "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "FACENETS_CACHE": str(tmp_path / "cache")})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--small", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "FACENETS_CACHE": str(tmp_path / "cache")},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     expected = {"smoke": 13, "emotion": 7, "attributes": 2, "gan": 2, "reports": 2}
     for part, count in expected.items():
@@ -61,16 +70,21 @@ def test_small_runs_every_part_and_prints_every_table(tmp_path):
 def fake_training(tmp_path, body):
     """A stand-in training script: it writes its progress bar as train_*.py does, then runs body."""
     script = tmp_path / "fake_train.py"
-    script.write_text("import signal, sys, time\nfrom pathlib import Path\n"
-                      "run = Path(sys.argv[sys.argv.index('--out') + 1]) / sys.argv[sys.argv.index('--name') + 1]\n"
-                      "run.mkdir(parents=True, exist_ok=True)\n" + body)
+    script.write_text(
+        "import signal, sys, time\nfrom pathlib import Path\n"
+        "run = Path(sys.argv[sys.argv.index('--out') + 1]) / sys.argv[sys.argv.index('--name') + 1]\n"
+        "run.mkdir(parents=True, exist_ok=True)\n" + body
+    )
     return suite.Row("fake", "fake", str(script), [])  # an absolute path: script() joins it to nothing
 
 
 def test_a_training_that_saves_on_sigterm_is_stopped_in_epoch_2(tmp_path):
-    row = fake_training(tmp_path, "def stop(*_):\n    (run / 'last.pt').write_text('x'); sys.exit(130)\n"
-                                  "signal.signal(signal.SIGTERM, stop)\n"
-                                  "print('epoch 1/3', flush=True); print('epoch 2/3', flush=True); time.sleep(60)\n")
+    row = fake_training(
+        tmp_path,
+        "def stop(*_):\n    (run / 'last.pt').write_text('x'); sys.exit(130)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('epoch 1/3', flush=True); print('epoch 2/3', flush=True); time.sleep(60)\n",
+    )
     assert suite.stop_in_second_epoch(row, tmp_path, suite.time.monotonic() + 60) is None
     assert (tmp_path / "fake" / "last.pt").is_file()
 
@@ -136,8 +150,12 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert packer.main(["--data", str(tmp_path), "--out", str(tmp_path / "packs")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     write_data_sets(tmp_path / "data")
-    assert packer.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "p"), "--sets", "utkface",
-                        "--limit", "0"]) == 1
+    assert (
+        packer.main(
+            ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "p"), "--sets", "utkface", "--limit", "0"]
+        )
+        == 1
+    )
     assert "over --limit 0 MiB" in capsys.readouterr().err
     (tmp_path / "bad.tar.gz").write_text("not a pack")
     assert suite.main(["--pack", str(tmp_path / "bad.tar.gz"), "--out", str(tmp_path / "o")]) == 2

@@ -9,19 +9,21 @@ from PIL import Image
 
 from facenets import metrics
 
-
 # Four classes; class 3 never occurs and is never predicted.
 PRED = [0, 0, 1, 2, 2, 2, 0, 1]
 TARGET = [0, 0, 1, 1, 2, 2, 2, 2]
-CM = [[2, 0, 0, 0],
-      [0, 1, 1, 0],
-      [1, 1, 2, 0],
-      [0, 0, 0, 0]]
+CM = [[2, 0, 0, 0], [0, 1, 1, 0], [1, 1, 2, 0], [0, 0, 0, 0]]
 
 # Udine report, R1: correct and wrong predictions per class and the accuracies it prints.
-UDINE = {"rage": (358, 385, 0.481830), "disgust": (41, 41, 0.500000), "fear": (339, 429, 0.441406),
-         "happiness": (1104, 244, 0.818991), "sadness": (460, 451, 0.504940),
-         "surprise": (439, 162, 0.730449), "neutral": (538, 392, 0.578495)}
+UDINE = {
+    "rage": (358, 385, 0.481830),
+    "disgust": (41, 41, 0.500000),
+    "fear": (339, 429, 0.441406),
+    "happiness": (1104, 244, 0.818991),
+    "sadness": (460, 451, 0.504940),
+    "surprise": (439, 162, 0.730449),
+    "neutral": (538, 392, 0.578495),
+}
 
 
 def udine_matrix():
@@ -71,8 +73,7 @@ def test_udine_table_is_reproduced():
     assert metrics.mean_per_class_accuracy(cm) == pytest.approx(0.57944, abs=1e-5)
 
     table = metrics.format_table(rows).splitlines()
-    assert table[0].split() == ["class", "true_preds", "false_preds", "accuracy", "precision",
-                                "recall", "f1"]
+    assert table[0].split() == ["class", "true_preds", "false_preds", "accuracy", "precision", "recall", "f1"]
     assert "0.481830" in table[1] and "0.818991" in table[4]
     assert len({len(line) for line in table}) == 1  # every line ends on the same column
 
@@ -93,21 +94,33 @@ def check_png(path, size=None):
         assert image.size == size
     assert np.asarray(image.convert("L"), dtype=float).var() > 100  # not blank
     assert [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".png")] == [
-        os.path.basename(path)]  # no temporary file left behind
+        os.path.basename(path)
+    ]  # no temporary file left behind
     return image
 
 
-HISTORY = [{"epoch": e, "train_loss": 1.8 / e ** 0.5, "train_acc": 0.3 + 0.04 * e,
-            "val_loss": 1.9 / e ** 0.3, "val_acc": 0.28 + 0.03 * e} for e in range(1, 13)]
+HISTORY = [
+    {
+        "epoch": e,
+        "train_loss": 1.8 / e**0.5,
+        "train_acc": 0.3 + 0.04 * e,
+        "val_loss": 1.9 / e**0.3,
+        "val_acc": 0.28 + 0.03 * e,
+    }
+    for e in range(1, 13)
+]
 
 
-@pytest.mark.parametrize("history", [
-    HISTORY,
-    HISTORY[:1],
-    [{k: v for k, v in row.items() if not k.startswith("val")} for row in HISTORY],
-    [dict(row, val_loss=None if row["epoch"] == 3 else row["val_loss"], train_acc=math.nan)
-     for row in HISTORY[:5]],
-], ids=["full", "one-epoch", "no-val", "gaps"])
+@pytest.mark.parametrize(
+    "history",
+    [
+        HISTORY,
+        HISTORY[:1],
+        [{k: v for k, v in row.items() if not k.startswith("val")} for row in HISTORY],
+        [dict(row, val_loss=None if row["epoch"] == 3 else row["val_loss"], train_acc=math.nan) for row in HISTORY[:5]],
+    ],
+    ids=["full", "one-epoch", "no-val", "gaps"],
+)
 def test_plot_curves(tmp_path, history):
     path = str(tmp_path / "curves.png")
     assert metrics.plot_curves(history, path) == path
@@ -131,14 +144,20 @@ def test_plot_confusion(tmp_path):
 
 def test_error_summary_by_hand():
     summary = metrics.error_summary([10.0, 20.0, 36.0], [12, 20, 30], groups=[0, 1, 1], group_names=("kids", "adults"))
-    assert summary["mae"] == pytest.approx(8 / 3) and summary["median_error"] == 2 and summary["within_5"] == pytest.approx(2 / 3)
+    assert (
+        summary["mae"] == pytest.approx(8 / 3)
+        and summary["median_error"] == 2
+        and summary["within_5"] == pytest.approx(2 / 3)
+    )
     assert summary["mae_by_group"] == {"kids": 2.0, "adults": 3.0}
 
 
 def test_plot_error_histogram_and_bars(tmp_path):
     assert metrics.plot_error_histogram(torch.tensor([0.2, -1.4, 3.0, 40.0]), tmp_path / "e.png") == tmp_path / "e.png"
     assert Image.open(tmp_path / "e.png").size == (700, 360)
-    metrics.plot_bars([f"attribute {i}" for i in range(40)], [i / 40 for i in range(40)], tmp_path / "b.png", "accuracy")
+    metrics.plot_bars(
+        [f"attribute {i}" for i in range(40)], [i / 40 for i in range(40)], tmp_path / "b.png", "accuracy"
+    )
     assert Image.open(tmp_path / "b.png").height == 40 + 18 * 40 + 10
 
 

@@ -52,14 +52,17 @@ def test_count_parameters_excludes_batchnorm_statistics():
     assert count_parameters(build_model("monterrey_batchnorm")) == convs + batchnorm + (32 * 7 + 7)
 
 
-@pytest.mark.parametrize("name, options, shape", [
-    ("monterrey_baseline", {}, (256, 1, 1)),
-    ("monterrey_batchnorm_dropout", {}, (32, 1, 1)),
-    ("rna_cifar", {}, (64, 10, 10)),  # 48 'same' 48, 'valid' 46, pool 23, 'same' 23, 'valid' 21, pool 10
-    ("rna_cifar", {"downsample": "stride"}, (64, 11, 11)),  # 3x3 stride-2 'same' rounds up: 46 -> 23, 21 -> 11
-    ("utec_arch1", {}, (32, 1, 1)),  # 48 -> 24 (stride 2) -> 12 -> 6 -> 3 -> 1, fifth pool skipped
-    ("udine_r1", {}, (500, 3, 3)),
-])
+@pytest.mark.parametrize(
+    "name, options, shape",
+    [
+        ("monterrey_baseline", {}, (256, 1, 1)),
+        ("monterrey_batchnorm_dropout", {}, (32, 1, 1)),
+        ("rna_cifar", {}, (64, 10, 10)),  # 48 'same' 48, 'valid' 46, pool 23, 'same' 23, 'valid' 21, pool 10
+        ("rna_cifar", {"downsample": "stride"}, (64, 11, 11)),  # 3x3 stride-2 'same' rounds up: 46 -> 23, 21 -> 11
+        ("utec_arch1", {}, (32, 1, 1)),  # 48 -> 24 (stride 2) -> 12 -> 6 -> 3 -> 1, fifth pool skipped
+        ("udine_r1", {}, (500, 3, 3)),
+    ],
+)
 def test_keras_feature_map_sizes_at_48(name, options, shape):
     model = build_model(name, image_size=48, **options)
     with torch.no_grad():
@@ -92,18 +95,21 @@ def test_unknown_option_and_bad_values_are_clear():
         build_model("monterrey_baseline", image_size=16)
 
 
-@pytest.mark.parametrize("name, options, message", [
-    ("vgg", {"width": -5}, "width=-5 must be a whole number of at least 1"),  # torch: negative dimension
-    ("vgg", {"width": 0}, "width=0 must be a whole number"),  # torch: a 0-channel map, read as "image too small"
-    ("vgg", {"width": "abc"}, "width='abc' must be a whole number"),  # was "not all arguments converted"
-    ("vgg", {"width": True}, "width=True must be a whole number"),
-    ("vgg", {"dropout": "x"}, "dropout='x' must be a number"),
-    ("utec_arch2", {"hidden": -1}, "hidden=-1 must be a whole number"),
-    ("udine_r1", {"channels": (50, -1)}, r"channels=\(50, -1\) must be whole numbers"),
-    ("rna_cifar", {"downsample": 3}, "downsample=3 must be a word"),
-    ("rna_resnet50", {"pretrained": 1}, "pretrained=1 must be True or False"),
-    ("vgg", {"in_channels": 3}, "in_channels is not a model option"),  # was "got multiple values"
-])
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("vgg", {"width": -5}, "width=-5 must be a whole number of at least 1"),  # torch: negative dimension
+        ("vgg", {"width": 0}, "width=0 must be a whole number"),  # torch: a 0-channel map, read as "image too small"
+        ("vgg", {"width": "abc"}, "width='abc' must be a whole number"),  # was "not all arguments converted"
+        ("vgg", {"width": True}, "width=True must be a whole number"),
+        ("vgg", {"dropout": "x"}, "dropout='x' must be a number"),
+        ("utec_arch2", {"hidden": -1}, "hidden=-1 must be a whole number"),
+        ("udine_r1", {"channels": (50, -1)}, r"channels=\(50, -1\) must be whole numbers"),
+        ("rna_cifar", {"downsample": 3}, "downsample=3 must be a word"),
+        ("rna_resnet50", {"pretrained": 1}, "pretrained=1 must be True or False"),
+        ("vgg", {"in_channels": 3}, "in_channels is not a model option"),  # was "got multiple values"
+    ],
+)
 def test_options_of_the_wrong_kind_are_refused_before_building(name, options, message):
     with pytest.raises(ValueError, match=message):
         check_options(name, options)
@@ -144,7 +150,9 @@ def test_vgg_fc_head_flattens_the_last_map():
     for head in ((), (64,)):  # four 2x2 pools leave nothing of an 8x8 image, whatever the head
         with pytest.raises(ValueError, match="too small"):
             build_model("vgg", image_size=8, hidden=head)
-    assert count_parameters(build_model("vgg", image_size=40, hidden=64)) == count_parameters(build_model("vgg", image_size=40, hidden=[64]))
+    assert count_parameters(build_model("vgg", image_size=40, hidden=64)) == count_parameters(
+        build_model("vgg", image_size=40, hidden=[64])
+    )
     for bad in ("abc", (64, 0), 4096.0):
         with pytest.raises(ValueError, match="option hidden=.* must be whole numbers of at least 1"):
             build_model("vgg", image_size=40, hidden=bad)

@@ -1,6 +1,7 @@
 """train_emotion.py under failure: kill -9 at any moment, checkpoints that do not fit, bad model options, huge
 images, full or read-only disks, Ctrl-C while loading. Each failure is one line (or a skip with a warning) and loses
 nothing that was written; a killed run always continues with --resume."""
+
 import json
 import os
 import signal
@@ -43,8 +44,12 @@ def same_weights(a, b):
 def finished(tmp_path_factory):
     """A finished two-epoch run with validation, to predict with, resume and damage (copies only)."""
     out = tmp_path_factory.mktemp("finished")
-    assert train_emotion.main([*FAST, "--out", str(out), "--name", "r", "--epochs", "2", "--val-fraction", "0.2",
-                               "--scheduler", "none"]) == 0
+    assert (
+        train_emotion.main(
+            [*FAST, "--out", str(out), "--name", "r", "--epochs", "2", "--val-fraction", "0.2", "--scheduler", "none"]
+        )
+        == 0
+    )
     return out / "r"
 
 
@@ -74,8 +79,9 @@ KILLED = -signal.SIGKILL
 
 def start(args, save_every, die_in_save=0):
     env = {**os.environ, "ROOT": str(ROOT), "SAVE_EVERY": str(save_every), "DIE_IN_SAVE": str(die_in_save)}
-    return subprocess.Popen([sys.executable, "-c", CHILD, *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def kill_when(proc, ready, timeout=120):
@@ -109,8 +115,9 @@ def test_kill_9_early_mid_epoch_and_during_a_save_always_resumes_to_the_same_res
     kill_when(start(["--resume", str(folder)], save_every=0.05), lambda: (saved_position(last) or (0, 0))[1] > 0)
     # ...which holds the exact position, so the same --resume goes on from there: at most SAVE_EVERY seconds lost.
     epoch, step = saved_position(last)
-    kill_when(start(["--resume", str(folder)], save_every=0.05),
-              lambda: (saved_position(last) or (0, 0)) > (epoch, step))
+    kill_when(
+        start(["--resume", str(folder)], save_every=0.05), lambda: (saved_position(last) or (0, 0)) > (epoch, step)
+    )
     before = last.read_bytes()
     # During a save: the half-written temporary file never replaces last.pt.
     proc = start(["--resume", str(folder)], save_every=0.05, die_in_save=2)
@@ -171,26 +178,32 @@ def five_classes(ckpt):
     ckpt["classes"] = ckpt["classes"][:5]
 
 
-@pytest.mark.parametrize("change, words", [
-    (other_width, "does not fit this run: its weights"),
-    (other_model, "does not fit this run: its weights"),
-    (five_classes, "does not fit this run: its weights"),
-    (lambda ckpt: ckpt.pop("classes"), "lacks 'classes'"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (other_width, "does not fit this run: its weights"),
+        (other_model, "does not fit this run: its weights"),
+        (five_classes, "does not fit this run: its weights"),
+        (lambda ckpt: ckpt.pop("classes"), "lacks 'classes'"),
+    ],
+)
 def test_predict_with_a_checkpoint_that_does_not_fit_is_one_line(finished, tmp_path, capsys, change, words):
     folder = edited(finished, tmp_path, "e", change)
     assert train_emotion.main(["--predict", "x.jpg", "--checkpoint", str(folder / "best.pt")]) == 2
     assert words in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("change, words", [
-    (other_width, "does not fit this run: its weights"),
-    (other_model, "does not fit this run: its weights"),
-    (five_classes, "trained on other classes"),
-    (lambda ckpt: ckpt.pop("rng"), "lacks 'rng'"),
-    (lambda ckpt: ckpt["rng"].update(loop=torch.zeros(3)), "its random state cannot be loaded"),
-    (lambda ckpt: ckpt["optimizer"]["param_groups"].pop(), "its optimizer state cannot be loaded"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (other_width, "does not fit this run: its weights"),
+        (other_model, "does not fit this run: its weights"),
+        (five_classes, "trained on other classes"),
+        (lambda ckpt: ckpt.pop("rng"), "lacks 'rng'"),
+        (lambda ckpt: ckpt["rng"].update(loop=torch.zeros(3)), "its random state cannot be loaded"),
+        (lambda ckpt: ckpt["optimizer"]["param_groups"].pop(), "its optimizer state cannot be loaded"),
+    ],
+)
 def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line(finished, tmp_path, capsys, change, words):
     folder = edited(finished, tmp_path, "e", change)
     (folder / "metrics.json").unlink(missing_ok=True)
@@ -201,15 +214,18 @@ def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line(finished, tmp_pa
 # ---------------------------------------------------------------- 3. model options torch would reject
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--width", "-5"], "width=-5 must be a whole number"),
-    (["--model-opt", "width=-3"], "width=-3 must be a whole number"),
-    (["--model", "utec_arch2", "--model-opt", "hidden=-1"], "hidden=-1 must be a whole number"),
-    (["--model-opt", "width=abc"], "width='abc' must be a whole number"),
-    (["--model-opt", "width=0"], "width=0 must be a whole number"),
-    (["--model-opt", "in_channels=3"], "in_channels is not a model option"),
-    (["--model", "monterrey_baseline", "--width", "16"], "has no option 'width'"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--width", "-5"], "width=-5 must be a whole number"),
+        (["--model-opt", "width=-3"], "width=-3 must be a whole number"),
+        (["--model", "utec_arch2", "--model-opt", "hidden=-1"], "hidden=-1 must be a whole number"),
+        (["--model-opt", "width=abc"], "width='abc' must be a whole number"),
+        (["--model-opt", "width=0"], "width=0 must be a whole number"),
+        (["--model-opt", "in_channels=3"], "in_channels is not a model option"),
+        (["--model", "monterrey_baseline", "--width", "16"], "has no option 'width'"),
+    ],
+)
 def test_model_options_torch_would_reject_are_refused_with_the_flags(tmp_path, capsys, flags, words):
     with pytest.raises(SystemExit) as exit_:
         train_emotion.main(["--data", "synthetic", "--out", str(tmp_path), "--dry-run", *flags])
@@ -231,8 +247,15 @@ def test_an_image_over_pillows_bomb_limit_is_skipped_by_predict(finished, tmp_pa
     Image.new("RGB", (120, 120)).save(tmp_path / "huge.png")
     Image.new("RGB", (60, 60)).save(tmp_path / "small.png")
     monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": [(5, 5, 50, 50)])
-    args = ["--predict", str(tmp_path / "huge.png"), str(tmp_path / "small.png"), "--checkpoint", str(finished / "best.pt"),
-            "--out", str(tmp_path / "p")]
+    args = [
+        "--predict",
+        str(tmp_path / "huge.png"),
+        str(tmp_path / "small.png"),
+        "--checkpoint",
+        str(finished / "best.pt"),
+        "--out",
+        str(tmp_path / "p"),
+    ]
     assert train_emotion.main(args) == 0
     out = capsys.readouterr().out
     assert "huge.png: skipped, over Pillow's limit of 0 megapixels" in out and "small.png face 1" in out
@@ -255,6 +278,7 @@ def full_disk_for(target_names, monkeypatch):
         if "w" in mode and any(Path(path).name == f".{name}.tmp" for name in target_names):
             return real_open("/dev/full", mode, *args, **kwargs)
         return real_open(path, mode, *args, **kwargs)
+
     monkeypatch.setattr(runs, "open", open_on_full_disk, raising=False)
 
 
@@ -266,7 +290,9 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_save(tmp_path, capsy
     full_disk_for(["last.pt"], monkeypatch)
     assert train_emotion.main(["--resume", str(tmp_path / "f"), "--epochs", "2"]) == 2
     error = one_line_error(capsys)
-    assert "could not write" in error and "last.pt (the disk is full)" in error and f"--resume {tmp_path / 'f'}" in error
+    assert (
+        "could not write" in error and "last.pt (the disk is full)" in error and f"--resume {tmp_path / 'f'}" in error
+    )
     assert (tmp_path / "f" / "last.pt").read_bytes() == before and not list((tmp_path / "f").glob(".*.tmp"))
     monkeypatch.undo()
     assert train_emotion.main(["--resume", str(tmp_path / "f"), "--epochs", "2"]) == 0
@@ -280,6 +306,7 @@ def read_only(folder, monkeypatch):
         if Path(dst).parent == folder:
             raise PermissionError(13, "Permission denied", str(dst))
         return real_replace(src, dst, *args, **kwargs)
+
     monkeypatch.setattr(runs.os, "replace", refuse)
 
 
@@ -292,7 +319,9 @@ def test_a_run_folder_made_read_only_mid_run_is_one_line(tmp_path, capsys, monke
     assert saved_position(tmp_path / "ro" / "last.pt") == (1, 0)
 
 
-def test_predict_beside_a_read_only_checkpoint_is_one_line_and_can_write_elsewhere(finished, tmp_path, capsys, monkeypatch):
+def test_predict_beside_a_read_only_checkpoint_is_one_line_and_can_write_elsewhere(
+    finished, tmp_path, capsys, monkeypatch
+):
     Image.new("RGB", (60, 60)).save(tmp_path / "me.png")
     monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": [(5, 5, 50, 50)])
     read_only(finished / "predictions", monkeypatch)
@@ -330,18 +359,37 @@ def test_resume_takes_the_run_folder_or_its_last_pt(tmp_path):
 # ---------------------------------------------------------------- 8. --predict's names and exit status
 
 
-def test_predict_keeps_photos_of_the_same_name_apart_and_fails_when_none_can_be_read(finished, tmp_path, capsys, monkeypatch):
+def test_predict_keeps_photos_of_the_same_name_apart_and_fails_when_none_can_be_read(
+    finished, tmp_path, capsys, monkeypatch
+):
     for folder, colour in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
         (tmp_path / folder).mkdir()
         Image.new("RGB", (60, 60), colour).save(tmp_path / folder / "x.jpg")
     monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": [(5, 5, 50, 50)])
     out = tmp_path / "p"
-    assert train_emotion.main(["--predict", str(tmp_path / "a/x.jpg"), str(tmp_path / "b/x.jpg"),
-                               "--checkpoint", str(finished), "--out", str(out)]) == 0  # a run folder: its best.pt
+    assert (
+        train_emotion.main(
+            [
+                "--predict",
+                str(tmp_path / "a/x.jpg"),
+                str(tmp_path / "b/x.jpg"),
+                "--checkpoint",
+                str(finished),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )  # a run folder: its best.pt
     reds = {name: Image.open(out / name).getpixel((30, 30))[0] for name in ("a_x_emotions.jpg", "b_x_emotions.jpg")}
     assert reds["a_x_emotions.jpg"] > 150 > reds["b_x_emotions.jpg"]
     capsys.readouterr()
-    assert train_emotion.main(["--predict", str(tmp_path / "gone.jpg"), str(tmp_path / "a"), "--checkpoint", str(finished)]) == 2
+    assert (
+        train_emotion.main(
+            ["--predict", str(tmp_path / "gone.jpg"), str(tmp_path / "a"), "--checkpoint", str(finished)]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     assert "gone.jpg: skipped, no such file" in captured.out and "a: skipped, a folder" in captured.out
     assert captured.err.strip() == "error: none of the 2 photos could be read: check the paths"
@@ -353,6 +401,7 @@ def test_predict_keeps_photos_of_the_same_name_apart_and_fails_when_none_can_be_
 def test_ctrl_c_while_the_data_loads_is_one_line(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
+
     monkeypatch.setattr(data, "synthetic_faces", interrupted)
     # Python's own Ctrl-C handler, also where pytest runs in the background (nohup, &), which ignores SIGINT
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -375,7 +424,10 @@ def test_checkpoints_that_are_text_or_folders(finished, tmp_path, capsys):
 
 
 def test_a_wrong_flag_is_one_line_not_the_usage():
-    done = subprocess.run([sys.executable, str(ROOT / "train_emotion.py"), "--epochs", "many"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train_emotion.py"), "--epochs", "many"], capture_output=True, text=True
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["train_emotion.py: error: argument --epochs: invalid int value: 'many' "
-                                                "(--help lists every flag)"]
+    assert done.stderr.strip().splitlines() == [
+        "train_emotion.py: error: argument --epochs: invalid int value: 'many' (--help lists every flag)"
+    ]

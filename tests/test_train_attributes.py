@@ -1,5 +1,6 @@
 """train_attributes.py end to end: synthetic UTKFace and CelebA runs that learn, the Concepción protocol on a CelebA
 fixture in the exact format, resume, --predict, and bad input."""
+
 import json
 import os
 import signal
@@ -15,8 +16,20 @@ import train_attributes
 from facenets import data
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--data", "synthetic", "--synthetic-count", "600", "--image-size", "32", "--model", "vgg", "--width", "8",
-         "--batch-size", "32"]
+SMALL = [
+    "--data",
+    "synthetic",
+    "--synthetic-count",
+    "600",
+    "--image-size",
+    "32",
+    "--model",
+    "vgg",
+    "--width",
+    "8",
+    "--batch-size",
+    "32",
+]
 
 
 def run(tmp_path, *args):
@@ -32,8 +45,17 @@ def one_line_error(capsys):
 def test_synthetic_utkface_run_learns_every_head_and_writes_a_complete_run_folder(tmp_path):
     assert run(tmp_path, "--name", "u", "--epochs", "8", "--lr", "0.05") == 0
     folder = tmp_path / "u"
-    for name in ("config.json", "log.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "confusion-gender.png",
-                 "confusion-age_group.png", "age-errors.png"):
+    for name in (
+        "config.json",
+        "log.csv",
+        "curves.png",
+        "best.pt",
+        "last.pt",
+        "metrics.json",
+        "confusion-gender.png",
+        "confusion-age_group.png",
+        "age-errors.png",
+    ):
         assert (folder / name).is_file(), name
     result = json.loads((folder / "metrics.json").read_text())
     assert result["test_accuracy"]["gender"] > 0.85  # chance: 0.5
@@ -67,8 +89,24 @@ def test_synthetic_celeba_run_learns_its_attributes_as_sigmoid_heads(tmp_path):
     # smiling is the subtle one (the mouth's corners): it needs more faces, pixels and epochs than the other two.
     # 10 epochs left it at 0.75-0.88 by CPU (AMD Zen 4, or held to AVX2); 20 give 0.96-0.98 on both, so the bar
     # below has a margin of 0.2 whatever the CPU's rounding
-    assert run(tmp_path, "--name", "c", "--task", "celeba", "--synthetic-count", "1000", "--image-size", "48",
-               "--epochs", "20", "--lr", "0.05") == 0
+    assert (
+        run(
+            tmp_path,
+            "--name",
+            "c",
+            "--task",
+            "celeba",
+            "--synthetic-count",
+            "1000",
+            "--image-size",
+            "48",
+            "--epochs",
+            "20",
+            "--lr",
+            "0.05",
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert min(result["test_accuracy"].values()) > 0.75, result["test_accuracy"]  # chance: 0.5 each
     assert result["best_val_score"] is not None  # CelebA's validation partition chose the epoch
@@ -99,8 +137,26 @@ def write_celeba_fixture(root: Path, count=48) -> Path:
 
 def test_the_concepcion_classifier_and_its_protocol_run_end_to_end_on_a_celeba_fixture(tmp_path):
     celeba = write_celeba_fixture(tmp_path / "celeba")
-    argv = ["--data", str(celeba), "--preset", "concepcion", "--attrs", "Smiling", "--sample-sizes", "20", "6", "6",
-            "--epochs", "2", "--out", str(tmp_path / "runs"), "--name", "smiling", "--cache", str(tmp_path / "cache")]
+    argv = [
+        "--data",
+        str(celeba),
+        "--preset",
+        "concepcion",
+        "--attrs",
+        "Smiling",
+        "--sample-sizes",
+        "20",
+        "6",
+        "6",
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "smiling",
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     assert train_attributes.main(argv) == 0
     result = json.loads((tmp_path / "runs" / "smiling" / "metrics.json").read_text())
     assert result["parameters"] == 623_490  # the report's count, at its 218x178 input
@@ -109,13 +165,40 @@ def test_the_concepcion_classifier_and_its_protocol_run_end_to_end_on_a_celeba_f
     config = json.loads((tmp_path / "runs" / "smiling" / "config.json").read_text())
     assert (config["optimizer"], config["batch_size"], config["image_size"]) == ("rmsprop", 50, [218, 178])
     # 32 training images hold 16 smiling faces: a sample of 40 would need 20
-    assert train_attributes.main([*argv[:6], "--sample-sizes", "40", "6", "6", "--dry-run", "--out", str(tmp_path / "runs"),
-                                  "--cache", str(tmp_path / "cache")]) == 2
+    assert (
+        train_attributes.main(
+            [
+                *argv[:6],
+                "--sample-sizes",
+                "40",
+                "6",
+                "6",
+                "--dry-run",
+                "--out",
+                str(tmp_path / "runs"),
+                "--cache",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
-    common = ["--epochs", "2", "--scheduler", "none", "--optimizer", "adam", "--lr", "1e-3", "--erasing", "0.3",
-              "--mixup", "0.4"]
+    common = [
+        "--epochs",
+        "2",
+        "--scheduler",
+        "none",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--erasing",
+        "0.3",
+        "--mixup",
+        "0.4",
+    ]
     assert run(tmp_path, "--name", "straight", *common) == 0
     calls, real = {"n": 0}, train_attributes.augment_batch
 
@@ -145,7 +228,9 @@ def test_predict_prints_every_head_and_annotates_the_photo(tmp_path, monkeypatch
     assert out.count(" face ") == 2 and "gender " in out and "age_group " in out and " years" in out
     assert " years (mean of the age head)" in out  # two heads judge age: each says which it is
     annotated = Image.open(tmp_path / "p" / "predictions" / "two_attributes.jpg")
-    assert annotated.width / annotated.height == 1.6 and min(annotated.size) >= 480  # enlarged so its labels can be read
+    assert (
+        annotated.width / annotated.height == 1.6 and min(annotated.size) >= 480
+    )  # enlarged so its labels can be read
 
 
 @pytest.mark.skipif(not os.environ.get("FACENETS_DATA"), reason="FACENETS_DATA not set")
@@ -165,15 +250,18 @@ def test_the_utec_preset_trains_arch2_on_two_heads_and_its_joint_classifier(tmp_
     assert len(result["heads"]["joint"]["classes"]) == 10
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--preset", "concepcion", "--attrs", "Male", "Smiling"], "one model per attribute"),
-    (["--targets", "joint", "gender"], "give it alone"),
-    (["--image-size", "64", "64", "64"], "--image-size takes one size"),
-    (["--age-groups", "19", "12"], "--age-groups must be increasing"),
-    (["--model-opt", "width=-1"], "width=-1 must be a whole number"),
-    (["--mixup", "-0.2"], "--mixup 0 or more"),
-    (["--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--preset", "concepcion", "--attrs", "Male", "Smiling"], "one model per attribute"),
+        (["--targets", "joint", "gender"], "give it alone"),
+        (["--image-size", "64", "64", "64"], "--image-size takes one size"),
+        (["--age-groups", "19", "12"], "--age-groups must be increasing"),
+        (["--model-opt", "width=-1"], "width=-1 must be a whole number"),
+        (["--mixup", "-0.2"], "--mixup 0 or more"),
+        (["--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
+    ],
+)
 def test_impossible_flags_are_one_line(flags, words, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_attributes.parse_args(flags)
@@ -182,8 +270,25 @@ def test_impossible_flags_are_one_line(flags, words, capsys):
 
 def test_an_emotion_checkpoint_is_not_taken_for_an_attributes_one(tmp_path, capsys):
     import train_emotion
-    assert train_emotion.main(["--data", "synthetic", "--synthetic-count", "280", "--width", "8", "--dry-run",
-                               "--out", str(tmp_path), "--name", "e"]) == 0
+
+    assert (
+        train_emotion.main(
+            [
+                "--data",
+                "synthetic",
+                "--synthetic-count",
+                "280",
+                "--width",
+                "8",
+                "--dry-run",
+                "--out",
+                str(tmp_path),
+                "--name",
+                "e",
+            ]
+        )
+        == 0
+    )
     assert train_attributes.main(["--predict", "x.jpg", "--checkpoint", str(tmp_path / "e" / "best.pt")]) == 2
     assert "lacks 'heads'" in one_line_error(capsys)
 
@@ -206,16 +311,37 @@ def write_celeba_crops(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("folder, flags, words", [
-    # make concepcion DATA=celeba-faces, and with its default data/celeba (missing): not "not a utkface protocol"
-    ("crops", ["--preset", "concepcion", "--attrs", "Male"], ["CelebA's lists were not found", "list_attr_celeba.txt"]),
-    ("missing", ["--preset", "concepcion", "--attrs", "Male"],
-     ["does not exist", "CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) were not found"]),
-    ("missing", ["--attrs", "Male"], ["does not exist", "list_attr_celeba.txt, list_eval_partition.txt"]),  # not UTK
-    # make attributes DATA=celeba-faces: no --attrs, so no word of CelebA in the flags; the folder holds neither set
-    ("crops", ["--image-size", "64"], ["neither CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) nor "
-                                       "UTKFace images (<age>_<gender>_<race>_<datetime>.jpg)", "for UTKFace"]),
-])
+@pytest.mark.parametrize(
+    "folder, flags, words",
+    [
+        # make concepcion DATA=celeba-faces, and with its default data/celeba (missing): not "not a utkface protocol"
+        (
+            "crops",
+            ["--preset", "concepcion", "--attrs", "Male"],
+            ["CelebA's lists were not found", "list_attr_celeba.txt"],
+        ),
+        (
+            "missing",
+            ["--preset", "concepcion", "--attrs", "Male"],
+            ["does not exist", "CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) were not found"],
+        ),
+        (
+            "missing",
+            ["--attrs", "Male"],
+            ["does not exist", "list_attr_celeba.txt, list_eval_partition.txt"],
+        ),  # not UTK
+        # make attributes DATA=celeba-faces: no --attrs, so no word of CelebA in the flags; the folder holds neither set
+        (
+            "crops",
+            ["--image-size", "64"],
+            [
+                "neither CelebA's lists (list_attr_celeba.txt, list_eval_partition.txt) nor "
+                "UTKFace images (<age>_<gender>_<race>_<datetime>.jpg)",
+                "for UTKFace",
+            ],
+        ),
+    ],
+)
 def test_celeba_flags_without_celeba_lists_say_which_are_missing_and_where(tmp_path, capsys, folder, flags, words):
     data_folder = write_celeba_crops(tmp_path / "crops") if folder == "crops" else tmp_path / "missing"
     argv = ["--data", str(data_folder), *flags, "--dry-run", "--out", str(tmp_path / "runs"), "--cache", str(tmp_path)]
@@ -228,8 +354,22 @@ def test_celeba_flags_without_celeba_lists_say_which_are_missing_and_where(tmp_p
 def test_celeba_without_its_partition_list_says_it_is_missing_and_where(tmp_path, capsys):
     celeba = write_celeba_fixture(tmp_path / "celeba")
     (celeba / "list_eval_partition.txt").unlink()
-    assert train_attributes.main(["--data", str(celeba), "--attrs", "Smiling", "--dry-run",
-                                  "--out", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache")]) == 2
+    assert (
+        train_attributes.main(
+            [
+                "--data",
+                str(celeba),
+                "--attrs",
+                "Smiling",
+                "--dry-run",
+                "--out",
+                str(tmp_path / "runs"),
+                "--cache",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 2
+    )
     error = one_line_error(capsys)
     assert f"no list_eval_partition.txt or list_eval_partition.csv in {celeba}" in error, error  # was "use more images"
 
@@ -246,14 +386,35 @@ def test_the_utkface_split_has_its_own_seed_apart_from_seed(tmp_path):
     folder = write_utkface(tmp_path / "utk")
     cfg = vars(train_attributes.parse_args(["--data", str(folder), "--cache", str(tmp_path / "cache")]))
     cfg.update(task="utkface", split="stratified", val_fraction=0.2)
-    splits = {(seed, split_seed): train_attributes.load_faces({**cfg, "seed": seed, "split_seed": split_seed})[1]
-              for seed, split_seed in ((0, 0), (1, 0), (0, 1))}
+    splits = {
+        (seed, split_seed): train_attributes.load_faces({**cfg, "seed": seed, "split_seed": split_seed})[1]
+        for seed, split_seed in ((0, 0), (1, 0), (0, 1))
+    }
     for part in ("train", "val", "test"):  # other seeds are tested on the same faces; another split seed on others
         assert torch.equal(splits[0, 0][part], splits[1, 0][part])
         assert not torch.equal(splits[0, 0][part], splits[0, 1][part])
-    assert train_attributes.main(["--data", str(folder), "--split-seed", "3", "--image-size", "16", "--width", "8",
-                                  "--dry-run", "--out", str(tmp_path / "runs"), "--name", "s",
-                                  "--cache", str(tmp_path / "cache")]) == 0
+    assert (
+        train_attributes.main(
+            [
+                "--data",
+                str(folder),
+                "--split-seed",
+                "3",
+                "--image-size",
+                "16",
+                "--width",
+                "8",
+                "--dry-run",
+                "--out",
+                str(tmp_path / "runs"),
+                "--name",
+                "s",
+                "--cache",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "runs" / "s" / "metrics.json").read_text())["split_seed"] == 3
 
 
@@ -268,8 +429,20 @@ def test_a_run_saved_before_split_seed_resumes_with_its_seed_as_split_seed(tmp_p
 
 
 def test_attrs_on_utkface_is_one_line(tmp_path, capsys):
-    assert train_attributes.main(["--data", str(write_utkface(tmp_path / "utk")), "--attrs", "Male", "--dry-run",
-                                  "--out", str(tmp_path / "runs")]) == 2
+    assert (
+        train_attributes.main(
+            [
+                "--data",
+                str(write_utkface(tmp_path / "utk")),
+                "--attrs",
+                "Male",
+                "--dry-run",
+                "--out",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 2
+    )
     assert "--attrs names CelebA attributes" in one_line_error(capsys) and not (tmp_path / "runs").exists()
 
 
@@ -289,6 +462,7 @@ def test_a_data_folder_that_cannot_be_read_says_so_not_that_it_cannot_be_written
 
 def test_help_documents_every_flag():
     assert not [a.option_strings for a in train_attributes.build_parser()._actions if not a.help]
-    shown = subprocess.run([sys.executable, str(ROOT / "train_attributes.py"), "--help"], capture_output=True, text=True,
-                           check=True).stdout
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "train_attributes.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--preset" in shown and "concepcion_classifier" in shown

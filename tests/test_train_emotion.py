@@ -1,4 +1,5 @@
 """train_emotion.py end to end on synthetic faces: learning, run folder, resume, Ctrl-C, predict, bad input."""
+
 import argparse
 import json
 import os
@@ -35,7 +36,9 @@ def test_short_run_learns_and_writes_a_complete_run_folder(tmp_path, recwarn):
     assert set(result["test_accuracy_by_usage"]) == {"PublicTest"}
     assert len((folder / "log.csv").read_text().splitlines()) == 1 + 10
     assert 0 < result["test_accuracy_without_tta"] <= 1 and 0 < result["test_accuracy_without_ema"] <= 1
-    assert result["command"].startswith("train_emotion.py --data synthetic") and result["command"].endswith("--val-fraction 0.1")
+    assert result["command"].startswith("train_emotion.py --data synthetic") and result["command"].endswith(
+        "--val-fraction 0.1"
+    )
 
 
 def weights(path):
@@ -49,8 +52,20 @@ def test_a_network_that_stopped_learning_is_told_at_once(tmp_path):
 
 
 def test_resume_continues_exactly_where_a_run_stopped(tmp_path):
-    common = ["--scheduler", "none", "--optimizer", "adam", "--lr", "1e-3", "--mixup", "0.2", "--erasing", "0.5",
-              "--val-fraction", "0.2"]
+    common = [
+        "--scheduler",
+        "none",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--mixup",
+        "0.2",
+        "--erasing",
+        "0.5",
+        "--val-fraction",
+        "0.2",
+    ]
     assert run(tmp_path, "--name", "straight", "--epochs", "2", *common) == 0
     assert run(tmp_path, "--name", "halves", "--epochs", "1", *common) == 0
     last, best = (torch.load(tmp_path / "halves" / name, weights_only=True) for name in ("last.pt", "best.pt"))
@@ -60,8 +75,10 @@ def test_resume_continues_exactly_where_a_run_stopped(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = (tmp_path / "halves" / "log.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in log[1:]] == ["1", "2"]
-    chosen = [{k: json.loads((tmp_path / n / "metrics.json").read_text())[k] for k in ("best_epoch", "best_val_accuracy")}
-              for n in ("straight", "halves")]
+    chosen = [
+        {k: json.loads((tmp_path / n / "metrics.json").read_text())[k] for k in ("best_epoch", "best_val_accuracy")}
+        for n in ("straight", "halves")
+    ]
     assert chosen[0] == chosen[1]
 
 
@@ -87,7 +104,10 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues_exactly(tmp_path, mon
     a, b = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "c" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the interrupted epoch's loss and accuracy cover all its steps, as in the straight run
-    logged = [[line.split(",")[1:3] for line in (tmp_path / n / "log.csv").read_text().splitlines()[1:]] for n in ("straight", "c")]
+    logged = [
+        [line.split(",")[1:3] for line in (tmp_path / n / "log.csv").read_text().splitlines()[1:]]
+        for n in ("straight", "c")
+    ]
     assert logged[0] == logged[1]
     assert (tmp_path / "c" / "metrics.json").is_file()
 
@@ -95,17 +115,66 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues_exactly(tmp_path, mon
 REPORT = ["--crop", "0", "--tta", "none", "--ema", "0"]  # the recipe's defaults that no report used
 
 
-@pytest.mark.parametrize("flags", [
-    [*REPORT, "--model", "monterrey_baseline", "--split", "monterrey", "--no-augment", "--optimizer", "adam", "--lr", "1e-3", "--scheduler", "none"],
-    [*REPORT, "--model", "rna_cifar", "--model-opt", "downsample=stride", "--mixup-lam", "0.7", "--shear", "0.2", "--scheduler", "plateau"],
-    [*REPORT, "--model", "rna_cifar", "--cutout", "8", "--optimizer", "rmsprop"],
-    [*REPORT, "--model", "udine_r1", "--sobel-channels", "--split", "udine"],
-    [*REPORT, "--model", "utec_arch1", "--brightness", "0.1", "--contrast", "1.5", "--split", "utec", "--stop-loss", "5"],
-    ["--crop", "40", "--tta", "tencrop", "--val-fraction", "0", "--scheduler", "cosine"],
-    ["--tta", "flip", "--split", "official", "--val-fraction", "0.2"],
-    ["--mixup", "0", "--cutmix", "1", "--model-opt", "hidden=(32, 32)", "--sam", "0.05"],  # candidates for the recipe
-    ["--model", "resnet18", "--tta", "none", "--ema", "0"],  # 11M parameters at full resolution: one test pass only
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [
+            *REPORT,
+            "--model",
+            "monterrey_baseline",
+            "--split",
+            "monterrey",
+            "--no-augment",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "1e-3",
+            "--scheduler",
+            "none",
+        ],
+        [
+            *REPORT,
+            "--model",
+            "rna_cifar",
+            "--model-opt",
+            "downsample=stride",
+            "--mixup-lam",
+            "0.7",
+            "--shear",
+            "0.2",
+            "--scheduler",
+            "plateau",
+        ],
+        [*REPORT, "--model", "rna_cifar", "--cutout", "8", "--optimizer", "rmsprop"],
+        [*REPORT, "--model", "udine_r1", "--sobel-channels", "--split", "udine"],
+        [
+            *REPORT,
+            "--model",
+            "utec_arch1",
+            "--brightness",
+            "0.1",
+            "--contrast",
+            "1.5",
+            "--split",
+            "utec",
+            "--stop-loss",
+            "5",
+        ],
+        ["--crop", "40", "--tta", "tencrop", "--val-fraction", "0", "--scheduler", "cosine"],
+        ["--tta", "flip", "--split", "official", "--val-fraction", "0.2"],
+        [
+            "--mixup",
+            "0",
+            "--cutmix",
+            "1",
+            "--model-opt",
+            "hidden=(32, 32)",
+            "--sam",
+            "0.05",
+        ],  # candidates for the recipe
+        ["--model", "resnet18", "--tta", "none", "--ema", "0"],  # 11M parameters at full resolution: one test pass only
+    ],
+)
 def test_report_configurations_run_end_to_end(tmp_path, flags):
     base = [f for f in FAST if f not in ("--model", "vgg", "--width", "8")] if "--model" in flags else FAST
     assert train_emotion.main([*base, "--out", str(tmp_path), "--name", "d", "--dry-run", *flags]) == 0
@@ -120,11 +189,24 @@ def test_predict_annotates_every_face(tmp_path, monkeypatch, capsys):
     Image.new("RGB", (300, 200), (128, 100, 90)).rotate(90, expand=True).save(photo, exif=exif)
     # MTCNN is tested in test_data.py; here a fixed detector checks everything after it.
     seen = []
-    monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": seen.append(image.size) or [(10, 20, 110, 140), (150, 30, 260, 170)])
-    assert train_emotion.main(["--predict", str(photo), str(tmp_path / "missing.jpg"), "--checkpoint", str(tmp_path / "p" / "best.pt")]) == 0
+    monkeypatch.setattr(
+        data,
+        "detect_faces",
+        lambda image, device="cpu": seen.append(image.size) or [(10, 20, 110, 140), (150, 30, 260, 170)],
+    )
+    assert (
+        train_emotion.main(
+            ["--predict", str(photo), str(tmp_path / "missing.jpg"), "--checkpoint", str(tmp_path / "p" / "best.pt")]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("face ") == 2 and "missing.jpg: skipped" in out
-    probabilities = [float(w) for w in out.split("face 1 at")[1].splitlines()[0].replace(",", " ").split() if w.replace(".", "").isdigit()]
+    probabilities = [
+        float(w)
+        for w in out.split("face 1 at")[1].splitlines()[0].replace(",", " ").split()
+        if w.replace(".", "").isdigit()
+    ]
     assert abs(sum(probabilities[-7:]) - 1) < 0.02
     annotated = Image.open(tmp_path / "p" / "predictions" / "group_emotions.jpg")
     # upright, as the photo is shown (and enlarged, so that its labels can be read)
@@ -138,7 +220,10 @@ def test_a_checkpoint_saved_before_precision_existed_still_predicts(tmp_path, mo
     torch.save(ckpt, tmp_path / "old" / "best.pt")
     Image.new("RGB", (120, 100), (128, 100, 90)).save(tmp_path / "one.jpg")
     monkeypatch.setattr(data, "detect_faces", lambda image, device="cpu": [(10, 10, 70, 80)])
-    assert train_emotion.main(["--predict", str(tmp_path / "one.jpg"), "--checkpoint", str(tmp_path / "old" / "best.pt")]) == 0
+    assert (
+        train_emotion.main(["--predict", str(tmp_path / "one.jpg"), "--checkpoint", str(tmp_path / "old" / "best.pt")])
+        == 0
+    )
     assert "face 1 at" in capsys.readouterr().out
 
 
@@ -182,7 +267,9 @@ def test_resume_of_a_missing_run_and_a_damaged_checkpoint(tmp_path, capsys):
     torch.save(argparse.Namespace(lr=0.1), bad)  # a pickled object that weights_only loading refuses
     assert train_emotion.main(["--predict", "x.jpg", "--checkpoint", str(bad)]) == 2
     line = one_line_error(capsys)
-    assert "could not be read" in line and len(line) < 250, line  # torch's paragraph of advice cut to its first sentence
+    assert "could not be read" in line and len(line) < 250, (
+        line
+    )  # torch's paragraph of advice cut to its first sentence
     torch.save(torch.nn.Linear(2, 2).state_dict(), bad)  # weights, but not from a facenets run
     assert train_emotion.main(["--predict", "x.jpg", "--checkpoint", str(bad)]) == 2
     assert "not a facenets checkpoint" in one_line_error(capsys)
@@ -204,8 +291,23 @@ def test_pretrained_weights_that_cannot_be_downloaded_are_one_line(tmp_path, cap
         raise OSError("no network")
 
     monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", offline)
-    assert train_emotion.main(["--data", "synthetic", "--synthetic-count", "700", "--out", str(tmp_path), "--dry-run",
-                               "--model", "rna_resnet50", "--pretrained"]) == 2
+    assert (
+        train_emotion.main(
+            [
+                "--data",
+                "synthetic",
+                "--synthetic-count",
+                "700",
+                "--out",
+                str(tmp_path),
+                "--dry-run",
+                "--model",
+                "rna_resnet50",
+                "--pretrained",
+            ]
+        )
+        == 2
+    )
     assert "could not be downloaded" in (error := one_line_error(capsys)) and "drop --pretrained" in error
     assert not any(tmp_path.iterdir())  # no empty run folder left behind
 
@@ -227,22 +329,25 @@ def test_changing_epochs_of_a_onecycle_run_or_any_setting_on_resume_is_refused(t
     assert "drop --lr" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--predict", "a.jpg"], "--checkpoint"),
-    (["--tta", "tencrop", "--crop", "0"], "--crop"),
-    (["--crop", "60"], "--crop"),
-    (["--val-fraction", "1.5"], "--val-fraction"),
-    (["--model-opt", "oops"], "KEY=VALUE"),
-    (["--model", "nope"], "invalid choice"),
-    (["--cutmix", "1"], "--mixup 0"),
-    (["--mixup", "-1"], "Beta parameter"),
-    (["--sam", "-0.1"], "--sam"),
-    (["--lr", "-1"], "--lr must be positive"),
-    (["--split", "udine", "--val-fraction", "0.1"], "its own validation part"),
-    (["--zoom", "1.5"], "--zoom must be in"),
-    (["--erasing", "2"], "--erasing"),
-    (["--rotate", "-5"], "--rotate"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--predict", "a.jpg"], "--checkpoint"),
+        (["--tta", "tencrop", "--crop", "0"], "--crop"),
+        (["--crop", "60"], "--crop"),
+        (["--val-fraction", "1.5"], "--val-fraction"),
+        (["--model-opt", "oops"], "KEY=VALUE"),
+        (["--model", "nope"], "invalid choice"),
+        (["--cutmix", "1"], "--mixup 0"),
+        (["--mixup", "-1"], "Beta parameter"),
+        (["--sam", "-0.1"], "--sam"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--split", "udine", "--val-fraction", "0.1"], "its own validation part"),
+        (["--zoom", "1.5"], "--zoom must be in"),
+        (["--erasing", "2"], "--erasing"),
+        (["--rotate", "-5"], "--rotate"),
+    ],
+)
 def test_impossible_flags_are_refused_before_any_work(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_emotion.parse_args(flags)
@@ -257,7 +362,9 @@ def test_unknown_model_option_is_one_line(tmp_path, capsys):
 
 def test_a_model_too_small_for_the_crops_is_told_about_crop_0_and_only_then(tmp_path, capsys):
     common = ["--data", "synthetic", "--synthetic-count", "700", "--out", str(tmp_path), "--dry-run"]
-    assert train_emotion.main([*common, "--model", "monterrey_baseline"]) == 2  # 'valid' convs: 40x40 shrinks to nothing
+    assert (
+        train_emotion.main([*common, "--model", "monterrey_baseline"]) == 2
+    )  # 'valid' convs: 40x40 shrinks to nothing
     assert "too small" in (error := one_line_error(capsys)) and "--crop 0" in error
     assert train_emotion.main([*common, "--model", "vgg", "--crop", "12"]) == 2  # four pools: 12 -> 6 -> 3 -> 1 -> 0
     assert "too small" in (error := one_line_error(capsys)) and "--crop 0" in error
@@ -269,7 +376,9 @@ def test_a_model_too_small_for_the_crops_is_told_about_crop_0_and_only_then(tmp_
 def test_help_documents_every_flag():
     undocumented = [a.option_strings for a in train_emotion.build_parser()._actions if not a.help]
     assert not undocumented
-    shown = subprocess.run([sys.executable, str(ROOT / "train_emotion.py"), "--help"], capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "train_emotion.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--sobel-channels" in shown and "monterrey_baseline" in shown
 
 
@@ -278,7 +387,15 @@ def test_data_without_test_images_points_to_a_pooled_split(tmp_path, capsys):
         folder = tmp_path / "fer" / "train" / emotion
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("L", (48, 48), 10 * i).save(folder / f"Training_{i}.png")
-    args = ["--data", str(tmp_path / "fer"), "--out", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"), "--dry-run"]
+    args = [
+        "--data",
+        str(tmp_path / "fer"),
+        "--out",
+        str(tmp_path / "runs"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--dry-run",
+    ]
     assert train_emotion.main(args) == 2
     assert "--split utec" in one_line_error(capsys)
     assert train_emotion.main([*args, "--split", "utec", "--model", "monterrey_baseline", *REPORT]) == 0
@@ -300,7 +417,7 @@ def test_sam_steps_with_the_gradient_at_the_weights_moved_uphill():
 
     start = [p.detach().clone() for p in model.parameters()]
     g0 = grads_at(start)
-    norm = torch.sqrt(sum((g ** 2).sum() for g in g0))
+    norm = torch.sqrt(sum((g**2).sum() for g in g0))
     g1 = grads_at([w + 0.05 * g / norm for w, g in zip(start, g0)])
     train_emotion.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, cfg, torch.Generator())
     for p, w, g in zip(model.parameters(), start, g1):
@@ -313,6 +430,22 @@ def test_a_dry_run_leaves_no_run_folder_unless_out_is_given(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert train_emotion.main(["--data", "synthetic", "--synthetic-count", "280", "--width", "8", "--dry-run"]) == 0
     assert "removed at the end" in capsys.readouterr().out and not (tmp_path / "runs").exists()
-    assert train_emotion.main(["--data", "synthetic", "--synthetic-count", "280", "--width", "8", "--dry-run",
-                               "--out", "kept", "--name", "d"]) == 0
+    assert (
+        train_emotion.main(
+            [
+                "--data",
+                "synthetic",
+                "--synthetic-count",
+                "280",
+                "--width",
+                "8",
+                "--dry-run",
+                "--out",
+                "kept",
+                "--name",
+                "d",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "kept" / "d" / "metrics.json").is_file()

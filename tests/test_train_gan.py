@@ -1,5 +1,6 @@
 """train_gan.py and what it adds to the package: both DCGANs to the parameter, the face-image reader and its held-out
 part, DiffAugment, a synthetic run that learns, resume after Ctrl-C, --sample, divergence, and bad input."""
+
 import json
 import signal
 import subprocess
@@ -16,8 +17,21 @@ import train_gan
 from facenets import augment, data, models, runs
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data", "synthetic", "--synthetic-count", "200", "--image-size", "16", "--width", "8", "--batch-size", "16",
-        "--quality-count", "20", "20"]
+TINY = [
+    "--data",
+    "synthetic",
+    "--synthetic-count",
+    "200",
+    "--image-size",
+    "16",
+    "--width",
+    "8",
+    "--batch-size",
+    "16",
+    "--quality-count",
+    "20",
+    "20",
+]
 
 
 def run(tmp_path, *args):
@@ -55,7 +69,12 @@ def test_the_concepcion_dcgan_has_the_reports_parameter_counts_and_shapes():
         x = layer(x)
         shapes.append(tuple(x.shape[1:]))
     # Keras' 'same' transposed conv (kernel 4, stride 2) doubles the size: 8 -> 16 -> 32 -> 64
-    assert shapes[1] == (64, 8, 8) and shapes[3] == (64, 16, 16) and shapes[5] == (128, 32, 32) and shapes[7] == (256, 64, 64)
+    assert (
+        shapes[1] == (64, 8, 8)
+        and shapes[3] == (64, 16, 16)
+        and shapes[5] == (128, 32, 32)
+        and shapes[7] == (256, 64, 64)
+    )
     assert x.shape == (2, 3, 64, 64) and 0 <= x.min() and x.max() <= 1  # sigmoid: images in [0, 1]
     assert d(x).shape == (2, 1)
     assert d.features(x).shape == (2, 128, 4, 4)
@@ -88,12 +107,15 @@ def test_the_radford_dcgan_is_pytorch_examples_and_its_spectral_norm_form_drops_
         assert g(torch.randn(2, 100)).shape == (2, 3, size, size) and g.up[0].out_channels == channels
 
 
-@pytest.mark.parametrize("name, size, options, words", [
-    ("dcgan", 48, {}, "power of two"),
-    ("concepcion", 40, {}, "multiple of 16"),
-    ("concepcion", 64, {"width": 32}, "has no option width"),
-    ("dcgan", 64, {"width": -5}, "width=-5 must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "name, size, options, words",
+    [
+        ("dcgan", 48, {}, "power of two"),
+        ("concepcion", 40, {}, "multiple of 16"),
+        ("concepcion", 64, {"width": 32}, "has no option width"),
+        ("dcgan", 64, {"width": -5}, "width=-5 must be a whole number"),
+    ],
+)
 def test_wrong_gan_sizes_and_options_are_value_errors(name, size, options, words):
     with pytest.raises(ValueError, match=words):
         models.build_gan(name, size, **options)
@@ -121,7 +143,14 @@ def test_face_images_from_a_folder_with_subfolders_and_from_a_zip(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1 missing or unreadable images: broken.jpg"):
         faces = data.load_face_images(root, 32, cache_dir=tmp_path / "cache")
     assert faces.images.shape == (6, 3, 32, 32) and faces.images.dtype == torch.uint8
-    assert faces.files == ["a/000.jpg", "a/001.jpg", "a/002.jpg", "b/deeper/000.jpg", "b/deeper/001.jpg", "img_align.jpg"]
+    assert faces.files == [
+        "a/000.jpg",
+        "a/001.jpg",
+        "a/002.jpg",
+        "b/deeper/000.jpg",
+        "b/deeper/001.jpg",
+        "img_align.jpg",
+    ]
     square = faces.images[-1].int()
     assert square[2].min() > 200 and square[0].max() < 60  # the centre square: blue, no red band left
     again = data.load_face_images(root, 32, cache_dir=tmp_path / "cache")  # from the cache, no warning
@@ -138,14 +167,20 @@ def test_face_images_from_a_folder_with_subfolders_and_from_a_zip(tmp_path):
     assert torch.equal(zipped.images, faces.images) and zipped.files[0] == "top/a/000.jpg"
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda p: p.mkdir(), "no images (.jpg, .jpeg, .png) in"),
-    (lambda p: (p.mkdir(), (p / "x.txt").write_text("text")), "no images"),
-    (lambda p: (p.mkdir(), (p / "x.jpg").write_bytes(b"junk"), (p / "y.png").write_bytes(b"junk")), "none of the 2 images"),
-    (lambda p: p.with_suffix(".zip").write_bytes(b"PK\x03\x04 damaged"), "is not a readable zip file"),
-    (lambda p: p.with_suffix(".csv").write_text("a,b"), "neither a folder nor a .zip"),
-    (lambda p: None, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda p: p.mkdir(), "no images (.jpg, .jpeg, .png) in"),
+        (lambda p: (p.mkdir(), (p / "x.txt").write_text("text")), "no images"),
+        (
+            lambda p: (p.mkdir(), (p / "x.jpg").write_bytes(b"junk"), (p / "y.png").write_bytes(b"junk")),
+            "none of the 2 images",
+        ),
+        (lambda p: p.with_suffix(".zip").write_bytes(b"PK\x03\x04 damaged"), "is not a readable zip file"),
+        (lambda p: p.with_suffix(".csv").write_text("a,b"), "neither a folder nor a .zip"),
+        (lambda p: None, "does not exist"),
+    ],
+)
 def test_bad_face_folders_are_one_line_data_errors(tmp_path, make, words):
     path = tmp_path / "faces"
     make(path)
@@ -184,7 +219,9 @@ def test_diff_augment_keeps_shapes_passes_gradients_and_repeats_with_its_seed():
     assert torch.equal(same, y.detach()) and not torch.equal(other, same)
     ones = torch.ones(64, 3, 16, 16)
     shifted = augment.diff_augment(ones, "translation", generator=torch.Generator().manual_seed(0))
-    assert set(shifted.unique().tolist()) <= {0.0, 1.0} and 0 < (shifted == 0).float().mean() < 0.25  # at most 2 of 16 rows/columns
+    assert (
+        set(shifted.unique().tolist()) <= {0.0, 1.0} and 0 < (shifted == 0).float().mean() < 0.25
+    )  # at most 2 of 16 rows/columns
     cut = augment.diff_augment(ones, "cutout", generator=torch.Generator().manual_seed(0))
     assert ((cut == 0).flatten(1).float().mean(1) <= 0.25).all() and (cut == 0).any()  # at most half the side
     assert torch.equal(augment.diff_augment(ones, "none"), ones)
@@ -197,19 +234,53 @@ def test_diff_augment_keeps_shapes_passes_gradients_and_repeats_with_its_seed():
 
 def test_a_short_synthetic_run_draws_better_faces_than_its_untrained_generator(tmp_path):
     # Radford's DCGAN (the preset) learns in the fewest steps: 36 of them here
-    assert train_gan.main(["--data", "synthetic", "--synthetic-count", "1200", "--image-size", "16", "--width", "16",
-                           "--preset", "radford", "--epochs", "4", "--quality-count", "200", "200", "--out", str(tmp_path),
-                           "--name", "q"]) == 0
+    assert (
+        train_gan.main(
+            [
+                "--data",
+                "synthetic",
+                "--synthetic-count",
+                "1200",
+                "--image-size",
+                "16",
+                "--width",
+                "16",
+                "--preset",
+                "radford",
+                "--epochs",
+                "4",
+                "--quality-count",
+                "200",
+                "200",
+                "--out",
+                str(tmp_path),
+                "--name",
+                "q",
+            ]
+        )
+        == 0
+    )
     folder = tmp_path / "q"
-    for name in ("config.json", "log.csv", "last.pt", "best.pt", "metrics.json", "grid.png", "interpolation.png",
-                 "losses.png", *(f"grid-epoch-{e:03d}.png" for e in (1, 2, 3, 4))):
+    for name in (
+        "config.json",
+        "log.csv",
+        "last.pt",
+        "best.pt",
+        "metrics.json",
+        "grid.png",
+        "interpolation.png",
+        "losses.png",
+        *(f"grid-epoch-{e:03d}.png" for e in (1, 2, 3, 4)),
+    ):
         assert (folder / name).is_file(), name
     trained = json.loads((folder / "metrics.json").read_text())["quality"]
     cfg = json.loads((folder / "config.json").read_text())
     torch.manual_seed(cfg["seed"])
     untrained, _ = train_gan.make_gan(cfg, torch.device("cpu"))
     cpu = torch.device("cpu")
-    before = train_gan.quality(train_gan.drawing_copy(untrained, cpu, "fp32"), train_gan.load_faces(cfg)[1], 200, cpu, "fp32")
+    before = train_gan.quality(
+        train_gan.drawing_copy(untrained, cpu, "fp32"), train_gan.load_faces(cfg)[1], 200, cpu, "fp32"
+    )
     assert trained["fake_count"] == before["fake_count"] == 200
     assert trained["frechet_distance"] < 0.9 * before["frechet_distance"], (trained, before)
     assert trained["precision"] > before["precision"] + 0.1, (trained, before)
@@ -235,7 +306,9 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(finished, tmp_
     assert train_gan.main(["--resume", str(tmp_path / "c")]) == 0
     a, b = (torch.load(folder / "last.pt", weights_only=True) for folder in (finished, tmp_path / "c"))
     for part in ("model", "discriminator", "ema", "optimizer", "d_optimizer"):
-        assert torch.equal(torch.cat([t.flatten() for t in _tensors(a[part])]), torch.cat([t.flatten() for t in _tensors(b[part])])), part
+        assert torch.equal(
+            torch.cat([t.flatten() for t in _tensors(a[part])]), torch.cat([t.flatten() for t in _tensors(b[part])])
+        ), part
     assert a["trace"] == b["trace"] and a["history"][-1]["g_loss"] == b["history"][-1]["g_loss"]
     metrics_json = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert metrics_json["resumed_with"] == [f"train_gan.py --resume {tmp_path / 'c'}"]
@@ -260,7 +333,9 @@ def test_sample_writes_pngs_for_other_fid_tools_and_never_mixes_them(finished, t
     capsys.readouterr()
     assert train_gan.main(["--sample", "7", "--checkpoint", str(finished / "best.pt"), "--out", str(out)]) == 2
     assert "already holds PNG files" in one_line_error(capsys)
-    assert train_gan.main(["--sample", "2", "--checkpoint", str(finished / "last.pt")]) == 0  # default: samples/ beside it
+    assert (
+        train_gan.main(["--sample", "2", "--checkpoint", str(finished / "last.pt")]) == 0
+    )  # default: samples/ beside it
     assert len(list((finished / "samples").glob("*.png"))) == 2
 
 
@@ -289,12 +364,42 @@ def test_a_discriminator_certain_for_too_long_stops_with_status_3(tmp_path, caps
 
 
 def test_the_concepcion_preset_is_the_reports_setup(tmp_path):
-    assert train_gan.main(["--data", "synthetic", "--synthetic-count", "200", "--image-size", "32", "--preset",
-                           "concepcion", "--dry-run", "--out", str(tmp_path), "--name", "k"]) == 0
+    assert (
+        train_gan.main(
+            [
+                "--data",
+                "synthetic",
+                "--synthetic-count",
+                "200",
+                "--image-size",
+                "32",
+                "--preset",
+                "concepcion",
+                "--dry-run",
+                "--out",
+                str(tmp_path),
+                "--name",
+                "k",
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((tmp_path / "k" / "config.json").read_text())
-    assert (cfg["model"], cfg["loss"], cfg["lr_g"], cfg["lr_d"], cfg["betas"], cfg["batch_size"], cfg["epochs"]) == \
-        ("concepcion", "bce", 1e-4, 1e-4, [0.9, 0.999], 32, 30)
-    assert (cfg["ema"], cfg["diffaugment"], cfg["flip"], cfg["gan_options"]) == (0.0, "none", False, {"spectral_norm": False})
+    assert (cfg["model"], cfg["loss"], cfg["lr_g"], cfg["lr_d"], cfg["betas"], cfg["batch_size"], cfg["epochs"]) == (
+        "concepcion",
+        "bce",
+        1e-4,
+        1e-4,
+        [0.9, 0.999],
+        32,
+        30,
+    )
+    assert (cfg["ema"], cfg["diffaugment"], cfg["flip"], cfg["gan_options"]) == (
+        0.0,
+        "none",
+        False,
+        {"spectral_norm": False},
+    )
     assert Image.open(tmp_path / "k" / "grid-epoch-001.png").size == (8 * 34 + 2, 8 * 34 + 2)
 
 
@@ -313,14 +418,17 @@ def test_a_time_budget_ends_training_mid_epoch_and_still_measures_the_generator(
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--model", "concepcion", "--width", "32"], "has no option width (--width)"),
-    (["--diffaugment", "color,flip"], "unknown DiffAugment 'flip'"),
-    (["--sample", "10"], "--sample needs --checkpoint"),
-    (["--quality-count", "5", "100"], "--quality-count need at least 10"),
-    (["--betas", "0.5", "1.5"], "--betas and --ema must each be in [0, 1)"),
-    (["--time-budget", "0"], "--time-budget must be a positive number of minutes"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--model", "concepcion", "--width", "32"], "has no option width (--width)"),
+        (["--diffaugment", "color,flip"], "unknown DiffAugment 'flip'"),
+        (["--sample", "10"], "--sample needs --checkpoint"),
+        (["--quality-count", "5", "100"], "--quality-count need at least 10"),
+        (["--betas", "0.5", "1.5"], "--betas and --ema must each be in [0, 1)"),
+        (["--time-budget", "0"], "--time-budget must be a positive number of minutes"),
+    ],
+)
 def test_impossible_flags_are_one_line(flags, words, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_gan.parse_args(flags)
@@ -332,8 +440,22 @@ def test_bad_data_and_sizes_are_one_line_and_leave_no_run_folder(tmp_path, capsy
     assert train_gan.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "runs"), "--dry-run"]) == 2
     assert "no images (.jpg, .jpeg, .png) in" in one_line_error(capsys)
     write_faces(tmp_path / "few", 30, (40, 40))
-    assert train_gan.main(["--data", str(tmp_path / "few"), "--image-size", "16", "--cache", str(tmp_path / "cache"),
-                           "--out", str(tmp_path / "runs"), "--dry-run"]) == 2
+    assert (
+        train_gan.main(
+            [
+                "--data",
+                str(tmp_path / "few"),
+                "--image-size",
+                "16",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--out",
+                str(tmp_path / "runs"),
+                "--dry-run",
+            ]
+        )
+        == 2
+    )
     assert "holds 30 readable images: a GAN needs thousands" in one_line_error(capsys)
     assert run(tmp_path / "runs", "--image-size", "48", "--dry-run") == 2
     assert "needs an image size that is a power of two" in one_line_error(capsys)
@@ -342,8 +464,25 @@ def test_bad_data_and_sizes_are_one_line_and_leave_no_run_folder(tmp_path, capsy
 
 def test_checkpoints_of_another_script_or_model_are_one_line(finished, tmp_path, capsys):
     import train_emotion
-    assert train_emotion.main(["--data", "synthetic", "--synthetic-count", "280", "--width", "8", "--dry-run",
-                               "--out", str(tmp_path), "--name", "e"]) == 0
+
+    assert (
+        train_emotion.main(
+            [
+                "--data",
+                "synthetic",
+                "--synthetic-count",
+                "280",
+                "--width",
+                "8",
+                "--dry-run",
+                "--out",
+                str(tmp_path),
+                "--name",
+                "e",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert train_gan.main(["--sample", "3", "--checkpoint", str(tmp_path / "e"), "--out", str(tmp_path / "s")]) == 2
     assert "lacks 'discriminator'" in one_line_error(capsys)
@@ -352,7 +491,9 @@ def test_checkpoints_of_another_script_or_model_are_one_line(finished, tmp_path,
     other = torch.load(finished / "best.pt", weights_only=True)
     other["config"]["gan_options"]["width"] = 16  # the weights of width 8 under a width-16 config
     torch.save(other, tmp_path / "other.pt")
-    assert train_gan.main(["--sample", "3", "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "s")]) == 2
+    assert (
+        train_gan.main(["--sample", "3", "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "s")]) == 2
+    )
     assert "does not fit this run: its weights cannot be loaded" in one_line_error(capsys)
     assert train_emotion.main(["--predict", "x.jpg", "--checkpoint", str(finished / "best.pt")]) == 2
     assert "lacks 'classes'" in one_line_error(capsys)
@@ -360,8 +501,9 @@ def test_checkpoints_of_another_script_or_model_are_one_line(finished, tmp_path,
 
 def test_help_documents_every_flag():
     assert not [a.option_strings for a in train_gan.build_parser()._actions if not a.help]
-    shown = subprocess.run([sys.executable, str(ROOT / "train_gan.py"), "--help"], capture_output=True, text=True,
-                           check=True).stdout
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "train_gan.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--preset" in shown and "--sample" in shown and "exit status 3" in shown.replace("\n", " ")
 
 
@@ -372,9 +514,34 @@ def test_a_data_set_of_copies_of_one_image_trains_and_scores_as_collapsed(face, 
     (tmp_path / "faces").mkdir()
     for i in range(60):
         Image.fromarray(image.to(torch.uint8).permute(1, 2, 0).numpy()).save(tmp_path / "faces" / f"{i:03d}.png")
-    assert train_gan.main(["--data", str(tmp_path / "faces"), "--cache", str(tmp_path / "cache"), "--image-size", "16",
-                           "--width", "8", "--batch-size", "16", "--holdout", "20", "--quality-count", "20", "20",
-                           "--epochs", "1", "--out", str(tmp_path), "--name", "r"]) == 0
+    assert (
+        train_gan.main(
+            [
+                "--data",
+                str(tmp_path / "faces"),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--image-size",
+                "16",
+                "--width",
+                "8",
+                "--batch-size",
+                "16",
+                "--holdout",
+                "20",
+                "--quality-count",
+                "20",
+                "20",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path),
+                "--name",
+                "r",
+            ]
+        )
+        == 0
+    )
     quality = json.loads((tmp_path / "r" / "metrics.json").read_text())["quality"]
     assert (tmp_path / "r" / "last.pt").is_file() and quality["real_vs_real_frechet"] == 0.0
     # The real images' balls have radius 0: only an exact copy would cover them, and 2 steps make none. (Recall

@@ -1,4 +1,5 @@
 """facenets.training: optimisation flags, optimizer and schedule, the weight average, stop requests."""
+
 import signal
 
 import pytest
@@ -15,14 +16,19 @@ def optimisation_flags(argv):
     return vars(args)
 
 
-@pytest.mark.parametrize("optimizer, momentum, expected", [
-    ("sgd", None, (0.95, 0.85)),  # one-cycle momentum: high at the start, lowest at the peak lr (a quarter in)
-    ("sgd", 0.5, (0.5, 0.5)),     # a given --momentum is kept
-    ("rmsprop", None, (0.0, 0.0)),  # no momentum switched on behind the user's back
-    ("sgd", 0.0, (0.0, 0.0)),     # plain SGD (Keras' default), which Nesterov would refuse
-])
+@pytest.mark.parametrize(
+    "optimizer, momentum, expected",
+    [
+        ("sgd", None, (0.95, 0.85)),  # one-cycle momentum: high at the start, lowest at the peak lr (a quarter in)
+        ("sgd", 0.5, (0.5, 0.5)),  # a given --momentum is kept
+        ("rmsprop", None, (0.0, 0.0)),  # no momentum switched on behind the user's back
+        ("sgd", 0.0, (0.0, 0.0)),  # plain SGD (Keras' default), which Nesterov would refuse
+    ],
+)
 def test_onecycle_cycles_the_momentum_only_when_none_is_given(optimizer, momentum, expected):
-    cfg = optimisation_flags(["--optimizer", optimizer, *(["--momentum", str(momentum)] if momentum is not None else [])])
+    cfg = optimisation_flags(
+        ["--optimizer", optimizer, *(["--momentum", str(momentum)] if momentum is not None else [])]
+    )
     optimizer = training.make_optimizer(torch.nn.Linear(2, 2), cfg)
     scheduler = training.make_scheduler(optimizer, cfg, steps_per_epoch=10)
     seen = []
@@ -40,8 +46,15 @@ def test_no_weight_decay_on_biases_and_batchnorm():
     assert len(plain["params"]) == 3 and plain["weight_decay"] == 0
 
 
-@pytest.mark.parametrize("argv, words", [(["--lr", "0"], "--lr must be positive"), (["--ema", "1"], "--ema must be"),
-                                         (["--epochs", "0"], "--epochs and --batch-size"), (["--label-smoothing", "1"], "smoothing")])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--lr", "0"], "--lr must be positive"),
+        (["--ema", "1"], "--ema must be"),
+        (["--epochs", "0"], "--epochs and --batch-size"),
+        (["--label-smoothing", "1"], "smoothing"),
+    ],
+)
 def test_impossible_optimisation_flags_are_one_line(argv, words, capsys):
     with pytest.raises(SystemExit):
         optimisation_flags(argv)
@@ -73,7 +86,9 @@ def test_a_stop_request_is_noted_and_the_handlers_come_back():
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-@pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "precision, dtype", [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)]
+)
 def test_precision_on_a_cpu_is_fp32_unless_bf16_is_asked_for(precision, dtype):
     layer = torch.nn.Linear(4, 4)
     with training.autocast(torch.device("cpu"), precision):
@@ -84,9 +99,14 @@ def test_precision_on_a_cpu_is_fp32_unless_bf16_is_asked_for(precision, dtype):
 
 def test_the_bf16_hint_follows_the_cpu_flags(monkeypatch, capsys):
     # decided from /proc/cpuinfo's flags, not from the CPU's brand: Intel's AMX and AMD Zen 4's AVX-512 BF16 both pay
-    for flags, expected in [("fpu sse avx512f amx_bf16 amx_tile", "AMX"), ("fpu avx512f avx512_bf16", "AVX-512 BF16"),
-                            ("fpu sse avx2", None)]:
-        monkeypatch.setattr(training.Path, "read_text", lambda self, flags=flags: f"processor\t: 0\nflags\t\t: {flags}\n")
+    for flags, expected in [
+        ("fpu sse avx512f amx_bf16 amx_tile", "AMX"),
+        ("fpu avx512f avx512_bf16", "AVX-512 BF16"),
+        ("fpu sse avx2", None),
+    ]:
+        monkeypatch.setattr(
+            training.Path, "read_text", lambda self, flags=flags: f"processor\t: 0\nflags\t\t: {flags}\n"
+        )
         assert training.cpu_bf16_units() == expected
         training.suggest_precision(torch.device("cpu"), "auto")
         said = capsys.readouterr().out

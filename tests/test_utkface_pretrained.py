@@ -1,5 +1,6 @@
 """benchmarks/utkface_pretrained.py without dlib: its comparison on a synthetic run, with stand-in descriptors that
 carry the gender, and its one-line errors (dlib missing, a run without validation)."""
+
 import importlib.util
 import sys
 from pathlib import Path
@@ -10,8 +11,24 @@ import train_attributes
 from facenets import runs
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "utkface_pretrained.py"
-SMALL = ["--data", "synthetic", "--synthetic-count", "800", "--image-size", "32", "--model", "vgg", "--width", "8",
-         "--batch-size", "32", "--epochs", "8", "--lr", "0.05"]
+SMALL = [
+    "--data",
+    "synthetic",
+    "--synthetic-count",
+    "800",
+    "--image-size",
+    "32",
+    "--model",
+    "vgg",
+    "--width",
+    "8",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "8",
+    "--lr",
+    "0.05",
+]
 
 
 def load_script():
@@ -22,8 +39,11 @@ def load_script():
 
 
 def table_rows(stdout):
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| run ")]
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| run ")
+    ]
 
 
 def test_the_run_the_descriptors_and_both_are_scored_on_validation_faces(tmp_path, capsys):
