@@ -483,16 +483,8 @@ def settle_task(cfg: dict) -> None:
 def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
-    run = runs.Run(
-        args,
-        command,
-        device,
-        "train_attributes.py",
-        RESUME_KEYS,
-        NOT_SAVED,
-        best="best_score",
-        added={"split_seed": lambda old: old["seed"]},
-    )  # before --split-seed: the --seed
+    # a run saved before --split-seed split with its --seed
+    run = runs.Run(args, command, device, RESUME_KEYS, NOT_SAVED, added={"split_seed": lambda old: old["seed"]})
     cfg = run.cfg
     if not run.resuming:
         settle_task(cfg)

@@ -514,7 +514,7 @@ def load_split(cfg: dict) -> tuple[data.FaceImages, dict]:
 def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
-    run = runs.Run(args, command, device, "train_emotion.py", RESUME_KEYS, NOT_SAVED, best="best_acc")
+    run = runs.Run(args, command, device, RESUME_KEYS, NOT_SAVED, best="best_acc")
     cfg, members = run.cfg, run.cfg["ensemble"]
     training.suggest_precision(device, cfg["precision"])
     faces, split = load_split(cfg)

@@ -90,6 +90,7 @@ QUALITY_KEYS = ("frechet_distance", "coverage", "recall", "precision", "density"
 TRACE_EVERY = 20  # steps per point of losses.png (and per look at the losses, which waits for the GPU)
 GRID_SEED, QUALITY_SEED, STATS_SEED = 1, 2, 3  # noise of the monitor grid, the quality checks, BatchNorm statistics
 DIVERGED = runs.DIVERGED  # exit status of a run stopped because it diverged
+ADVICE = "lower --lr-d / --lr-g, another --loss or --seed"  # what to try after a run diverged
 
 # ----------------------------------------------------------------------------- flags
 
@@ -298,8 +299,9 @@ def parse_args(argv=None):
 
 
 def load_faces(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [N, 3, S, S] training images and the held-out ones, disjoint; the held-out part is seeded apart from
-    --seed."""
+    """uint8 [N, 3, S, S] training images and the held-out ones, disjoint, said in one line; the held-out part is
+    seeded apart from --seed."""
+    t0 = time.perf_counter()
     if cfg["data"] == "synthetic":
         images = data.synthetic_attribute_faces(
             cfg["synthetic_count"], "celeba", cfg["image_size"], seed=cfg["seed"]
@@ -312,6 +314,10 @@ def load_faces(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
             "(at least 40 to run)"
         )
     train, held_out = data.holdout_split(len(images), min(cfg["holdout"], len(images) // 2), HOLDOUT_SEED)
+    print(
+        f"data: {len(images)} faces from {cfg['data']} at {cfg['image_size']}x{cfg['image_size']} in "
+        f"{time.perf_counter() - t0:.1f}s: {len(train)} to train on, {len(held_out)} held out"
+    )
     return images[train], images[held_out]
 
 
@@ -353,6 +359,16 @@ def certain(real: torch.Tensor, fake: torch.Tensor, loss: str) -> torch.Tensor:
     beyond the hinge margin, or 99% probability on its sigmoid."""
     margin = 1.0 if loss == "hinge" else math.log(99)
     return (real.min() > margin) & (fake.max() < -margin)
+
+
+def check_memory(cfg: dict, device: torch.device):
+    """training.check_memory for G and D at cfg's sizes: a size that cannot fit is refused before allocating it."""
+    size = cfg["image_size"]
+    networks = (
+        (lambda: make_gan(cfg, "meta")[0], lambda g: [(g.latent,)]),
+        (lambda: make_gan(cfg, "meta")[1], [(3, size, size)]),
+    )
+    training.check_memory(device, cfg["batch_size"], *networks)
 
 
 def make_gan(cfg: dict, device: torch.device):
@@ -504,33 +520,12 @@ RESUME_KEYS = runs.TRAINING_STATE + ("discriminator", "d_optimizer", "trace", "b
 def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
-    run = runs.Run(
-        args,
-        command,
-        device,
-        "train_gan.py",
-        RESUME_KEYS,
-        NOT_SAVED,
-        best="best_frechet",
-        lower_is_better=True,
-        advice="lower --lr-d / --lr-g, another --loss or --seed",
-    )
+    run = runs.Run(args, command, device, RESUME_KEYS, NOT_SAVED, "best_frechet", lower_is_better=True, advice=ADVICE)
     cfg = run.cfg
     training.suggest_precision(device, cfg["precision"])
-    size = cfg["image_size"]
-    training.check_memory(
-        device,
-        cfg["batch_size"],
-        (lambda: make_gan(cfg, "meta")[0], lambda g: [(g.latent,)]),
-        (lambda: make_gan(cfg, "meta")[1], [(3, size, size)]),
-    )
+    check_memory(cfg, device)
     g, d = make_gan(cfg, device)  # before the data: a wrong size is said at once
-    t0 = time.perf_counter()
     x_train, held_out = load_faces(cfg)
-    print(
-        f"data: {len(x_train) + len(held_out)} faces from {cfg['data']} at {cfg['image_size']}x{cfg['image_size']} in "
-        f"{time.perf_counter() - t0:.1f}s: {len(x_train)} to train on, {len(held_out)} held out"
-    )
     x_train = x_train.to(device)
     batch_size, steps = run.batching(len(x_train))
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"]))
@@ -553,8 +548,7 @@ def train(args, command: str):
     )
     step_g, step_d = (training.compiled(g, device), training.compiled(d, device)) if cfg["compile"] else (g, d)
     low, fixed, gen = g.low, noise(64, g.latent, GRID_SEED, device), run.generator
-    quality_count = 64 if cfg["dry_run"] else cfg["quality_count"][0]
-    quality_ok = True  # until facenet-pytorch, which holds ONet's weights, is found missing
+    quality_ok = True
 
     for epoch in run.epochs():
         g.train()
@@ -584,14 +578,7 @@ def train(args, command: str):
             if average is not None:
                 average.update(done=epoch * steps + step + 1)
             # Bookkeeping on the device; the host looks only every TRACE_EVERY steps (that waits for the GPU).
-            stats = torch.stack(
-                [
-                    loss_g.detach(),
-                    loss_d.detach(),
-                    real_logits.detach().sigmoid().mean(),
-                    fake_logits.detach().sigmoid().mean(),
-                ]
-            )
+            stats = torch.stack([loss_g, loss_d, real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()]).detach()
             sums["totals"] += stats
             sums["window"] += stats
             streak.add_(1).mul_(certain(real_logits.detach(), fake_logits.detach(), cfg["loss"]))
@@ -605,42 +592,27 @@ def train(args, command: str):
             "seconds": round(run.seconds, 2),
             "images_per_second": round(run.steps_done * batch_size / run.seconds, 1),
         }
+        # The monitor grid of every epoch, and the quality every --quality-every epochs and after the last
         drawer = drawing_copy(evaluated, device, cfg["precision"])
         metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run.folder / f"grid-epoch-{epoch + 1:03d}.png")
         measured = None
-        every = cfg["quality_every"]
-        if quality_ok and every and ((epoch + 1) % every == 0 or run.is_last_epoch()):
-            measured = quality(drawer, held_out, quality_count, device, cfg["precision"])
-            quality_ok = measured is not None
+        if quality_ok and cfg["quality_every"] and ((epoch + 1) % cfg["quality_every"] == 0 or run.is_last_epoch()):
+            measured = quality(
+                drawer, held_out, 64 if cfg["dry_run"] else cfg["quality_count"][0], device, cfg["precision"]
+            )
+            quality_ok = measured is not None  # facenet-pytorch, which holds ONet's weights, may be missing
             row.update({k: round(measured[k], 5) for k in QUALITY_KEYS} if measured else {})
         print(
             f"epoch {epoch + 1:3d}  G loss {means[0]:.4f}  D loss {means[1]:.4f}  D(real) {means[2]:.3f}  D(fake) "
-            f"{means[3]:.3f}"
-            + (
-                f"  Fréchet {measured['frechet_distance']:.2f} coverage {measured['coverage']:.3f} "
-                f"recall {measured['recall']:.3f}"
-                if measured
-                else ""
-            )
-            + f"  {run.seconds:.1f}s  {row['images_per_second']:.0f} img/s"
+            f"{means[3]:.3f}{headline(measured)}  {run.seconds:.1f}s  {row['images_per_second']:.0f} img/s"
         )
         run.end_epoch(row, score=measured["frechet_distance"] if measured else None)
 
     # The chosen generator: its pictures, then its quality on more images (and what real images reach).
     best = run.best_weights(model=g, ema=ema)
     drawer = drawing_copy(evaluated, device, cfg["precision"])
-    metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run.folder / "grid.png")
-    metrics.save_image_grid(
-        draw(drawer, interpolation(g.latent, GRID_SEED, device), cfg["precision"]),
-        run.folder / "interpolation.png",
-        columns=10,
-    )
-    plot_losses(trace, run.folder / "losses.png")
-    count = min(64 if cfg["dry_run"] else cfg["quality_count"][1], len(held_out), len(x_train))
-    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(QUALITY_SEED))[:count]
-    final = None
-    if quality_ok:
-        final = quality(drawer, held_out, count, device, cfg["precision"], train_images=x_train[pick.to(device)].cpu())
+    final_pictures(drawer, fixed, trace, run.folder, cfg["precision"])
+    final = final_quality(drawer, x_train, held_out, cfg, device) if quality_ok else None
     images_per_second = sum(h["images_per_second"] * h["seconds"] for h in run.history) / max(run.train_seconds, 1e-9)
     result = run.finish(
         {
@@ -665,6 +637,31 @@ def train(args, command: str):
         f"{result['device']}; results in {run.folder}"
     )
     return 0
+
+
+def headline(measured: dict | None) -> str:
+    """The headline scores of a quality check for the epoch's line: those that fail on collapse and on noise."""
+    if not measured:
+        return ""
+    return (
+        f"  Fréchet {measured['frechet_distance']:.2f} coverage {measured['coverage']:.3f} "
+        f"recall {measured['recall']:.3f}"
+    )
+
+
+def final_pictures(drawer, fixed: torch.Tensor, trace: list, folder: Path, precision: str):
+    """The chosen generator's grid of the fixed latent vectors, its interpolations, and the losses."""
+    metrics.save_image_grid(draw(drawer, fixed, precision), folder / "grid.png")
+    walks = interpolation(drawer.latent, GRID_SEED, fixed.device)
+    metrics.save_image_grid(draw(drawer, walks, precision), folder / "interpolation.png", columns=10)
+    plot_losses(trace, folder / "losses.png")
+
+
+def final_quality(drawer, x_train: torch.Tensor, held_out: torch.Tensor, cfg: dict, device) -> dict | None:
+    """quality on the end's count of images, with what as many training images reach against the held-out ones."""
+    count = min(64 if cfg["dry_run"] else cfg["quality_count"][1], len(held_out), len(x_train))
+    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(QUALITY_SEED))[:count]
+    return quality(drawer, held_out, count, device, cfg["precision"], train_images=x_train[pick.to(device)].cpu())
 
 
 def watch(run, trace: list, window: torch.Tensor, streak: torch.Tensor, step: int, cfg: dict):

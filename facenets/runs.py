@@ -376,7 +376,6 @@ class Run:
         args,
         command: str,
         device: torch.device,
-        script: str,
         needs,
         not_saved,
         best: str = "best_score",
@@ -385,7 +384,7 @@ class Run:
         added: dict | None = None,
     ):
         self.device, self.needs, self.advice = device, needs, advice
-        self.folder, self._ckpt, self.cfg = settings(args, command, device, needs, not_saved, script, added)
+        self.folder, self._ckpt, self.cfg = settings(args, command, device, needs, not_saved, command.split()[0], added)
         torch.manual_seed(self.cfg["seed"])  # the weights; the batch order and augmentation draw from .generator
         self.t0, self.resuming = time.perf_counter(), bool(args.resume)
         self._new_folder = None if args.resume else (args.out, args.name)
