@@ -568,7 +568,7 @@ def train(args, command: str):
             sums["loss"] += loss * len(idx)
             sums["correct"] += (logits.argmax(-1) == y).sum() / members  # an ensemble's: its members' mean
         seen = steps * batch_size
-        train_loss, train_acc = sums["loss"].item() / seen, sums["correct"].item() / seen
+        train_loss, train_acc = (torch.stack([sums["loss"], sums["correct"]]) / seen).tolist()  # one wait for the GPU
 
         val_loss = val_acc = None
         if len(x_val):

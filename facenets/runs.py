@@ -522,8 +522,9 @@ class Run:
             yield step, self.order[step * self.batch_size : (step + 1) * self.batch_size]
             if (step - self.first_step) % SHOW_EVERY == SHOW_EVERY - 1 and not bar.disable:
                 seen = (step + 1) * self.batch_size
+                means = (torch.stack([self.sums[key] for key in show]) / seen).tolist() if show else []  # one sync
                 bar.set_postfix(
-                    {key: f"{self.sums[key].item() / seen:.3f}" for key in show},
+                    {key: f"{mean:.3f}" for key, mean in zip(show, means)},
                     img_s=f"{seen / (time.perf_counter() - started):.0f}",
                 )
             if self.train_seconds + time.perf_counter() - started >= self.budget:  # the rest is not trained on
