@@ -174,9 +174,6 @@ def build_parser():
     )
     g.add_argument("--synthetic-count", type=int, default=3000, help="number of faces for --data synthetic")
     g.add_argument(
-        "--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)"
-    )
-    g.add_argument(
         "--preset",
         default=None,
         choices=PRESETS,

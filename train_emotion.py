@@ -68,9 +68,6 @@ def build_parser():
         help="with --split official: stratified share of Training held out for validation and model selection "
         "(0 = none: best.pt is the last epoch)",
     )
-    g.add_argument(
-        "--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)"
-    )
 
     g = p.add_argument_group("model and input")
     g.add_argument("--model", default="vgg", choices=models.MODELS, metavar="NAME", help="architecture (list below)")

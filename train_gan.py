@@ -130,9 +130,6 @@ def build_parser():
         help="number of faces for --data synthetic (held-out part included)",
     )
     g.add_argument(
-        "--cache", default=None, help="folder for decoded data sets (default $FACENETS_CACHE or ~/.cache/facenets)"
-    )
-    g.add_argument(
         "--preset",
         default=None,
         choices=PRESETS,

@@ -719,12 +719,15 @@ def add_run_flags(parser: argparse.ArgumentParser, out: str, task: str | None) -
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: the GPU when there is one")
     g.add_argument(
+        "--cache", default=None, help="folder for decoded data sets; None: $FACENETS_CACHE or ~/.cache/facenets"
+    )
+    g.add_argument(
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16"),
-        help="auto: bf16 autocast on a GPU, fp32 "
-        "on a CPU; bf16 also pays on CPUs with AMX (Intel Xeon 4th generation and later): 2.8x the images/s of "
-        "fp32 on 2 such cores, but CPUs without AMX run it slower than fp32",
+        help="auto: bf16 autocast on a GPU, fp32 on a CPU; bf16 also pays on CPUs with bf16 instructions (a run "
+        "in fp32 on one starts with a hint): Intel's AMX, 2.8x the images/s of fp32 on 2 cores, AMD Zen 4's AVX-512 "
+        "BF16, 1.6-1.7x; CPUs with neither run it slower than fp32",
     )
     g.add_argument(
         "--compile",
