@@ -142,3 +142,10 @@ def test_an_out_that_is_a_file_or_holds_foreign_results_is_one_line(tmp_path, ca
     assert ablate_emotion.main(["--small", "--out", str(tmp_path / "abl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not an ablation's results" in err[0]
+
+
+def test_help_says_each_default_once():
+    # --epochs printed "(default: the recipe's) (default: None)"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    epochs = " ".join(done.stdout.split("\n  --epochs EPOCHS")[1].split("\n  --")[0].split())
+    assert done.returncode == 0 and epochs.count("default") == 1, epochs

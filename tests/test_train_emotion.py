@@ -449,3 +449,12 @@ def test_a_dry_run_leaves_no_run_folder_unless_out_is_given(tmp_path, monkeypatc
         == 0
     )
     assert (tmp_path / "kept" / "d" / "metrics.json").is_file()
+
+
+def test_output_to_a_file_holds_lines_not_progress_bar_updates(tmp_path, capsys):
+    # a log of 10 epochs redirected to a file held 100 KB of the progress bar's carriage-return updates
+    flags = ["--data", "synthetic", "--synthetic-count", "280", "--width", "8", "--epochs", "2", "--batch-size", "32"]
+    assert train_emotion.main([*flags, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out and "epoch   2" in out
+    assert "model: vgg {'width': 8}, " in out  # was "vgg , 4,742,700 parameters" without options
