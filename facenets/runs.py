@@ -806,10 +806,13 @@ def one_line_errors(body, *errors) -> int:
     except (RunError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except dist.DistError as e:  # under torchrun: another process stopped, or none answered within PEER_TIMEOUT
+    except RuntimeError as e:  # under torchrun: another process stopped, or none answered within PEER_TIMEOUT
+        # NCCL's errors are DistErrors; gloo's plain RuntimeErrors, which name gloo's source
+        if not (isinstance(e, dist.DistError) or (dist.is_initialized() and "gloo" in str(e))):
+            raise
         print(
             f"error: another process of this torchrun run stopped or stopped answering ({first_line(e, 100)}): "
-            "the run folder keeps its last complete last.pt; go on with --resume <its run folder>",
+            "the run folder's last.pt, if any, is whole; go on with --resume <its run folder>",
             file=sys.stderr,
         )
         return 2
