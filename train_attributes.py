@@ -482,7 +482,7 @@ def train(args, command: str):
     training.keep_freed_memory()
     # a run saved before --split-seed split with its --seed
     run = runs.Run(args, command, device, RESUME_KEYS, NOT_SAVED, added={"split_seed": lambda old: old["seed"]})
-    cfg = run.cfg
+    cfg, device = run.cfg, run.device  # under torchrun: this process's GPU
     if not run.resuming:
         settle_task(cfg)
     training.suggest_precision(device, cfg["precision"])
@@ -524,7 +524,8 @@ def train(args, command: str):
         + ", ".join(h["name"] for h in heads)
         + f", on {device}"
     )
-    step_model, gen = training.compiled(model, device) if cfg["compile"] else model, run.generator
+    step_model = run.parallel(model, cfg["sync_bn"])  # under torchrun: DistributedDataParallel
+    step_model, gen = training.compiled(step_model, device) if cfg["compile"] else step_model, run.augment_generator
 
     for epoch in run.epochs():
         model.train()
@@ -551,7 +552,8 @@ def train(args, command: str):
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_score": None}
         if len(x_val):
             n = 256 if cfg["dry_run"] else len(x_val)
-            val_score, each = score(heads, predict(evaluated, x_val[:n], heads, cfg), y_val[:n])
+            # under torchrun: by process 0, for all
+            val_score, each = run.on_main(lambda: score(heads, predict(evaluated, x_val[:n], heads, cfg), y_val[:n]))
             row.update(val_score=round(val_score, 5), **{f"val_{k}": round(v, 5) for k, v in each.items()})
         if cfg["scheduler"] == "plateau":
             scheduler.step(-row["val_score"] if row["val_score"] is not None else train_loss)
@@ -563,6 +565,8 @@ def train(args, command: str):
         )
         run.end_epoch(row, score=row["val_score"])
 
+    if not run.is_main:  # under torchrun process 0 alone tests and writes the results
+        return 0
     # Test once, with the weights chosen on validation (or the last ones).
     best = run.best_weights(model=model, ema=ema)
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]

@@ -512,7 +512,7 @@ def train(args, command: str):
     device = training.pick_device(args.device)
     training.keep_freed_memory()
     run = runs.Run(args, command, device, RESUME_KEYS, NOT_SAVED, best="best_acc")
-    cfg, members = run.cfg, run.cfg["ensemble"]
+    cfg, members, device = run.cfg, run.cfg["ensemble"], run.device  # under torchrun: this process's GPU
     training.suggest_precision(device, cfg["precision"])
     faces, split = load_split(cfg)
     # The whole set lives on the training device as uint8 (FER2013: 83 MB); batches are gathered by index there.
@@ -548,7 +548,8 @@ def train(args, command: str):
         + f", {models.count_parameters(model):,} parameters, "
         f"on {device}" + (f"; teacher {cfg['distill']}" if teacher else "")
     )
-    step_model, gen = training.compiled(model, device) if cfg["compile"] else model, run.generator
+    step_model = run.parallel(model, cfg["sync_bn"])  # under torchrun: DistributedDataParallel
+    step_model, gen = training.compiled(step_model, device) if cfg["compile"] else step_model, run.augment_generator
 
     for epoch in run.epochs():
         model.train()
@@ -570,8 +571,13 @@ def train(args, command: str):
         val_loss = val_acc = None
         if len(x_val):
             n = 256 if cfg["dry_run"] else len(x_val)
-            val_loss, val_acc, val_proba = evaluate(evaluated, x_val[:n], y_val[:n], cfg)
-            warn_if_dead(val_proba)
+
+            def validate():
+                val_loss, val_acc, val_proba = evaluate(evaluated, x_val[:n], y_val[:n], cfg)
+                warn_if_dead(val_proba)
+                return val_loss, val_acc
+
+            val_loss, val_acc = run.on_main(validate)  # under torchrun: by process 0, for all
         if cfg["scheduler"] == "plateau":
             scheduler.step(val_loss if val_loss is not None else train_loss)
         row = {
@@ -593,6 +599,8 @@ def train(args, command: str):
         if stopping:
             print(f"training loss {train_loss:.4f} <= --stop-loss {cfg['stop_loss']}: stopping")
 
+    if not run.is_main:  # under torchrun process 0 alone tests and writes the results
+        return 0
     # Test once, with the weights chosen on validation (or the last ones).
     best = run.best_weights(model=model, ema=ema)
     test_idx = split["test"][:256] if cfg["dry_run"] else split["test"]

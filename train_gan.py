@@ -515,6 +515,9 @@ RESUME_KEYS = runs.TRAINING_STATE + ("discriminator", "d_optimizer", "trace", "b
 
 
 def train(args, command: str):
+    if runs.torchrun_world_size() > 1:  # its divergence watch reads each process's own losses mid-epoch, and D,
+        # called three times a step with its weights frozen for G's step, was not made to work with DDP: not yet
+        raise runs.RunError("train_gan.py trains in one process, not under torchrun: run it with python")
     device = training.pick_device(args.device)
     training.keep_freed_memory()
     run = runs.Run(args, command, device, RESUME_KEYS, NOT_SAVED, "best_frechet", lower_is_better=True, advice=ADVICE)

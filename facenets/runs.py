@@ -37,9 +37,11 @@ import time
 import warnings
 import zlib
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 
@@ -326,6 +328,14 @@ def settings(
 
 SAVE_EVERY = 30  # seconds of training a kill -9 may cost at most: last.pt is rewritten this often, mid-epoch too
 SHOW_EVERY = 20  # steps between looks at the running sums for the progress bar: each look waits for the GPU
+# Under torchrun, seconds a process waits for the others before it stops with an error. Processes wait for process
+# 0 while it validates and writes files (seconds); a process that died is noticed at once or by torchrun.
+PEER_TIMEOUT = 60
+
+
+def torchrun_world_size() -> int:
+    """How many processes train the run: torchrun's WORLD_SIZE, 1 for a plain python run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class StopRequests:
@@ -383,8 +393,19 @@ class Run:
         advice: str = "a lower --lr or another --seed",
         added: dict | None = None,
     ):
+        self.world_size, self.rank = torchrun_world_size(), int(os.environ.get("RANK", "0"))
+        self.is_main = self.rank == 0
+        if self.world_size > 1:
+            device = self._join_torchrun(device)
         self.device, self.needs, self.advice = device, needs, advice
+        if "sync_bn" in vars(args):  # runs saved before --sync-bn trained without it
+            added = {"sync_bn": lambda old: False, **(added or {})}
         self.folder, self._ckpt, self.cfg = settings(args, command, device, needs, not_saved, command.split()[0], added)
+        if self.world_size > 1 and self.cfg.get("ensemble", 1) > 1:
+            raise RunError(
+                "--ensemble is not supported under torchrun (its members already train side by side in one "
+                "process): run it with python, not torchrun"
+            )
         torch.manual_seed(self.cfg["seed"])  # the weights; the batch order and augmentation draw from .generator
         self.t0, self.resuming = time.perf_counter(), bool(args.resume)
         self._new_folder = None if args.resume else (args.out, args.name)
@@ -402,7 +423,65 @@ class Run:
         self.train_seconds = sum(h["seconds"] for h in self.history)
         self.budget = self.cfg["time_budget"] * 60 if self.cfg.get("time_budget") else math.inf
         self.generator = torch.Generator(device).manual_seed(self.cfg["seed"])  # batch order and augmentation
+        # Under torchrun every process draws the same batch order from .generator, and its augmentation from a
+        # generator of its own; one process draws both from .generator, as it always did.
+        self.augment_generator = self.generator
+        if self.world_size > 1:
+            self.augment_generator = torch.Generator(device).manual_seed(self.cfg["seed"] + 1000 * (self.rank + 1))
         self.order, self.sums, self._stop, self._over = None, {}, None, False
+
+    def _join_torchrun(self, device: torch.device) -> torch.device:
+        """Join the processes torchrun started (NCCL between GPUs, gloo between CPUs): the device this one trains on.
+        one_line_errors leaves the group at the end."""
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        # A process that waits longer than this for the others stops with an error, rather than hang forever
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=PEER_TIMEOUT))
+        if not self.is_main:  # process 0 alone prints the run's lines and bars; errors still come from every process
+            sys.stdout = open(os.devnull, "w")
+        return device
+
+    def _from_main(self, obj):
+        """Process 0's obj in every process (one process: obj)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_main(self, compute):
+        """compute() run by process 0 alone, its result given to every process: an evaluation done once."""
+        return self._from_main(compute() if self.is_main else None)
+
+    def _agree(self, *flags) -> list[bool]:
+        """Each flag true in every process where it is true in any: all processes save, stop and end together."""
+        if self.world_size == 1:
+            return list(flags)
+        anywhere = torch.tensor(flags, dtype=torch.int32, device=self.device)
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+        return [bool(flag) for flag in anywhere.tolist()]
+
+    def _summed(self, sums: dict) -> dict:
+        """The sums of all processes (one process: its own)."""
+        if self.world_size == 1:
+            return sums
+        total = {key: value.clone() for key, value in sums.items()}
+        for value in total.values():
+            dist.all_reduce(value)
+        return total
+
+    def parallel(self, model: torch.nn.Module, sync_bn: bool = False) -> torch.nn.Module:
+        """The model as a step trains it: under torchrun wrapped in DistributedDataParallel, which averages every
+        process's gradients in backward (sync_bn: BatchNorm statistics over the global batch); else model itself.
+        Evaluate and save model, not this wrapper."""
+        if self.world_size == 1:
+            return model
+        if sync_bn:  # in place: the new layers share the old ones' parameters and buffers, so optimizers still fit
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
 
     def saved(self, key: str, default):
         """What the checkpoint being resumed holds under key (a script's own state), else default."""
@@ -415,6 +494,12 @@ class Run:
             raise RunError(f"{self.cfg['data']} leaves no images to train on: use more images")
         self.train_size = train_size
         self.batch_size = min(self.cfg["batch_size"], train_size)
+        if self.batch_size % self.world_size:
+            raise RunError(
+                f"--batch-size {self.batch_size} does not split over {self.world_size} processes: "
+                f"give a multiple of {self.world_size} (it is the global batch; each process takes its share)"
+            )
+        self.shard = self.batch_size // self.world_size  # this process's share of each batch
         self.steps = min(train_size // self.batch_size, 2 if self.cfg["dry_run"] else train_size)
         total = self.steps * self.cfg["epochs"]  # what a schedule is laid out for (a dry run stops after 2 steps)
         if self.cfg.get("scheduler") == "onecycle" and total < 3:  # its two phases need a step each and a last one
@@ -437,18 +522,32 @@ class Run:
         self.parts, self.check, self.keep, self.plot = parts, check or {}, keep or {}, plot or (lambda: None)
         self.data = data_fingerprint(data)
         if self._new_folder:
-            out, name = self._new_folder[0], self._new_folder[1] or name
-            if self._temporary:  # a check of the pipeline, not a run to keep: nothing is left behind
-                self._temporary = tempfile.TemporaryDirectory(prefix="facenets-dry-run-")
-                out = self._temporary.name
-                print("dry run: its run folder is temporary and removed at the end (give --out to keep it)")
-            self.folder = run_dir(out, name)
-            print(f"run folder: {self.folder}")
+            folder, error = None, None
+            if self.is_main:  # which decides the folder (its name may hold the time) and alone writes into it
+                try:
+                    folder = self._make_folder(name)
+                except RunError as e:
+                    error = str(e)
+            folder, error = self._from_main((folder, error))
+            if error:
+                raise RunError(error)
+            self.folder = folder
         elif self._ckpt:
             self._load(self.folder / "last.pt", self._ckpt)
             print(f"resuming {self.folder} at epoch {self.epoch + 1}, step {self.first_step + 1}")
-        write_json(self.folder / "config.json", self.cfg)
+        if self.is_main:
+            write_json(self.folder / "config.json", self.cfg)
         self._saved_at = time.perf_counter()  # the first last.pt comes SAVE_EVERY seconds into training
+
+    def _make_folder(self, name: str) -> Path:
+        out, name = self._new_folder[0], self._new_folder[1] or name
+        if self._temporary:  # a check of the pipeline, not a run to keep: nothing is left behind
+            self._temporary = tempfile.TemporaryDirectory(prefix="facenets-dry-run-")
+            out = self._temporary.name
+            print("dry run: its run folder is temporary and removed at the end (give --out to keep it)")
+        folder = run_dir(out, name)
+        print(f"run folder: {folder}")
+        return folder
 
     def _load(self, path: Path, ckpt: dict):
         for key, value in self.check.items():
@@ -475,6 +574,14 @@ class Run:
             torch.set_rng_state(ckpt["rng"]["torch"])
             if self.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:  # dropout on the GPU draws from it
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+            saved_with = ckpt.get("world_size", 1)  # checkpoints from before torchrun: one process
+            if self.world_size > 1 and saved_with == self.world_size:
+                self.augment_generator.set_state(ckpt["rng"]["augment"][self.rank])
+            elif saved_with != self.world_size:  # the order, schedule and sums are global: only augmentation differs
+                print(
+                    f"{self.folder} was trained by {saved_with} process(es), now by {self.world_size}: it goes on "
+                    "with the same batches and schedule, but with other augmentation draws than it would have had"
+                )
         if ckpt["step"]:
             self.order = ckpt["order"].to(self.device)
 
@@ -490,7 +597,7 @@ class Run:
     def epoch_sums(self, **shapes) -> dict:
         """Zero tensors of these shapes on the device, for the loop to sum its losses into without waiting for the
         GPU; a resumed epoch's hold its sums so far. Saved with every mid-epoch checkpoint."""
-        saved = self._ckpt["sums"] if self.first_step else {}
+        saved = self._ckpt["sums"] if self.first_step and self.is_main else {}  # process 0 holds the global sums
         self.sums = {
             key: torch.tensor(saved[key], device=self.device)
             if key in saved
@@ -518,26 +625,38 @@ class Run:
             disable=None,
         )  # no bar when the output is a file: its updates would fill it
         self.steps_done = self.steps
+        mine = slice(self.rank * self.shard, (self.rank + 1) * self.shard)  # this process's share of each batch
         for step in bar:
-            yield step, self.order[step * self.batch_size : (step + 1) * self.batch_size]
+            batch = self.order[step * self.batch_size : (step + 1) * self.batch_size]
+            yield step, batch if self.world_size == 1 else batch[mine]
             if (step - self.first_step) % SHOW_EVERY == SHOW_EVERY - 1 and not bar.disable:
-                seen = (step + 1) * self.batch_size
+                seen = (step + 1) * self.shard  # this process's sums are over its share of the images
                 means = (torch.stack([self.sums[key] for key in show]) / seen).tolist() if show else []  # one sync
                 bar.set_postfix(
                     {key: f"{mean:.3f}" for key, mean in zip(show, means)},
-                    img_s=f"{seen / (time.perf_counter() - started):.0f}",
+                    img_s=f"{(step + 1) * self.batch_size / (time.perf_counter() - started):.0f}",
                 )
-            if self.train_seconds + time.perf_counter() - started >= self.budget:  # the rest is not trained on
+            if self.world_size > 1 and (step - self.first_step) % SHOW_EVERY != SHOW_EVERY - 1:
+                continue  # processes agree on stopping and saving every SHOW_EVERY steps: each look waits for all
+            out_of_time, due, self._stop.asked = self._agree(
+                self.train_seconds + time.perf_counter() - started >= self.budget,
+                step + 1 < self.steps and self._due(),
+                self._stop.asked,
+            )
+            if out_of_time:  # the rest is not trained on
                 self.steps_done, self.last_epoch = step + 1, self.epoch + 1
                 break
-            if step + 1 < self.steps and self._due():  # inside an epoch: its exact position
-                sums = {key: value.tolist() for key, value in self.sums.items()}
+            if due:  # inside an epoch: its exact position
+                sums = {key: value.tolist() for key, value in self._summed(self.sums).items()}
                 self._save("last.pt", self.epoch, step + 1, {**sums, "seconds": time.perf_counter() - started})
                 if self._stop.asked:
                     raise Stopped(self._stopped(f"in epoch {self.epoch + 1} after step {step + 1}"))
         if self.device.type == "cuda":  # the epoch's time is the GPU's, not the time to queue its work
             torch.cuda.synchronize(self.device)
         self.seconds, self.first_step = time.perf_counter() - started, 0
+        if self.world_size > 1:  # the epoch's sums and time over all processes, so that all log and end alike
+            self.sums.update(self._summed(self.sums))
+            self.seconds = self.on_main(lambda: self.seconds)
         self.train_seconds += self.seconds
 
     def is_last_epoch(self) -> bool:
@@ -554,9 +673,11 @@ class Run:
             self.best = score  # before last.pt, so that a resumed run knows this best
             self._save("best.pt", self.epoch + 1)
         self._over = last or self.is_last_epoch()
-        if self._over or self._due():
-            write_log(self.folder / "log.csv", self.history)
-            self.plot()
+        due, self._stop.asked = self._agree(self._due(), self._stop.asked)
+        if self._over or due:
+            if self.is_main:
+                write_log(self.folder / "log.csv", self.history)
+                self.plot()
             self._save("last.pt", self.epoch + 1)
         if self._stop.asked:
             raise Stopped(self._stopped(f"after epoch {self.epoch + 1}"))
@@ -564,9 +685,10 @@ class Run:
     def diverged(self, why: str, where: str):
         """Stop without saving the broken state: last.pt and best.pt stay the last good ones."""
         warnings.warn(f"training diverged {where}: {why}")
-        if self.history:
+        if self.history and self.is_main:
             write_log(self.folder / "log.csv", self.history)
-        self.plot()
+        if self.is_main:
+            self.plot()
         kept = " and ".join(name for name in ("last.pt", "best.pt") if (self.folder / name).is_file())
         raise Diverged(
             f"stopped: {self.folder} keeps {kept or 'no checkpoint (none was saved yet)'}; start a new run "
@@ -609,10 +731,19 @@ class Run:
                 },
             }
         )
-        try:
-            save_checkpoint(self.folder / name, state)
-        except RunError as e:
-            raise RunError(f"{e}; then --resume {self.folder} goes on from its last save") from None
+        if self.world_size > 1:  # every process's augmentation draws, so that a resumed run goes on with the same
+            states = [None] * self.world_size
+            dist.all_gather_object(states, self.augment_generator.get_state())
+            state["rng"]["augment"], state["world_size"] = states, self.world_size
+        error = None
+        if self.is_main:
+            try:
+                save_checkpoint(self.folder / name, state)
+            except RunError as e:
+                error = f"{e}; then --resume {self.folder} goes on from its last save"
+        error = self._from_main(error)  # a failed save stops every process, not process 0 alone
+        if error:
+            raise RunError(error)
         if name == "last.pt":  # the one a resumed run starts from: its age is what a kill would cost
             self._saved_at = time.perf_counter()
 
@@ -676,6 +807,16 @@ def one_line_errors(body, *errors) -> int:
     except (RunError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # under torchrun: another process stopped, or none answered within PEER_TIMEOUT
+        # NCCL's errors are DistErrors; gloo's plain RuntimeErrors, which name gloo's source
+        if not (isinstance(e, dist.DistError) or (dist.is_initialized() and "gloo" in str(e))):
+            raise
+        print(
+            f"error: another process of this torchrun run stopped or stopped answering ({first_line(e, 100)}): "
+            "the run folder's last.pt, if any, is whole; go on with --resume <its run folder>",
+            file=sys.stderr,
+        )
+        return 2
     except OSError as e:  # a file read or written outside this module's writer, e.g. a plot or an annotated photo
         fix = {28: "free some space", 13: "check its permissions", 1: "check its permissions"}.get(e.errno, "check it")
         print(f"error: could not read or write {e.filename} ({e.strerror or e}): {fix}", file=sys.stderr)
@@ -692,6 +833,8 @@ def one_line_errors(body, *errors) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if dist.is_available() and dist.is_initialized():  # torchrun's processes: leave the group
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- flags

@@ -156,7 +156,18 @@ def add_optimizer_flags(parser: argparse.ArgumentParser, **defaults) -> argparse
         default=d["epochs"],
         help="passes over the training set; on --resume, a new total (none and plateau schedules only)",
     )
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per training step")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d["batch_size"],
+        help="images per training step, all processes together: under torchrun each of N processes takes "
+        "batch-size/N of them (N must divide it), so that N processes take the steps and lr schedule of one",
+    )
+    g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun: BatchNorm statistics over the global batch, not each process's share (slower)",
+    )
     g.add_argument(
         "--optimizer",
         default=d["optimizer"],
