@@ -515,9 +515,6 @@ RESUME_KEYS = runs.TRAINING_STATE + ("discriminator", "d_optimizer", "trace", "b
 
 
 def train(args, command: str):
-    if runs.torchrun_world_size() > 1:  # its divergence watch reads each process's own losses mid-epoch, and D,
-        # called three times a step with its weights frozen for G's step, was not made to work with DDP: not yet
-        raise runs.RunError("train_gan.py trains in one process, not under torchrun: run it with python")
     device = training.pick_device(args.device)
     training.keep_freed_memory()
     run = runs.Run(args, command, device, RESUME_KEYS, NOT_SAVED, "best_frechet", lower_is_better=True, advice=ADVICE)
@@ -547,7 +544,7 @@ def train(args, command: str):
         f"{models.count_parameters(d):,} parameters, {cfg['loss']} loss, on {device}"
     )
     step_g, step_d = (training.compiled(g, device), training.compiled(d, device)) if cfg["compile"] else (g, d)
-    low, fixed, gen = g.low, noise(64, g.latent, GRID_SEED, device), run.generator
+    low, fixed, gen = g.low, noise(64, g.latent, GRID_SEED, device), run.augment_generator
     quality_ok = True
 
     for epoch in run.epochs():
@@ -566,6 +563,7 @@ def train(args, command: str):
             loss_d = d_loss(real_logits, fake_logits, cfg["loss"])
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
+            run.average_gradients(d)  # under torchrun: every process's (D runs thrice a step, so not DDP)
             opt_d.step()
             # G step: the updated D's verdict on the same generated images; D's weights need no gradient here
             d.requires_grad_(False)
@@ -573,6 +571,7 @@ def train(args, command: str):
                 loss_g = g_loss(step_d(seen_by_d(fake, cfg, low, gen)).float(), cfg["loss"])
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
+            run.average_gradients(g)
             opt_g.step()
             d.requires_grad_(True)
             if average is not None:
@@ -584,7 +583,7 @@ def train(args, command: str):
             streak.add_(1).mul_(certain(real_logits.detach(), fake_logits.detach(), cfg["loss"]))
             if (step + 1) % TRACE_EVERY == 0 or step + 1 == steps:
                 watch(run, trace, sums["window"], streak, step, cfg)
-        means = (sums["totals"] / run.steps_done).tolist()
+        means = (sums["totals"] / (run.steps_done * run.world_size)).tolist()  # over every process's steps
         row = {
             "epoch": epoch + 1,
             **{k: round(v, 5) for k, v in zip(("g_loss", "d_loss", "d_real", "d_fake"), means)},
@@ -593,21 +592,20 @@ def train(args, command: str):
             "images_per_second": round(run.steps_done * batch_size / run.seconds, 1),
         }
         # The monitor grid of every epoch, and the quality every --quality-every epochs and after the last
-        drawer = drawing_copy(evaluated, device, cfg["precision"])
-        metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), run.folder / f"grid-epoch-{epoch + 1:03d}.png")
-        measured = None
-        if quality_ok and cfg["quality_every"] and ((epoch + 1) % cfg["quality_every"] == 0 or run.is_last_epoch()):
-            measured = quality(
-                drawer, held_out, 64 if cfg["dry_run"] else cfg["quality_count"][0], device, cfg["precision"]
-            )
-            quality_ok = measured is not None  # facenet-pytorch, which holds ONet's weights, may be missing
-            row.update({k: round(measured[k], 5) for k in QUALITY_KEYS} if measured else {})
+        due = quality_ok and cfg["quality_every"] and ((epoch + 1) % cfg["quality_every"] == 0 or run.is_last_epoch())
+        count = (64 if cfg["dry_run"] else cfg["quality_count"][0]) if due else 0
+        grid = run.folder / f"grid-epoch-{epoch + 1:03d}.png"
+        measured = run.on_main(lambda: look(evaluated, fixed, held_out, grid, count, cfg))
+        quality_ok = not due or measured is not None  # facenet-pytorch, which holds ONet's weights, may be missing
+        row.update({k: round(measured[k], 5) for k in QUALITY_KEYS} if measured else {})
         print(
             f"epoch {epoch + 1:3d}  G loss {means[0]:.4f}  D loss {means[1]:.4f}  D(real) {means[2]:.3f}  D(fake) "
             f"{means[3]:.3f}{headline(measured)}  {run.seconds:.1f}s  {row['images_per_second']:.0f} img/s"
         )
         run.end_epoch(row, score=measured["frechet_distance"] if measured else None)
 
+    if not run.is_main:  # under torchrun process 0 alone draws, scores and writes the results
+        return 0
     # The chosen generator: its pictures, then its quality on more images (and what real images reach).
     best = run.best_weights(model=g, ema=ema)
     drawer = drawing_copy(evaluated, device, cfg["precision"])
@@ -639,6 +637,13 @@ def train(args, command: str):
     return 0
 
 
+def look(evaluated, fixed: torch.Tensor, held_out: torch.Tensor, grid: Path, count: int, cfg: dict) -> dict | None:
+    """The epoch's monitor grid of the fixed latent vectors, and its quality on count images (0: not this epoch)."""
+    drawer = drawing_copy(evaluated, fixed.device, cfg["precision"])
+    metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), grid)
+    return quality(drawer, held_out, count, fixed.device, cfg["precision"]) if count else None
+
+
 def headline(measured: dict | None) -> str:
     """The headline scores of a quality check for the epoch's line: those that fail on collapse and on noise."""
     if not measured:
@@ -666,7 +671,8 @@ def final_quality(drawer, x_train: torch.Tensor, held_out: torch.Tensor, cfg: di
 
 def watch(run, trace: list, window: torch.Tensor, streak: torch.Tensor, step: int, cfg: dict):
     """Every TRACE_EVERY steps: a point of losses.png from the window's means, and a stop where the run diverged."""
-    means = (window / (step % TRACE_EVERY + 1)).tolist()
+    # every process's window, so that all see the same losses and stop at the same step
+    means = (run.reduced(window) / ((step % TRACE_EVERY + 1) * run.world_size)).tolist()
     window.zero_()
     trace.append(
         {
@@ -677,9 +683,10 @@ def watch(run, trace: list, window: torch.Tensor, streak: torch.Tensor, step: in
     where = f"in epoch {run.epoch + 1} by step {step + 1}"
     if not all(map(math.isfinite, means)):
         run.diverged("the losses are NaN or infinite", where)
-    if int(streak) >= cfg["diverge_steps"]:
+    certain_for = int(run.reduced(streak, op=torch.distributed.ReduceOp.MIN))  # in every process
+    if certain_for >= cfg["diverge_steps"]:
         run.diverged(
-            f"D has told every real from every generated image with certainty for {int(streak)} steps: G has lost",
+            f"D has told every real from every generated image with certainty for {certain_for} steps: G has lost",
             where,
         )
 

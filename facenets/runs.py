@@ -471,6 +471,23 @@ class Run:
             dist.all_reduce(value)
         return total
 
+    def reduced(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """tensor summed (or op) over all processes (one process: tensor itself)."""
+        if self.world_size == 1:
+            return tensor
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=op)
+        return tensor
+
+    def average_gradients(self, module: torch.nn.Module):
+        """Under torchrun, every process's gradients of module averaged in place, as DistributedDataParallel does
+        in backward: for a step that calls a module several times, or freezes it in between (a GAN's D)."""
+        if self.world_size > 1:
+            for parameter in module.parameters():
+                if parameter.grad is not None:
+                    dist.all_reduce(parameter.grad)
+                    parameter.grad /= self.world_size
+
     def parallel(self, model: torch.nn.Module, sync_bn: bool = False) -> torch.nn.Module:
         """The model as a step trains it: under torchrun wrapped in DistributedDataParallel, which averages every
         process's gradients in backward (sync_bn: BatchNorm statistics over the global batch); else model itself.
