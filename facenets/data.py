@@ -1451,6 +1451,8 @@ def load_utkface(
         "UTKFace files whose names are not <age>_<gender>_<race>_<date>",
     )
     photos, targets = [path for path, _ in named], [targets for _, targets in named]
+    # Before the cache too: a cached set at this size is as big, and an impossible size must not start decoding
+    _decoded_bytes("utkface", len(photos), size, size, "lower --image-size or pass fewer images")
     return _cached(
         "utkface",
         folder,

@@ -702,9 +702,8 @@ class Run:
     def diverged(self, why: str, where: str):
         """Stop without saving the broken state: last.pt and best.pt stay the last good ones."""
         warnings.warn(f"training diverged {where}: {why}")
-        if self.history and self.is_main:
-            write_log(self.folder / "log.csv", self.history)
-        if self.is_main:
+        if self.history and self.is_main:  # none in the first epoch: nothing to log or plot, and the folder stays
+            write_log(self.folder / "log.csv", self.history)  # one the same command takes over
             self.plot()
         kept = " and ".join(name for name in ("last.pt", "best.pt") if (self.folder / name).is_file())
         raise Diverged(
@@ -965,6 +964,9 @@ def check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, a
                 parser.error(f"{args.given.get(dest, dest)} {number}: give a finite number")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but PyTorch sees no CUDA GPU: use --device cpu")
+    # A name is one folder under --out: "../x" or "/" would write a run outside it (or onto / itself)
+    if args.name is not None and (args.name in ("", ".", "..") or Path(args.name).name != args.name):
+        parser.error(f"--name {args.name!r}: give the run folder's own name, without '/' (--out says where it goes)")
     inference = "--predict" if "predict" in vars(args) else "--sample"
     if vars(args).get("predict", vars(args).get("sample")) is not None and not args.checkpoint:
         parser.error(f"{inference} needs --checkpoint {parser.get_default('out')}/<run>/best.pt")
