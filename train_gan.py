@@ -187,7 +187,13 @@ def build_parser():
 
     g = p.add_argument_group("optimisation (Adam for both networks)")
     g.add_argument("--epochs", type=int, default=100, help="passes over the training images; on --resume, a new total")
-    g.add_argument("--batch-size", type=int, default=64, help="real (and as many generated) images per step")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="real (and as many generated) images per step; under torchrun the global batch, each process "
+        "taking its share",
+    )
     g.add_argument(
         "--loss",
         default="hinge",
