@@ -72,7 +72,7 @@ dcgan-concepcion:  ## the Concepción report's Keras DCGAN exactly: BCE, Adam 1e
 gpu-evidence:  ## on one GPU in ~9 min: the recipe x 3 seeds, --ensemble 4 and 8, one distilled net, the bench; a Markdown table
 	$(PY) benchmarks/gpu_evidence.py --data $(FER) $(ARGS)
 
-gpu-suite:  ## every script on one GPU in parts of <= 7.5 min (ARGS="--part smoke|emotion|attributes|gan|reports", "--pack FILE"; --small: every part on CPU, ~6 min on a shared 2-core CPU)
+gpu-suite:  ## every script on one GPU in parts of <= 7.5 min (ARGS="--part smoke|emotion|attributes|gan|reports", "--pack FILE"; --small: every part on CPU, under a minute on 2 cores)
 	$(PY) benchmarks/gpu_suite.py --data $(or $(DATA),data) $(ARGS)
 
 gpu-pack:  ## one .tar.gz per data set for gpu-suite's --pack, each <= 58 MiB, into .data/ (DATA=a folder holding fer2013/, utkface/, celeba-faces/)

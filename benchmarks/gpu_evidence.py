@@ -3,7 +3,7 @@ trained at once, an ensemble distilled into one network, and the loop benchmark;
 
     make gpu-evidence DATA=data/fer2013                         # one GPU, within 9 minutes (--deadline)
     make gpu-evidence DATA=data/fer2013 ARGS="-- --epochs 60"   # every training shortened, to fit a smaller slot
-    python benchmarks/gpu_evidence.py --small                   # CPU smoke run on synthetic faces, 1-2 minutes
+    python benchmarks/gpu_evidence.py --small                   # CPU smoke run on synthetic faces, under a minute
 
 Each training is train_emotion.py in a subprocess (the recipe: its defaults, with --compile), its run folder and its
 output (<name>.log) under --runs; the benchmark is benchmarks/bench_emotion.py --compile. It prints, and writes to
@@ -15,49 +15,38 @@ about run first (one recipe run, the teacher ensemble, its distilled network, th
 still answers it; the other seeds and the benchmark, measured before (README.md), come last.
 """
 
+import atexit
+import importlib.util
 import json
+import os
+import runpy
 import signal
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is not a package
+if "--small" in sys.argv[1:]:  # this script's or gpu_suite.py's (which imports this module first)
+    # tiny operators on a CPU: OpenMP's threads would spin between them for most of the CPU time (gpu_suite.py
+    # --small: 94 s of CPU against 34 s when they sleep). OpenMP reads this when torch loads, so before it is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from facenets import runs  # noqa: E402
 
-# --small: each run checks its whole pipeline (train, save, test, metrics) in seconds, on 280 synthetic faces
+# --small: each run checks its whole pipeline (train, save, test, metrics) in seconds, on 120 synthetic faces
 SMALL_TRAINING = [
-    "--data",
-    "synthetic",
-    "--synthetic-count",
-    "280",
-    "--width",
-    "4",
-    "--batch-size",
-    "32",
-    "--dry-run",
-    "--device",
-    "cpu",
+    *("--data", "synthetic", "--synthetic-count", "120", "--width", "4", "--batch-size", "16"),
+    *("--dry-run", "--device", "cpu"),
 ]
 SMALL_BENCH = [
-    "--small",
-    "--synthetic-count",
-    "280",
-    "--batch-size",
-    "32",
-    "--epochs",
-    "1",
-    "--steps",
-    "2",
-    "--warmup",
-    "1",
-    "--workers",
-    "0",
-    "--device",
-    "cpu",
+    *("--small", "--synthetic-count", "120", "--width", "4", "--batch-size", "16", "--epochs", "1"),
+    *("--steps", "2", "--warmup", "1", "--workers", "0", "--device", "cpu"),
 ]
+# --once leaves out the rows that repeat another's pipeline
+REPEATS = {"recipe-seed1", "recipe-seed2", "ensemble-8"}
 
 
 def build_parser():
@@ -85,8 +74,14 @@ def build_parser():
     p.add_argument(
         "--small",
         action="store_true",
-        help="CPU smoke run on synthetic faces: vgg width 4 on 280 faces, "
-        "each training a --dry-run, the benchmark's --small for one epoch",
+        help="CPU smoke run on synthetic faces: vgg width 4 on 120 faces, "
+        "each training a --dry-run in a fork of this process, the benchmark's --small for one epoch",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="with --small: each pipeline once (seed 0, the ensemble of 4, the "
+        "distilled network, the benchmark), without seeds 1 and 2 and the ensemble of 8: gpu_suite.py --small",
     )
     p.add_argument(
         "extra", nargs="*", default=[], help="after --: train_emotion.py flags for every training, e.g. -- --epochs 60"
@@ -110,7 +105,7 @@ def rows(args) -> list[tuple[str, str, list[str]]]:
         "--out",
         str(Path(args.runs) / "bench.json"),
     ]
-    return [
+    every = [
         seeds[0],
         ensembles[args.teacher],
         distilled,
@@ -118,6 +113,89 @@ def rows(args) -> list[tuple[str, str, list[str]]]:
         *seeds[1:],
         ("bench_emotion.py", "bench", bench),
     ]
+    return [row for row in every if not (args.once and row[1] in REPEATS)]
+
+
+# --small runs each script in a fork of this process, which imported torch and facenets once: a Python process that
+# imports them costs ~4 s of CPU, most of a --small row's. The fork runs the script as __main__ with its own argv and
+# its output in the row's log, as `python script.py ...` does, less the imports; a GPU run starts real processes.
+FORK = False
+
+
+def preload():
+    """Import once what every script imports, before the first fork (no thread has started yet)."""
+    import torchvision.transforms.v2  # noqa: F401
+
+    from facenets import augment, data, metrics, models, training  # noqa: F401
+
+    if importlib.util.find_spec("facenet_pytorch"):
+        import facenet_pytorch  # noqa: F401
+
+
+class Forked:
+    """What run_until and gpu_suite.py ask of a subprocess.Popen, for `python script.py flags...` run in a fork."""
+
+    def __init__(self, command: list[str], out):
+        script, argv = command[1], command[2:]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.returncode, self.pid = None, os.fork()
+        if self.pid:
+            return
+        code = 1
+        try:  # the child: never returns into its parent's code
+            os.dup2(out.fileno(), 1)
+            os.dup2(out.fileno(), 2)
+            # line-buffered, as PYTHONUNBUFFERED makes a process's: each line reaches the log when printed
+            sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+            sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            sys.argv = [script, *argv]
+            sys.path.insert(0, str(Path(script).parent))
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                atexit._run_exitfuncs()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() > end:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def start(command: list[str], out):
+    """command started with its output in the open file out: in a fork with FORK (a Python script), else a process."""
+    if FORK and command[0] == sys.executable and command[1].endswith(".py"):
+        return Forked(command, out)
+    # unbuffered: each line reaches the log when printed (gpu_suite.py stops a training by what its log says)
+    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def run_until(command: list[str], log: Path, deadline: float) -> str | None:
@@ -127,7 +205,7 @@ def run_until(command: list[str], log: Path, deadline: float) -> str | None:
     with open(log, "a") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        child = start(command, out)
         try:
             status = child.wait(timeout=max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
@@ -198,7 +276,7 @@ def run_row(name: str, flags: list[str], folder: Path, deadline: float) -> dict:
     }
 
 
-def table(done: list[tuple[str, dict]]) -> str:
+def table(done: list[tuple[str, dict]], once: bool = False) -> str:
     def cell(value, unit):
         return "-" if value is None else f"{value:.1f} s" if unit == "s" else f"{value:.2%}"
 
@@ -214,6 +292,12 @@ def table(done: list[tuple[str, dict]]) -> str:
             f"| {what} | {cell(row.get('wall'), 's')} | {cell(row.get('training'), 's')} | "
             f"{cell(row.get('accuracy'), '%')} | {cell(row.get('members'), '%')} | {row.get('notes', '')} |"
         )
+    if once:
+        lines += [
+            "",
+            "--once: seeds 1 and 2 and the ensemble of 8 left out: "
+            "they repeat the pipelines of seed 0 and the ensemble of 4.",
+        ]
     seeds = [row["accuracy"] for what, row in done if what.startswith("recipe") and row.get("accuracy") is not None]
     if len(seeds) > 1:
         lines += [
@@ -225,8 +309,15 @@ def table(done: list[tuple[str, dict]]) -> str:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    global FORK
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.once and not args.small:
+        parser.error("--once is for --small: on a GPU every row is evidence")
     deadline = time.monotonic() + args.deadline
+    if args.small:
+        FORK = True
+        preload()
     folder, out = runs.make_folder(args.runs), Path(args.out)
     done = []
     try:
@@ -239,14 +330,14 @@ def main(argv=None):
                 print(f"{what} ...", flush=True)
                 row = run_row(name, flags, folder, deadline)
             done.append((what, row))
-            runs.replace_atomically(out, lambda tmp: tmp.write_text(table(done)))
+            runs.replace_atomically(out, lambda tmp: tmp.write_text(table(done, args.once)))
     except KeyboardInterrupt:
         print("\nstopped (Ctrl-C): the same command goes on where this one stopped", file=sys.stderr)
         return 130
     except runs.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(table(done))
+    print(table(done, args.once))
     print(f"written to {out}")
     return 0
 

@@ -3,7 +3,7 @@
     make gpu-suite ARGS="--part smoke"                                      # first on a fresh machine: no data, ~2 min
     make gpu-suite ARGS="--part gan --pack .data/celeba-faces-64.tar.gz"    # a part on its pack (gpu_pack.py)
     make gpu-suite DATA=../shared/data ARGS="--part attributes"             # a part on a folder holding the data sets
-    make gpu-suite ARGS=--small                                      # every part on CPU, synthetic, ~6 min on 2 cores
+    make gpu-suite ARGS=--small                          # every part on CPU, synthetic: ~35 s on 2 cores
 
 Parts, run in this order by default (--part NAME runs one):
   smoke       no data: each script on synthetic faces for an epoch on CUDA, fp32, and bf16 with --compile; emotion's
@@ -23,12 +23,18 @@ training is stopped (it saves last.pt) and the rest is not started; the same com
 resumes the stopped one and runs the rest. A failed row says why in the table and the others still run; the exit
 status is 1 when a row failed. --pack FILE unpacks a pack once into a temporary folder kept for later calls (a
 resumed training finds its data where it was), and the parts read their data set from there.
+
+--small checks the suite itself on CPU, each part with the same table: each training on 120 synthetic faces with a
+tiny network in bf16, the parts' rows as two batches (--dry-run), no --compile (inductor compiles for minutes on a
+CPU). The smoke part trains each script once (one bf16 row for the GPU's fp32 and bf16 --compile rows); the emotion
+part runs gpu_evidence.py --small --once (without the rows that repeat a pipeline). Each training runs in a fork of
+this process, which imported torch once, instead of a new Python process (~4 s of CPU each for the imports).
 """
 
 import importlib.util
 import json
+import re
 import signal
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -38,6 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # benchmarks/ is not a package
+import gpu_evidence  # noqa: E402
 from gpu_evidence import run_until  # noqa: E402
 
 from facenets import runs  # noqa: E402
@@ -108,8 +115,8 @@ def build_parser():
         "--small",
         action="store_true",
         help="every part on CPU on synthetic data with tiny networks and "
-        "counts, two batches per training (--dry-run) where an epoch is not the point, no --compile: a CI "
-        "check",
+        "counts, two batches per training (--dry-run) where an epoch is not the point, no --compile, each training "
+        "in a fork of this process: a CI check",
     )
     return p
 
@@ -134,58 +141,60 @@ def unpack(pack: Path) -> Path:
 # ---------------------------------------------------------------- the rows of each part
 
 
+# --small: each training on the fewest synthetic faces that still make a few batches an epoch, in bf16 (what "auto"
+# picks on a GPU), with tiny networks; every row proves its pipeline, not a result
+SYNTHETIC = ["--data", "synthetic", "--synthetic-count", "120"]
+SYNTHETIC_GAN = [*SYNTHETIC, "--holdout", "20", "--quality-count", "20", "20", "--quality-every", "0"]
+TINY, TINY_GAN = ["--width", "4", "--batch-size", "16"], ["--width", "16", "--batch-size", "16", "--image-size", "32"]
+SMALL = {"emotion": [*SYNTHETIC, *TINY], "attributes": [*SYNTHETIC, *TINY], "gan": [*SYNTHETIC_GAN, *TINY_GAN]}
+
+
 def smoke_rows(small: bool, folder: Path) -> list[Row]:
     device = ["--device", "cpu" if small else "cuda"]  # cuda, not auto: a machine without a GPU fails, not falls back
-    compiled = [] if small else ["--compile"]  # on a CPU inductor compiles for minutes: --small leaves it out
-    count, tiny = ("280", ["--width", "4", "--batch-size", "32"]) if small else ("2000", [])
+    faces = ["--data", "synthetic", "--synthetic-count", "2000"]
     synthetic = {
-        "emotion": ["--data", "synthetic", "--synthetic-count", count, *tiny],
-        "attributes": ["--data", "synthetic", "--synthetic-count", count, *tiny],
-        "gan": [
-            "--data",
-            "synthetic",
-            "--synthetic-count",
-            count,
-            "--holdout",
-            "50" if small else "500",
-            "--quality-count",
-            *(["50", "50"] if small else ["200", "500"]),
-            # --small: quality once, at the end (ONet on a CPU costs more than the epoch)
-            *(["--width", "16", "--batch-size", "32", "--image-size", "32", "--quality-every", "0"] if small else []),
-        ],
+        "emotion": faces,
+        "attributes": faces,
+        "gan": [*faces, "--holdout", "500", "--quality-count", "200", "500"],
     }
     rows = []
-    for task, flags in synthetic.items():
+    for task, flags in (SMALL if small else synthetic).items():
         script, epoch = f"train_{task}.py", [*flags, *device, "--epochs", "1"]
-        rows += [
-            Row(f"{task}: an epoch, fp32", f"{task}-fp32", script, [*epoch, "--precision", "fp32"]),
-            Row(
-                f"{task}: an epoch, bf16" + (", --compile" if compiled else " (--small: no --compile)"),
-                f"{task}-bf16-compile",
-                script,
-                [*epoch, "--precision", "bf16", *compiled],
-            ),
-        ]
-        if task == "emotion":
-            rows.append(
+        if small:  # fp32 and bf16 prove the same pipeline; inductor compiles for minutes on a CPU
+            epochs = [
                 Row(
-                    "emotion: --ensemble 2, an epoch, bf16",
-                    "emotion-ensemble2",
+                    f"{task}: an epoch, bf16 (--small: the fp32 and --compile rows are GPU only)",
+                    f"{task}-bf16",
                     script,
-                    [*epoch, "--precision", "bf16", "--ensemble", "2"],
+                    [*epoch, "--precision", "bf16"],
                 )
-            )
+            ]
+        else:
+            epochs = [
+                Row(f"{task}: an epoch, fp32", f"{task}-fp32", script, [*epoch, "--precision", "fp32"]),
+                Row(
+                    f"{task}: an epoch, bf16, --compile",
+                    f"{task}-bf16-compile",
+                    script,
+                    [*epoch, "--precision", "bf16", "--compile"],
+                ),
+            ]
+        rows += epochs
+        if task == "emotion":
+            ensemble = [*epoch, "--precision", "bf16", "--ensemble", "2"]
+            rows.append(Row("emotion: --ensemble 2, an epoch, bf16", "emotion-ensemble2", script, ensemble))
         # enough epochs that a GPU is still training when the SIGTERM comes
         rows.append(
             Row(
                 f"{task}: stopped by SIGTERM in epoch 2, then --resume",
                 f"{task}-resumed",
                 script,
-                [*flags, *device, "--epochs", "2" if small else "20"],
+                [*flags, *device, "--epochs", "2" if small else "20", *(["--precision", "bf16"] if small else [])],
                 kind="stop",
             )
         )
-        checkpoint = ["--checkpoint", str(folder / f"{task}-fp32" / "best.pt"), "--out", str(folder / f"{task}-use")]
+        trained = folder / epochs[0].name / "best.pt"  # the first epoch row's network
+        checkpoint = ["--checkpoint", str(trained), "--out", str(folder / f"{task}-use")]
         if task == "gan":
             rows.append(Row("gan: --sample 16", "gan-sample", script, ["--sample", "16", *checkpoint, *device], "use"))
         else:
@@ -204,59 +213,32 @@ def smoke_rows(small: bool, folder: Path) -> list[Row]:
 def part_rows(part: str, small: bool, data: Path) -> list[Row]:
     """The trainings of the attributes, gan and reports parts; data is the part's data set."""
 
-    def on(small_size=()):  # --small: two batches on CPU at small_size; on the GPU: compiled
-        return [*small_size, "--dry-run", "--device", "cpu"] if small else ["--compile"]
+    def on(small_size=()):  # --small: two batches on CPU in bf16 at small_size; on the GPU: compiled
+        return [*small_size, "--dry-run", "--device", "cpu", "--precision", "bf16"] if small else ["--compile"]
 
     if part == "attributes":
-        source = (
-            ["--data", str(data)]
-            if not small
-            else ["--data", "synthetic", "--synthetic-count", "200", "--batch-size", "32"]
-        )
+        source = SYNTHETIC if small else ["--data", str(data)]
         utkface = [
-            "--width",
-            "4" if small else "32",
-            "--ema",
-            "0.999",
-            "--label-smoothing",
-            "0.1",
-            "--epochs",
-            "50",
-            "--precision",
-            "bf16",
+            *("--width", "4" if small else "32", "--ema", "0.999", "--label-smoothing", "0.1"),
+            *("--epochs", "50", "--precision", "bf16"),
         ]  # the Makefile's utkface target
         return [
             Row(
-                "make utkface (vgg width 32, EMA, label smoothing, 50 epochs, bf16)",
+                "make utkface (vgg width 32, EMA, label smoothing, 50 epochs, bf16)"
+                + (" (--small: width 4)" if small else ""),
                 "utkface",
                 "train_attributes.py",
-                [*source, *utkface, *on()],
+                [*source, *utkface, *on(["--batch-size", "16"])],
             ),
             Row(
                 "make utec (the UTEC report's Arch 2, Adam 1e-3, 30 epochs)",
                 "utec",
                 "train_attributes.py",
-                [*source, "--preset", "utec", *on()],
+                [*source, "--preset", "utec", *on(["--batch-size", "16"])],
             ),
         ]
     if part == "gan":
-        source = (
-            [
-                "--data",
-                "synthetic",
-                "--synthetic-count",
-                "200",
-                "--holdout",
-                "50",
-                "--quality-count",
-                "50",
-                "50",
-                "--quality-every",
-                "0",
-            ]
-            if small
-            else ["--data", str(data)]
-        )
+        source = SYNTHETIC_GAN if small else ["--data", str(data)]
         # budgets in minutes, so that both rows, their data and their final quality fit the part's deadline
         return [
             Row(
@@ -265,51 +247,38 @@ def part_rows(part: str, small: bool, data: Path) -> list[Row]:
                 "train_gan.py",
                 [
                     *source,
-                    "--preset",
-                    "concepcion",
-                    "--epochs",
-                    "30",
-                    "--time-budget",
-                    "2.5",
-                    *on(["--image-size", "32"]),
+                    *("--preset", "concepcion", "--epochs", "30", "--time-budget", "2.5"),
+                    *on(["--image-size", "32", "--batch-size", "16"]),
                 ],
             ),
             Row(
                 "the recipe (make gan), 3 min at most",
                 "recipe",
                 "train_gan.py",
-                [*source, "--time-budget", "3", *on(["--width", "16", "--batch-size", "32"])],
+                [*source, "--time-budget", "3", *on(TINY_GAN)],
             ),
         ]
-    source = (
-        ["--data", str(data)]
-        if not small
-        else ["--data", "synthetic", "--synthetic-count", "280", "--batch-size", "32"]
-    )
+    source = SYNTHETIC if small else ["--data", str(data)]
     inceptions = "1" if small else "30"  # --small: one block per stage, not the report's 30
+    # --small: narrow stages and head (their 10 million weights cost seconds a step on a CPU)
+    narrow = ["--model-opt", "channels=(8, 16, 32, 64)", "--model-opt", "hidden=64"] if small else []
+    udine = [*UDINE, *source, *narrow]
+    also = " (--small: channels 8-64, hidden 64)" if small else ""
     return [
         Row(
-            "Udine R1, ConvDrop fat net, lr 1e-4, 50 epochs",
+            f"Udine R1, ConvDrop fat net, lr 1e-4, 50 epochs{also}",
             "udine-r1",
             "train_emotion.py",
-            [*UDINE, *source, "--model", "udine_r1", "--lr", "1e-4", "--epochs", "50", *on()],
+            [*udine, "--model", "udine_r1", "--lr", "1e-4", "--epochs", "50", *on(["--batch-size", "16"])],
         ),
         Row(
-            f"Udine R2, {inceptions} inception blocks x3, lr 1e-4, 50 epochs",
+            f"Udine R2, {inceptions} inception blocks x3, lr 1e-4, 50 epochs{also}",
             "udine-r2",
             "train_emotion.py",
             [
-                *UDINE,
-                *source,
-                "--model",
-                "udine_r2",
-                "--model-opt",
-                f"inceptions={inceptions}",
-                "--lr",
-                "1e-4",
-                "--epochs",
-                "50",
-                *on(),
+                *udine,
+                *("--model", "udine_r2", "--model-opt", f"inceptions={inceptions}", "--lr", "1e-4", "--epochs", "50"),
+                *on(["--batch-size", "16"]),
             ],
         ),
     ]
@@ -332,6 +301,10 @@ def train(row: Row, folder: Path, deadline: float) -> str | None:
     return run_until([*script(row.script), *flags], folder / f"{row.name}.log", deadline)
 
 
+# epoch 2 under way: the line that ends epoch 1, or on a terminal epoch 2's progress bar (a file gets no bar)
+EPOCH_2 = re.compile(r"^epoch +1 |epoch 2/", re.MULTILINE)
+
+
 def stop_in_second_epoch(row: Row, folder: Path, deadline: float) -> str | None:
     """Start row's training and stop it with SIGTERM once its log shows epoch 2 under way, as a cluster stops a job:
     it must save its position in the epoch and exit 130. None when it did, else why not (the caller resumes it)."""
@@ -343,11 +316,11 @@ def stop_in_second_epoch(row: Row, folder: Path, deadline: float) -> str | None:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
         start = out.tell()
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        child = gpu_evidence.start(command, out)
         while child.poll() is None and time.monotonic() < deadline:
             with open(log, errors="replace") as written:
                 written.seek(start)
-                if "epoch 2/" in written.read():  # its progress bar: epoch 1 is saved-over, epoch 2 is training
+                if EPOCH_2.search(written.read()):
                     break
             time.sleep(0.05)
         if child.poll() is None:
@@ -447,7 +420,7 @@ def run_part(part: str, args, root: Path | None) -> tuple[str, bool]:
         runs.replace_atomically(out, lambda tmp: tmp.write_text(text))
         return text, False
     if part == "emotion":  # gpu_evidence.py has the rows, the table and the resuming; it stops by the same deadline
-        source = ["--small"] if args.small else ["--data", str(data)]
+        source = ["--small", "--once"] if args.small else ["--data", str(data)]
         why = run_until(
             [
                 *script("benchmarks/gpu_evidence.py"),
@@ -480,6 +453,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.out = args.out or ("runs/gpu-suite-small" if args.small else "runs/gpu-suite")
     failed = []
+    if args.small:
+        gpu_evidence.FORK = True
+        gpu_evidence.preload()
     try:
         root = unpack(Path(args.pack)) if args.pack else Path(args.data)
         for part in PARTS if args.part == "all" else (args.part,):

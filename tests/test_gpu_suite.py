@@ -43,11 +43,11 @@ def test_small_runs_every_part_and_prints_every_table(tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=600,
         env={**os.environ, "FACENETS_CACHE": str(tmp_path / "cache")},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    expected = {"smoke": 13, "emotion": 7, "attributes": 2, "gan": 2, "reports": 2}
+    expected = {"smoke": 10, "emotion": 4, "attributes": 2, "gan": 2, "reports": 2}
     for part, count in expected.items():
         text = (out / f"{part}.md").read_text()
         assert text in done.stdout, part
@@ -57,14 +57,29 @@ def test_small_runs_every_part_and_prints_every_table(tmp_path):
             assert row[1].endswith(" s") and row[3] not in ("", "-"), (part, row)
     smoke = {row[0]: row for row in table_rows((out / "smoke.md").read_text())}
     for task in ("emotion", "attributes", "gan"):
+        assert f"{task}: an epoch, bf16 (--small: the fp32 and --compile rows are GPU only)" in smoke
         assert "resumed with: train_" in smoke[f"{task}: stopped by SIGTERM in epoch 2, then --resume"][4]
         assert (out / "smoke" / f"{task}-resumed" / "metrics.json").is_file()
+        assert "stopped in epoch 2" in (out / "smoke" / f"{task}-resumed.log").read_text()  # by the SIGTERM
     assert "wrote 16 images" in smoke["gan: --sample 16"][3]
     assert "annotated copy" in smoke["emotion: --predict, MTCNN on cpu"][3]
     assert "members" in smoke["emotion: --ensemble 2, an epoch, bf16"][4]
+    emotion = (out / "emotion.md").read_text()
+    assert [row[0] for row in table_rows(emotion)][-1] == "bench_emotion.py" and "--once:" in emotion
     gan = table_rows((out / "gan.md").read_text())
     assert all(row[3].startswith("Frechet") for row in gan)  # facenet-pytorch is installed here: quality measured
     assert [row[0].split(",")[0] for row in table_rows((out / "reports.md").read_text())] == ["Udine R1", "Udine R2"]
+
+
+def test_the_gpu_rows_are_the_full_ones(tmp_path):
+    """Without --small: every row on CUDA or compiled, the fp32 and the bf16 --compile rows apart, no --dry-run."""
+    smoke = suite.smoke_rows(False, tmp_path)
+    assert len(smoke) == 13 and all("cuda" in row.flags for row in smoke)
+    assert sum("--compile" in row.flags for row in smoke) == 3 and not any("--dry-run" in row.flags for row in smoke)
+    assert "emotion-fp32" in str(next(row for row in smoke if row.name == "emotion-predict").flags)
+    for part in ("attributes", "gan", "reports"):
+        rows = suite.part_rows(part, False, tmp_path)
+        assert all(row.flags[-1] == "--compile" and "synthetic" not in row.flags for row in rows), part
 
 
 def fake_training(tmp_path, body):
@@ -78,18 +93,26 @@ def fake_training(tmp_path, body):
     return suite.Row("fake", "fake", str(script), [])  # an absolute path: script() joins it to nothing
 
 
-def test_a_training_that_saves_on_sigterm_is_stopped_in_epoch_2(tmp_path):
-    row = fake_training(
+# --small runs each training in a fork of the suite's process, the GPU in a new process: both must stop alike
+forked = pytest.mark.parametrize("fork", [False, True], ids=["process", "fork"])
+
+
+@forked
+def test_a_training_that_saves_on_sigterm_is_stopped_in_epoch_2(tmp_path, monkeypatch, fork):
+    monkeypatch.setattr(suite.gpu_evidence, "FORK", fork)
+    row = fake_training(  # the line that ends epoch 1, unflushed: a log gets each line as it is printed
         tmp_path,
         "def stop(*_):\n    (run / 'last.pt').write_text('x'); sys.exit(130)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
-        "print('epoch 1/3', flush=True); print('epoch 2/3', flush=True); time.sleep(60)\n",
+        "print('epoch   1  train loss 2.0'); time.sleep(60)\n",
     )
     assert suite.stop_in_second_epoch(row, tmp_path, suite.time.monotonic() + 60) is None
     assert (tmp_path / "fake" / "last.pt").is_file()
 
 
-def test_a_training_that_dies_on_sigterm_is_a_failed_row(tmp_path):
+@forked
+def test_a_training_that_dies_on_sigterm_is_a_failed_row(tmp_path, monkeypatch, fork):
+    monkeypatch.setattr(suite.gpu_evidence, "FORK", fork)
     row = fake_training(tmp_path, "print('epoch 2/3', flush=True); time.sleep(60)\n")
     why = suite.stop_in_second_epoch(row, tmp_path, suite.time.monotonic() + 60)
     assert why == f"SIGTERM in epoch 2: exit -{int(suite.signal.SIGTERM)}, last.pt missing"
