@@ -112,7 +112,7 @@ def compare(run: Path, args) -> list[dict]:
     if args.data:
         cfg["data"] = args.data
     faces, split = train_attributes.load_faces(cfg)
-    model = train_attributes.make_model(cfg, sum(train_attributes.width(h) for h in heads), "cpu")
+    model = train_attributes.make_model(cfg, sum(train_attributes.outputs(h) for h in heads), "cpu")
     model.load_state_dict(ckpt["ema"] or ckpt["model"])
     val = split["val"]
     own = train_attributes.predict(model, faces.images[val], heads, cfg)[names.index("gender")]

@@ -62,8 +62,11 @@ def test_the_stacked_network_computes_what_each_member_computes(name, options, n
         assert out.shape == (4, n, 7)
         for i, net in enumerate(nets):
             assert torch.allclose(out[:, i], net(x[:, i]), atol=1e-5), (i, train)
+    # float32 running statistics of grouped and of separate convolutions, summed in another order (which varies with
+    # the CPU and the thread count: resnet18's running_var once came out 1e-6 apart), agree to a few ulps of ~1;
+    # another member's statistics would be ~1e-1 apart
     for net, member in zip(nets, models.unstack(stacked)):
-        assert_same_state(net, member, atol=1e-6)
+        assert_same_state(net, member, atol=1e-5)
 
 
 def test_unstack_gives_back_the_very_networks_and_copies_them():

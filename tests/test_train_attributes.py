@@ -419,7 +419,9 @@ def test_the_utkface_split_has_its_own_seed_apart_from_seed(tmp_path):
 
 
 def test_a_run_saved_before_split_seed_resumes_with_its_seed_as_split_seed(tmp_path):
-    assert run(tmp_path, "--name", "old", "--seed", "1", "--epochs", "1", "--scheduler", "none") == 0
+    # before the flag, --seed 1 split with seed 1 too: --split-seed 1 trains on the faces such a run trained on
+    flags = ["--name", "old", "--seed", "1", "--split-seed", "1", "--epochs", "1", "--scheduler", "none"]
+    assert run(tmp_path, *flags) == 0
     ckpt = torch.load(tmp_path / "old" / "last.pt", weights_only=True)
     del ckpt["config"]["split_seed"]  # as saved before the flag existed: it split with its --seed
     torch.save(ckpt, tmp_path / "old" / "last.pt")
