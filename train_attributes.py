@@ -286,7 +286,9 @@ def infer_task(cfg: dict) -> str:
 
 
 def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
-    """The decoded faces at the model's size and the split, {"train", "val", "test"} indices into them."""
+    """The decoded faces at the model's size and the split, {"train", "val", "test"} indices into them, said in one
+    line."""
+    t0 = time.perf_counter()
     size = tuple(cfg["image_size"]) if len(cfg["image_size"]) == 2 else cfg["image_size"][0]
     if cfg["data"] == "synthetic":
         faces = data.synthetic_attribute_faces(
@@ -306,13 +308,22 @@ def load_faces(cfg: dict) -> tuple[data.AttributeFaces, dict]:
             raise data.DataError("UTKFace faces are square: give --image-size one size, e.g. 64")
         faces = data.load_utkface(cfg["data"], size, cfg["cache"], cfg["crop_faces"])
     if cfg["task"] == "celeba":  # the official partitions (which the Concepción sample was drawn from too)
-        return faces, {
-            part: (faces.partition == i).nonzero().flatten() for i, part in enumerate(("train", "val", "test"))
-        }
-    split_seed = cfg.get("split_seed", cfg["seed"])  # runs saved before --split-seed split with their --seed
-    return faces, data.utkface_split(
-        faces.targets, cfg["split"], split_seed, cfg["age_groups"], cfg.get("val_fraction", 0.0)
+        split = {part: (faces.partition == i).nonzero().flatten() for i, part in enumerate(("train", "val", "test"))}
+    else:
+        split_seed = cfg.get("split_seed", cfg["seed"])  # runs saved before --split-seed split with their --seed
+        split = data.utkface_split(
+            faces.targets, cfg["split"], split_seed, cfg["age_groups"], cfg.get("val_fraction", 0.0)
+        )
+    print(
+        f"data: {len(faces)} {cfg['task']} faces from {cfg['data']} at {'x'.join(map(str, faces.images.shape[-2:]))} "
+        f"in {time.perf_counter() - t0:.1f}s; split {cfg['split']}: "
+        + ", ".join(f"{k} {len(v)}" for k, v in split.items())
     )
+    if not len(split["train"]) or not len(split["test"]):
+        raise data.DataError(
+            f"the {cfg['split']} split of {cfg['data']} leaves no training or no test images: use more images"
+        )
+    return faces, split
 
 
 def make_heads(cfg: dict, faces: data.AttributeFaces) -> list[dict]:
@@ -486,19 +497,9 @@ def train(args, command: str):
     if not run.resuming:
         settle_task(cfg)
     training.suggest_precision(device, cfg["precision"])
-    t0 = time.perf_counter()
     faces, split = load_faces(cfg)
     heads = make_heads(cfg, faces)
     y_all = head_targets(heads, faces, cfg)
-    print(
-        f"data: {len(faces)} {cfg['task']} faces from {cfg['data']} at {'x'.join(map(str, faces.images.shape[-2:]))} "
-        f"in {time.perf_counter() - t0:.1f}s; split {cfg['split']}: "
-        + ", ".join(f"{k} {len(v)}" for k, v in split.items())
-    )
-    if not len(split["train"]) or not len(split["test"]):
-        raise data.DataError(
-            f"the {cfg['split']} split of {cfg['data']} leaves no training or no test images: use more images"
-        )
     x_train, y_train = faces.images[split["train"]].to(device), y_all[split["train"]].to(device)
     x_val, y_val = faces.images[split["val"]].to(device), y_all[split["val"]].to(device)
     count = sum(outputs(h) for h in heads)

@@ -568,16 +568,8 @@ def train(args, command: str):
         seen = steps * batch_size
         train_loss, train_acc = (torch.stack([sums["loss"], sums["correct"]]) / seen).tolist()  # one wait for the GPU
 
-        val_loss = val_acc = None
-        if len(x_val):
-            n = 256 if cfg["dry_run"] else len(x_val)
-
-            def validate():
-                val_loss, val_acc, val_proba = evaluate(evaluated, x_val[:n], y_val[:n], cfg)
-                warn_if_dead(val_proba)
-                return val_loss, val_acc
-
-            val_loss, val_acc = run.on_main(validate)  # under torchrun: by process 0, for all
+        # under torchrun: by process 0, for all
+        val_loss, val_acc = run.on_main(lambda: validate(evaluated, x_val, y_val, cfg)) if len(x_val) else (None, None)
         if cfg["scheduler"] == "plateau":
             scheduler.step(val_loss if val_loss is not None else train_loss)
         row = {
@@ -623,6 +615,14 @@ def train(args, command: str):
         f"training took {run.train_seconds:.0f}s on {result['device']}; results in {run.folder}"
     )
     return 0
+
+
+def validate(evaluated, x_val: torch.Tensor, y_val: torch.Tensor, cfg: dict) -> tuple[float, float]:
+    """Loss and accuracy on the validation images (256 of them in a --dry-run), and a warning if the network is dead."""
+    n = 256 if cfg["dry_run"] else len(x_val)
+    val_loss, val_acc, val_proba = evaluate(evaluated, x_val[:n], y_val[:n], cfg)
+    warn_if_dead(val_proba)
+    return val_loss, val_acc
 
 
 def warn_if_dead(val_proba: torch.Tensor):

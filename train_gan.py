@@ -628,16 +628,8 @@ def train(args, command: str):
             "images": {"train": len(x_train), "held_out": len(held_out)},
         }
     )
-    said = (
-        f"Fréchet distance {final['frechet_distance']:.2f} (real vs real {final['real_vs_real_frechet']:.2f}), "
-        f"coverage {final['coverage']:.3f}, recall {final['recall']:.3f} (diagnostics: precision "
-        f"{final['precision']:.3f}, faces {final['face_rate']:.3f}, near-duplicates "
-        f"{final['near_duplicates']:.3f}) on {final['fake_count']} images"
-        if final
-        else "quality not measured"
-    )
     print(
-        f"{said}, with the generator of epoch {best['epoch']}; training took {run.train_seconds:.0f}s on "
+        f"{summary(final)}, with the generator of epoch {best['epoch']}; training took {run.train_seconds:.0f}s on "
         f"{result['device']}; results in {run.folder}"
     )
     return 0
@@ -648,6 +640,18 @@ def look(evaluated, fixed: torch.Tensor, held_out: torch.Tensor, grid: Path, cou
     drawer = drawing_copy(evaluated, fixed.device, cfg["precision"])
     metrics.save_image_grid(draw(drawer, fixed, cfg["precision"]), grid)
     return quality(drawer, held_out, count, fixed.device, cfg["precision"]) if count else None
+
+
+def summary(final: dict | None) -> str:
+    """The final quality in words: the headline scores, then the diagnostics."""
+    if not final:
+        return "quality not measured"
+    return (
+        f"Fréchet distance {final['frechet_distance']:.2f} (real vs real {final['real_vs_real_frechet']:.2f}), "
+        f"coverage {final['coverage']:.3f}, recall {final['recall']:.3f} (diagnostics: precision "
+        f"{final['precision']:.3f}, faces {final['face_rate']:.3f}, near-duplicates "
+        f"{final['near_duplicates']:.3f}) on {final['fake_count']} images"
+    )
 
 
 def headline(measured: dict | None) -> str:
