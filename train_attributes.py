@@ -183,15 +183,7 @@ def build_parser():
     )
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vgg", choices=models.MODELS, metavar="NAME", help="architecture (list below)")
-    g.add_argument("--width", type=int, default=None, help="channels of the first stage of --model vgg")
-    g.add_argument(
-        "--model-opt",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any keyword of the model's constructor, e.g. dropout=0.3; repeatable",
-    )
+    runs.add_model_flags(g, models.MODELS, example="dropout=0.3")
     g.add_argument(
         "--age-sigma",
         type=float,
@@ -252,10 +244,7 @@ def parse_args(argv=None):
             "the Concepción protocol trains one model per attribute: give one --attrs (make concepcion runs all three)"
         )
     try:
-        args.model_options = runs.key_values(args.model_opt, "--model-opt") | (
-            {} if args.width is None else {"width": args.width}
-        )
-        args.model_options = models.check_options(args.model, args.model_options)
+        args.model_options = models.check_options(args.model, runs.model_options(args))
     except ValueError as e:
         p.error(str(e))
     return args

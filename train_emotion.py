@@ -70,16 +70,8 @@ def build_parser():
     )
 
     g = p.add_argument_group("model and input")
-    g.add_argument("--model", default="vgg", choices=models.MODELS, metavar="NAME", help="architecture (list below)")
-    g.add_argument("--width", type=int, default=None, help="channels of the first stage of --model vgg")
-    g.add_argument(
-        "--model-opt",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any keyword of the model's constructor, "
-        "e.g. inceptions=30 multiplier=3 dropout=0.62 for udine_r2, downsample=stride for rna_cifar; repeatable",
-    )
+    example = "inceptions=30 multiplier=3 dropout=0.62 for udine_r2, downsample=stride for rna_cifar"
+    runs.add_model_flags(g, models.MODELS, example)
     g.add_argument(
         "--pretrained",
         action="store_true",
@@ -240,12 +232,7 @@ def parse_args(argv=None):
     if args.synthetic_count < 70:
         p.error("--synthetic-count must be at least 70")
     try:
-        args.model_options = runs.key_values(args.model_opt, "--model-opt")  # a bare word such as downsample=stride too
-        if args.width is not None:
-            args.model_options["width"] = args.width
-        if args.pretrained:
-            args.model_options["pretrained"] = True
-        args.model_options = models.check_options(args.model, args.model_options)
+        args.model_options = models.check_options(args.model, runs.model_options(args, pretrained=args.pretrained))
     except ValueError as e:
         p.error(str(e))
     if args.no_augment:

@@ -972,6 +972,26 @@ def check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, a
         parser.error(f"{inference} needs --checkpoint {parser.get_default('out')}/<run>/best.pt")
 
 
+def add_model_flags(group: argparse._ArgumentGroup, names, example: str):
+    """--model (one of names), --width and --model-opt, which model_options turns into the model's keywords."""
+    group.add_argument("--model", default="vgg", choices=names, metavar="NAME", help="architecture (list below)")
+    group.add_argument("--width", type=int, default=None, help="channels of the first stage of --model vgg")
+    group.add_argument(
+        "--model-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"any keyword of the model's constructor, e.g. {example}; repeatable",
+    )
+
+
+def model_options(args: argparse.Namespace, **more) -> dict:
+    """The keywords of the model's constructor that --model-opt, --width and more (those not None or False) give;
+    ValueError for an item that is not KEY=VALUE."""
+    options = key_values(args.model_opt, "--model-opt")  # a bare word such as downsample=stride too
+    return options | {key: value for key, value in {"width": args.width, **more}.items() if value not in (None, False)}
+
+
 def key_values(items: list[str], flag: str) -> dict:
     """{"width": 16, "hidden": (64, 32), "downsample": "stride"} from
     ["width=16", "hidden=(64, 32)", "downsample=stride"].
