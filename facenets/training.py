@@ -65,7 +65,7 @@ def autocast(device: torch.device, precision: str = "auto"):
 
     bf16 on CUDA roughly doubles throughput and needs no loss scaling. On a CPU it pays where the CPU has bf16
     instructions (cpu_bf16_units): measured on 2 cores, 2.8x the images/s of fp32 with Intel's AMX (vgg width 16
-    at 96 px), 1.7x with AMD Zen 4's AVX-512 BF16 (UTKFace, vgg width 32 at 64 px); CPUs with neither run it slower
+    at 96 px), 1.6-1.7x with AMD Zen 4's AVX-512 BF16 (vgg width 32 at 64 px, batch 64); CPUs with neither run it slower
     than fp32. "auto" leaves CPUs in fp32, so that every recorded CPU figure reproduces with its command;
     suggest_precision says when bf16 would pay.
     """
@@ -80,7 +80,7 @@ def suggest_precision(device: torch.device, precision: str) -> None:
     """Print a hint at the start of a CPU run in fp32 where this CPU's bf16 instructions would train faster."""
     units = cpu_bf16_units() if device.type == "cpu" and precision != "bf16" else None
     if units:
-        print(f"hint: this CPU has {units}: --precision bf16 trains 1.7-2.8x faster than fp32 on such CPUs")
+        print(f"hint: this CPU has {units}: --precision bf16 trains 1.6-2.8x faster than fp32 on such CPUs")
 
 
 def compiled(model: torch.nn.Module, device: torch.device):
