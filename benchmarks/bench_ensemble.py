@@ -150,7 +150,15 @@ def main(argv=None):
         args = p.parse_args(argv)
     if 1 not in args.members or min(args.members + [args.width, args.batch_size, args.steps, args.rounds]) < 1:
         p.error("--members must include 1 (the baseline); all numbers must be positive")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return measure_and_print(args)
+    finally:  # as it was: a caller in the same process (a test) goes on with its own thread count
+        torch.set_num_threads(threads)
+
+
+def measure_and_print(args) -> int:
     device = torch.device(args.device)
     cases = [("plain", 1)] + [(way, n) for n in args.members if n > 1 for way in WAYS]
     times = {case: [] for case in cases}

@@ -207,7 +207,8 @@ def test_predict_annotates_every_face(tmp_path, monkeypatch, capsys):
         for w in out.split("face 1 at")[1].splitlines()[0].replace(",", " ").split()
         if w.replace(".", "").isdigit()
     ]
-    assert abs(sum(probabilities[-7:]) - 1) < 0.02
+    # seven probabilities printed to 2 decimals, each up to 0.005 off: their sum is 1 within 0.035
+    assert abs(sum(probabilities[-7:]) - 1) <= 0.035
     annotated = Image.open(tmp_path / "p" / "predictions" / "group_emotions.jpg")
     # upright, as the photo is shown (and enlarged, so that its labels can be read)
     assert seen == [(300, 200)] and annotated.width / annotated.height == 1.5 and annotated.width >= 300
