@@ -80,6 +80,10 @@ def test_a_stopped_torchrun_run_saves_once_and_resumes_under_torchrun(tmp_path):
     assert proc.wait(timeout=60) != 0
     # after epoch 1 (the signal came before its end) or at the look after step 20 of epoch 2: process 0 says it
     said = [line for line in lines if "stopped " in line and "saved" in line]
+    if not said and "results in" in "".join(lines):
+        # Seen 2 times in ~15 runs on 2 shared cores: the whole run (6 short epochs) was over before torchrun passed
+        # the signal on, so there was nothing left to stop. Not what this test is about: not counted.
+        pytest.skip("the run had ended before the signal reached its processes")
     assert len(said) == 1, "".join(lines)[-2000:]
     ckpt = torch.load(out / "run" / "last.pt", weights_only=True)
     assert (ckpt["world_size"], len(ckpt["rng"]["augment"])) == (2, 2)
