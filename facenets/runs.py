@@ -409,7 +409,9 @@ class Run:
         torch.manual_seed(self.cfg["seed"])  # the weights; the batch order and augmentation draw from .generator
         self.t0, self.resuming = time.perf_counter(), bool(args.resume)
         self._new_folder = None if args.resume else (args.out, args.name)
-        self._temporary = self.cfg["dry_run"] and not args.resume and "out" not in args.given
+        # a dry run checks the pipeline, it is not a run to keep: its folder is temporary unless --out is given
+        self._dry_run_only = self.cfg["dry_run"] and not args.resume and "out" not in args.given
+        self._temporary = None
         ckpt = self._ckpt or {}
         self.resumed_with = ckpt.get("resumed_with", []) + [command] if args.resume else []
         self.earlier_wall = ckpt.get("wall_seconds", 0.0)
@@ -464,12 +466,7 @@ class Run:
 
     def _summed(self, sums: dict) -> dict:
         """The sums of all processes (one process: its own)."""
-        if self.world_size == 1:
-            return sums
-        total = {key: value.clone() for key, value in sums.items()}
-        for value in total.values():
-            dist.all_reduce(value)
-        return total
+        return {key: self.reduced(value) for key, value in sums.items()}
 
     def reduced(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """tensor summed (or op) over all processes (one process: tensor itself)."""
@@ -558,7 +555,7 @@ class Run:
 
     def _make_folder(self, name: str) -> Path:
         out, name = self._new_folder[0], self._new_folder[1] or name
-        if self._temporary:  # a check of the pipeline, not a run to keep: nothing is left behind
+        if self._dry_run_only:
             self._temporary = tempfile.TemporaryDirectory(prefix="facenets-dry-run-")
             out = self._temporary.name
             print("dry run: its run folder is temporary and removed at the end (give --out to keep it)")
@@ -718,12 +715,8 @@ class Run:
 
     def _save(self, name: str, epoch: int, step: int = 0, sums: dict | None = None):
         """Everything needed to go on exactly from here, after `step` steps of epoch `epoch` (0-based), as name."""
-        if not all(
-            bool(p.isfinite().all())
-            for part in self.parts.values()
-            if isinstance(part, torch.nn.Module)
-            for p in part.parameters()
-        ):
+        weights = [p for part in self.parts.values() if isinstance(part, torch.nn.Module) for p in part.parameters()]
+        if not torch.stack([p.isfinite().all() for p in weights]).all():  # one wait for the device, not one a tensor
             self.diverged("the weights are NaN or infinite", f"in epoch {epoch + 1}")
         state = {key: None if part is None else part.state_dict() for key, part in self.parts.items()}
         state.update(
